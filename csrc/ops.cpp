@@ -1,0 +1,38 @@
+// Schemas of the `nformer` op library. Kernels register per dispatch key:
+// csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). Fake/meta kernels and autograd
+// are registered from Python (nformer_kernels/ops.py).
+//
+// All ops take batched tensors; the Python wrappers add/remove the batch dim.
+//   knn(x (B,N,d) float, rows already L2-normalised, k) -> idx (B,N,k) int64
+//       idx[b,i,0] = i (self first); then the k-1 other j by decreasing <x_i,x_j>
+//       (fp32 accumulation), ties broken by smaller j.
+//   reciprocal_mask(idx (B,N,k) int64) -> keep (B,N,k) bool, keep[i,t] = i in idx[idx[i,t]]
+//   reverse_index(idx, keep) -> rev (B,N,k) int64: for j, t' with i = idx[j,t'],
+//       rev[j,t'] = the t with idx[i,t] == j and keep[i,t]; -1 if there is none.
+//   sparse_attention(P, R (B,N,H,l) acc dtype, v (B,N,H*dv), idx, keep, scale)
+//       acc dtype = float64 when v is float64, else float32 (P, R, probs, dP, dR use it)
+//       -> out (B,N,H*dv) in v.dtype, probs (B,N,H,k) acc dtype (0 where not kept)
+//       s[i,h,t] = scale * <P[i,h,:], R[idx[i,t],h,:]>; softmax over kept t;
+//       out[i,h] = sum_t probs[i,h,t] * v[idx[i,t],h]
+//   sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale) -> (dP, dR, dv)
+//       requires every kept (i,t) to be covered by rev (keep within reciprocal).
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(nformer, m) {
+  m.def("knn(Tensor x, int k) -> Tensor");
+  m.def("reciprocal_mask(Tensor idx) -> Tensor");
+  m.def("reverse_index(Tensor idx, Tensor keep) -> Tensor");
+  m.def("sparse_attention(Tensor P, Tensor R, Tensor v, Tensor idx, Tensor keep, float scale) -> (Tensor, Tensor)");
+  m.def("sparse_attention_backward(Tensor grad_out, Tensor P, Tensor R, Tensor v, Tensor idx, Tensor rev, Tensor probs, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+// The module only exists so `import nformer_kernels._C` loads the registrations above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("has_cuda") =
+#ifdef NFORMER_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}

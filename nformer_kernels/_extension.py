@@ -1,0 +1,25 @@
+"""Loads the compiled extension (registers the `nformer::` C++/CUDA ops) if it was built."""
+import warnings
+
+try:
+    from nformer_kernels import _C  # noqa: F401  (import registers torch.ops.nformer.*)
+
+    _ERROR = None
+except ImportError as exc:  # not built, or built against another torch
+    _C = None
+    _ERROR = exc
+    warnings.warn(
+        f"nformer_kernels: the compiled extension is not available ({exc}); the 'cpu' and 'cuda' "
+        "backends are disabled and CPU tensors use the slow 'reference' backend. Build it with "
+        "`pip install --no-build-isolation .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_available() -> bool:
+    return _C is not None
+
+
+def extension_has_cuda() -> bool:
+    return _C is not None and bool(getattr(_C, "has_cuda", False))

@@ -1,0 +1,75 @@
+"""Dense plain-PyTorch reference of every op: readable, O(N^2), the ground truth in tests.
+
+All functions take batched tensors (B, N, ...) and follow the semantics in DESIGN.md and
+csrc/ops.cpp. They are differentiable where the op is, through ordinary autograd.
+"""
+import torch
+
+
+def knn(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k by inner product of rows of x (B,N,d) (callers normalise for cosine).
+
+    Self first, then decreasing similarity (fp32), ties broken by the smaller index.
+    """
+    xf = x.float()
+    sim = torch.bmm(xf, xf.transpose(1, 2))
+    n = x.shape[1]
+    sim.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    # Stable sort of -sim keeps equal similarities in index order.
+    order = torch.sort(-sim, dim=-1, stable=True).indices
+    return order[..., :k].contiguous() if k < n else order.contiguous()
+
+
+def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:
+    """keep[b,i,t] = i in idx[b, idx[b,i,t], :]."""
+    b, n, k = idx.shape
+    adj = torch.zeros(b, n, n, dtype=torch.bool, device=idx.device)
+    adj.scatter_(2, idx, True)
+    mutual = adj & adj.transpose(1, 2)
+    return torch.gather(mutual, 2, idx)
+
+
+def reverse_index(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """rev[b,j,t'] = t with idx[b,i,t] == j and keep[b,i,t], i = idx[b,j,t']; else -1."""
+    b, n, k = idx.shape
+    pos = torch.full((b, n, n), -1, dtype=torch.long, device=idx.device)
+    t = torch.arange(k, device=idx.device).expand(b, n, k)
+    pos.scatter_(2, idx, torch.where(keep, t, -1))  # pos[i, j] = t of j in row i if kept
+    return torch.gather(pos.transpose(1, 2), 2, idx)  # pos[idx[j,t'], j]
+
+
+def sparse_attention(P, R, v, idx, keep, scale):
+    """Dense masked softmax attention with the landmark affinity s = scale * P R^T.
+
+    P, R: (B,N,H,l); v: (B,N,H*dv); idx, keep: (B,N,k). Returns (out, probs).
+    """
+    b, n, h, _ = P.shape
+    k = idx.shape[-1]
+    dv = v.shape[-1] // h
+    s = scale * torch.einsum("bihm,bjhm->bhij", P.float(), R.float())  # (B,H,N,N)
+    allowed = torch.zeros(b, n, n, dtype=torch.bool, device=P.device)
+    allowed.scatter_(2, idx, keep)
+    s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+    vh = v.float().view(b, n, h, dv).transpose(1, 2)  # (B,H,N,dv)
+    out = (probs @ vh).transpose(1, 2).reshape(b, n, h * dv).to(v.dtype)
+    probs_k = torch.gather(probs, 3, idx.unsqueeze(1).expand(b, h, n, k)).permute(0, 2, 1, 3)
+    return out, probs_k.contiguous()
+
+
+def landmark_factors(q, k, landmarks, num_heads):
+    """P = Q K_L^T and R = K Q_L^T per head, fp32: (B,N,H,l) each."""
+    b, n, d = q.shape
+    dh = d // num_heads
+    qh = q.float().view(b, n, num_heads, dh)
+    kh = k.float().view(b, n, num_heads, dh)
+    P = torch.einsum("bnhd,blhd->bnhl", qh, kh[:, landmarks])
+    R = torch.einsum("bnhd,blhd->bnhl", kh, qh[:, landmarks])
+    return P, R
+
+
+def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads):
+    """Full op on batched inputs, dense: the official computation restricted to kept pairs."""
+    P, R = landmark_factors(q, k, landmarks, num_heads)
+    scale = (q.shape[-1] // num_heads) ** -0.5
+    return sparse_attention(P, R, v, idx, keep, scale)[0]

@@ -1,0 +1,76 @@
+"""Build nformer_kernels and its C++/CUDA extension.
+
+`pip install --no-build-isolation .` in an environment that already has torch.
+CUDA sources (csrc/cuda) are compiled when torch has CUDA and a toolkit is found
+(CUDA_HOME); NFORMER_BUILD_CUDA=0 forces a CPU-only build. TORCH_CUDA_ARCH_LIST
+overrides the target archs (default: the visible GPU's arch, else 8.0;8.6;8.9;9.0).
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - build-time message
+    sys.exit("nformer_kernels needs torch installed first: pip install torch, then "
+             "pip install --no-build-isolation .")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    if os.environ.get("NFORMER_BUILD_CUDA", "1") == "0":
+        return False, "NFORMER_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return False, "this torch has no CUDA"
+    if CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    return True, ""
+
+
+def _default_archs():
+    if "TORCH_CUDA_ARCH_LIST" in os.environ:
+        return
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    else:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0"
+
+
+def extensions():
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    with_cuda, why_not = _want_cuda()
+    if not with_cuda:
+        print(f"nformer_kernels: building the CPU extension only ({why_not}).")
+        return [CppExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    _default_archs()
+    print(f"nformer_kernels: building CPU + CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}.")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return [CUDAExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
+                          define_macros=[("NFORMER_WITH_CUDA", None)],
+                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                                                   "-lineinfo"]},
+                          extra_link_args=["-fopenmp"])]
+
+
+setup(
+    name="nformer_kernels",
+    version="0.1.0",
+    description="Fused O(N*k) kernels and modules for NFormer (CVPR 2022) person re-identification",
+    packages=find_packages(include=["nformer_kernels", "nformer_kernels.*", "bench", "bench.*"])
+    + find_packages("python", include=["nformer_reid", "nformer_reid.*"]),
+    package_dir={"nformer_reid": "python/nformer_reid"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pyyaml"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scipy"], "bench": ["faiss-cpu", "pytest-benchmark"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=bench.cli:main"]},
+)
