@@ -1,8 +1,9 @@
 """Loads the compiled extension (registers the `nformer::` C++/CUDA ops) if it was built."""
+import importlib
 import warnings
 
 try:
-    from nformer_kernels import _C  # noqa: F401  (import registers torch.ops.nformer.*)
+    _C = importlib.import_module("nformer_kernels._C")  # importing registers torch.ops.nformer.*
 
     _ERROR = None
 except ImportError as exc:  # not built, or built against another torch

@@ -46,23 +46,24 @@ def sparse_attention(P, R, v, idx, keep, scale):
     b, n, h, _ = P.shape
     k = idx.shape[-1]
     dv = v.shape[-1] // h
-    s = scale * torch.einsum("bihm,bjhm->bhij", P.float(), R.float())  # (B,H,N,N)
+    s = scale * torch.einsum("bihm,bjhm->bhij", P, R)  # (B,H,N,N) in P's (accumulation) dtype
     allowed = torch.zeros(b, n, n, dtype=torch.bool, device=P.device)
     allowed.scatter_(2, idx, keep)
     s = s.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probs = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-    vh = v.float().view(b, n, h, dv).transpose(1, 2)  # (B,H,N,dv)
+    vh = v.to(P.dtype).view(b, n, h, dv).transpose(1, 2)  # (B,H,N,dv)
     out = (probs @ vh).transpose(1, 2).reshape(b, n, h * dv).to(v.dtype)
     probs_k = torch.gather(probs, 3, idx.unsqueeze(1).expand(b, h, n, k)).permute(0, 2, 1, 3)
     return out, probs_k.contiguous()
 
 
 def landmark_factors(q, k, landmarks, num_heads):
-    """P = Q K_L^T and R = K Q_L^T per head, fp32: (B,N,H,l) each."""
+    """P = Q K_L^T and R = K Q_L^T per head, (B,N,H,l) each, fp32 (fp64 for fp64 input)."""
     b, n, d = q.shape
     dh = d // num_heads
-    qh = q.float().view(b, n, num_heads, dh)
-    kh = k.float().view(b, n, num_heads, dh)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh = q.to(acc).view(b, n, num_heads, dh)
+    kh = k.to(acc).view(b, n, num_heads, dh)
     P = torch.einsum("bnhd,blhd->bnhl", qh, kh[:, landmarks])
     R = torch.einsum("bnhd,blhd->bnhl", kh, qh[:, landmarks])
     return P, R

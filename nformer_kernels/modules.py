@@ -1,0 +1,209 @@
+"""NFormerLayer and NFormer: the official NFormer model built on the fused ops."""
+import re
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from nformer_kernels import ops
+
+
+def draw_landmarks(n: int, num_landmarks: int, generator: Optional[torch.Generator] = None,
+                   pool: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """min(num_landmarks, |pool|) distinct positions drawn uniformly from pool (default: all n).
+
+    Without a generator this uses the global RNG, so every call draws afresh (as the official code).
+    """
+    if pool is None:
+        pool = torch.arange(n)
+    pool = pool.cpu()
+    perm = torch.randperm(pool.numel(), generator=generator)[: min(num_landmarks, pool.numel())]
+    return pool[perm].to(device)
+
+
+class NFormerLayer(nn.Module):
+    """One NFormer block: landmark-agent attention over reciprocal neighbours, post-LN, tanh-GELU FFN.
+
+    y = LN1(x + Dropout(Proj(Attn(x)))); out = LN2(y + Dropout(FC2(GELU(FC1(y))))).
+    """
+
+    def __init__(self, dim: int = 256, num_heads: int = 2, num_landmarks: int = 5, ffn_dim: int = 1024,
+                 dropout: float = 0.1, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if num_landmarks < 1:
+            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
+        self.dim, self.num_heads, self.num_landmarks = dim, num_heads, num_landmarks
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.act = nn.GELU(approximate="tanh")
+        self.dropout = nn.Dropout(dropout)
+        for lin in (self.qkv, self.out_proj, self.fc1, self.fc2):  # the official Conv1D init
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, idx: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                landmarks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                landmark_pool: Optional[torch.Tensor] = None, topk: Optional[int] = None) -> torch.Tensor:
+        """x: (N,d)|(B,N,d). idx/keep: neighbour lists and mask; idx=None takes the top-`topk`
+        neighbours of this block's own landmark affinity (paper Eq. 6) with their reciprocal mask."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (N,{self.dim}) or (B,N,{self.dim}), got {tuple(x.shape)}")
+        n = x.shape[-2]
+        if landmarks is None:
+            landmarks = draw_landmarks(n, self.num_landmarks, generator, landmark_pool, x.device)
+        q, k, v = self.qkv(x).split(self.dim, dim=-1)
+        if idx is None:
+            if topk is None:
+                raise ValueError("topk is required when idx is None (affinity neighbours)")
+            qb, kb = (q, k) if x.dim() == 3 else (q.unsqueeze(0), k.unsqueeze(0))
+            idx = ops.affinity_knn(qb, kb, landmarks, self.num_heads, min(topk, n))
+            idx = idx if x.dim() == 3 else idx[0]
+            keep = ops.reciprocal_mask(idx)
+        attn = ops.neighbor_attention(q, k, v, idx, keep, landmarks, self.num_heads)
+        y = self.norm1(x + self.dropout(self.out_proj(attn)))
+        return self.norm2(y + self.dropout(self.fc2(self.act(self.fc1(y)))))
+
+
+class NFormer(nn.Module):
+    """depth NFormerLayers over the neighbour graph of the input, then a BatchNorm head.
+
+    Neighbours (top-`topk` by cosine of the *input* features, reciprocal mask) are computed once per
+    forward, as in the official code; neighbor_source="affinity" recomputes them per block from the
+    landmark affinity (paper Eq. 6). Eval returns the BatchNorm'd refined features (x's shape);
+    training returns (logits, refined features) with logits None when num_classes is None.
+    """
+
+    def __init__(self, dim: int = 256, depth: int = 4, num_heads: int = 2, num_landmarks: int = 5,
+                 topk: int = 20, ffn_dim: Optional[int] = None, dropout: float = 0.1,
+                 num_classes: Optional[int] = None, neighbor_source: str = "input"):
+        super().__init__()
+        if neighbor_source not in ("input", "affinity"):
+            raise ValueError(f"neighbor_source must be 'input' or 'affinity', got {neighbor_source!r}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.dim, self.depth, self.topk, self.num_landmarks = dim, depth, topk, num_landmarks
+        self.neighbor_source = neighbor_source
+        self.blocks = nn.ModuleList(
+            NFormerLayer(dim, num_heads, num_landmarks, ffn_dim or 4 * dim, dropout) for _ in range(depth))
+        self.bottleneck = nn.BatchNorm1d(dim)
+        self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift
+        self.classifier = None
+        if num_classes is not None:
+            self.classifier = nn.Linear(dim, num_classes, bias=False)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def forward(self, x: torch.Tensor, landmarks: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
+                generator: Optional[torch.Generator] = None, query_mask: Optional[torch.Tensor] = None):
+        """x: (N,dim)|(B,N,dim). landmarks: (depth, l) int64 or a list of per-block tensors.
+        query_mask: bool (N,)|(B,N); queries never neighbour other queries and are never landmarks."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (N,{self.dim}) or (B,N,{self.dim}), got {tuple(x.shape)}")
+        if landmarks is not None and len(landmarks) != self.depth:
+            raise ValueError(f"landmarks must give one set per block ({self.depth}), got {len(landmarks)}")
+        n = x.shape[-2]
+        k = min(self.topk, n)
+        pool = None
+        if query_mask is not None:
+            if query_mask.dtype != torch.bool:
+                raise TypeError(f"query_mask must be bool, got {query_mask.dtype}")
+            if query_mask.shape[-1] != n or query_mask.dim() > x.dim() - 1:
+                raise ValueError(f"query_mask must be (N,) or (B,N) for x {tuple(x.shape)}")
+            # Landmarks are shared by the batch: draw them among positions that are no query anywhere.
+            flat = query_mask.reshape(-1, n).any(0)
+            pool = (~flat).nonzero().squeeze(1).cpu()
+            if pool.numel() == 0:
+                raise ValueError("query_mask flags every position; landmarks need non-query positions")
+        idx = keep = None
+        if self.neighbor_source == "input":
+            idx = ops.knn(x, k, query_mask=query_mask)
+            keep = ops.reciprocal_mask(idx)
+        for i, block in enumerate(self.blocks):
+            lm = None if landmarks is None else landmarks[i]
+            x = block(x, idx, keep, landmarks=lm, generator=generator, landmark_pool=pool, topk=k)
+        feat = self.bottleneck(x.reshape(-1, self.dim)).view_as(x)
+        if self.training:
+            return (self.classifier(feat) if self.classifier is not None else None), x
+        return feat
+
+    # ------------------------------------------------------------------ official checkpoints
+    _OFFICIAL_BLOCK = {  # official name -> (our name, transpose Conv1D (in,out) weight)
+        "attn.c_attn.w": ("qkv.weight", True), "attn.c_attn.b": ("qkv.bias", False),
+        "attn.c_proj.w": ("out_proj.weight", True), "attn.c_proj.b": ("out_proj.bias", False),
+        "ln_1.g": ("norm1.weight", False), "ln_1.b": ("norm1.bias", False),
+        "mlp.c_fc.w": ("fc1.weight", True), "mlp.c_fc.b": ("fc1.bias", False),
+        "mlp.c_proj.w": ("fc2.weight", True), "mlp.c_proj.b": ("fc2.bias", False),
+        "ln_2.g": ("norm2.weight", False), "ln_2.b": ("norm2.bias", False),
+    }
+    _OFFICIAL_HEAD = ("bottleneck.weight", "bottleneck.bias", "bottleneck.running_mean",
+                      "bottleneck.running_var", "bottleneck.num_batches_tracked", "classifier.weight")
+
+    @staticmethod
+    def _official_subset(state_dict):
+        sd = {re.sub(r"^module\.", "", key): val for key, val in state_dict.items()}
+        if any(key.startswith("nformer.") for key in sd):  # a full model: keep the NFormer part
+            sd = {key[len("nformer."):]: val for key, val in sd.items() if key.startswith("nformer.")}
+        return sd
+
+    def convert_official(self, state_dict):
+        """Official-layout state dict -> (our state dict, missing keys, unexpected keys) (official names)."""
+        sd = self._official_subset(state_dict)
+        ours, used = {}, set()
+        expected = [f"h.{i}.{name}" for i in range(self.depth) for name in self._OFFICIAL_BLOCK]
+        expected += [k for k in self._OFFICIAL_HEAD if k != "classifier.weight" or self.classifier is not None]
+        for key in expected:
+            if key not in sd:
+                continue
+            used.add(key)
+            tensor = sd[key]
+            m = re.match(r"h\.(\d+)\.(.+)", key)
+            if m:
+                name, transpose = self._OFFICIAL_BLOCK[m.group(2)]
+                ours[f"blocks.{m.group(1)}.{name}"] = tensor.t() if transpose else tensor
+            else:
+                ours[key] = tensor
+        missing = [k for k in expected if k not in used]
+        unexpected = [k for k in sd if k not in used]
+        own = self.state_dict()
+        for key, tensor in ours.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                raise ValueError(f"state_dict tensor for {key} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(own[key].shape)}")
+        return ours, missing, unexpected
+
+    def load_official(self, state_dict, strict: bool = True):
+        """Load an official NFormer state dict into this model; returns (missing, unexpected) key lists."""
+        ours, missing, unexpected = self.convert_official(state_dict)
+        if missing or unexpected:
+            msg = f"official state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            if strict:
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=2)
+        self.load_state_dict(ours, strict=False)
+        return missing, unexpected
+
+    @classmethod
+    def from_official(cls, state_dict, num_classes: Optional[int] = None, strict: bool = True, **kwargs):
+        """Build an NFormer from the official nformer_model.pth layout (keys nformer.h.{i}.attn.c_attn.w
+        with Conv1D (in,out) weights, with or without the "nformer." prefix). dim, depth, ffn_dim and the
+        number of classes are read from the tensors; num_heads/num_landmarks/topk come from kwargs
+        (official defaults 2/5/20)."""
+        sd = cls._official_subset(state_dict)
+        if "h.0.attn.c_attn.w" not in sd:
+            raise ValueError("state_dict has no official NFormer block 'h.0.attn.c_attn.w' "
+                             "(with or without the 'nformer.' prefix)")
+        dim = sd["h.0.attn.c_attn.w"].shape[0]
+        depth = 1 + max(int(m.group(1)) for key in sd if (m := re.match(r"h\.(\d+)\.", key)))
+        if "h.0.mlp.c_fc.w" in sd:
+            kwargs.setdefault("ffn_dim", sd["h.0.mlp.c_fc.w"].shape[1])
+        if num_classes is None and "classifier.weight" in sd:
+            num_classes = sd["classifier.weight"].shape[0]
+        model = cls(dim=dim, depth=depth, num_classes=num_classes, **kwargs)
+        model.load_official(state_dict, strict=strict)
+        return model

@@ -1,0 +1,366 @@
+"""Public functional API: knn, reciprocal_mask, neighbor_attention (+ backend selection).
+
+Each op validates its input (eagerly; checks that need a device sync are skipped while
+torch.compile traces), adds the batch dimension the kernels expect, and dispatches to one
+backend:
+  cuda       hand-written CUDA kernels (csrc/cuda), torch.ops.nformer.*        CUDA tensors
+  triton     Triton kernels (nformer_kernels/triton), torch.ops.nformer.*_triton CUDA tensors
+  cpu        C++/OpenMP kernels (csrc/cpu), torch.ops.nformer.*                 CPU tensors
+  reference  dense plain PyTorch (nformer_kernels/reference.py)                 any device
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+
+from nformer_kernels import reference
+from nformer_kernels._extension import extension_available, extension_has_cuda
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# The GPU kernels keep the running top-k in registers; larger k uses the chunked fallback.
+GPU_KNN_MAX_K = 64
+_forced_backend: Optional[str] = None
+
+
+def _triton_module():
+    try:
+        from nformer_kernels import triton as nf_triton
+    except ImportError:
+        return None
+    return nf_triton if getattr(nf_triton, "available", False) else None
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every op ("cuda", "triton", "cpu", "reference"); None = automatic."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    _forced_backend = name
+
+
+def _backend_available(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu" and extension_available()
+    if name == "cuda":
+        return device.type == "cuda" and extension_has_cuda()
+    if name == "triton":
+        return device.type == "cuda" and _triton_module() is not None
+    return False
+
+
+def get_backend(device) -> str:
+    """The backend used for tensors on `device` (after set_backend / NFORMER_BACKEND)."""
+    device = torch.device(device)
+    forced = _forced_backend or os.environ.get("NFORMER_BACKEND") or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"NFORMER_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        if not _backend_available(forced, device):
+            raise RuntimeError(f"backend {forced!r} is not available for {device.type} tensors "
+                               f"(compiled extension: {extension_available()}, with CUDA: {extension_has_cuda()})")
+        return forced
+    # Triton is the GPU default until the CUDA kernels have passed the GPU suite on a GPU (DESIGN.md).
+    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    for name in order:
+        if _backend_available(name, device):
+            return name
+    return "reference"
+
+
+def _op(name: str, backend: str):
+    return getattr(torch.ops.nformer, f"{name}_triton" if backend == "triton" else name)
+
+
+# ----------------------------------------------------------------------------- validation
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _batched(t: torch.Tensor, name: str, trailing: int):
+    """(N, ...) -> (1, N, ...); returns the tensor and whether a batch dim was added."""
+    if t.dim() == trailing + 1:
+        return t.unsqueeze(0), True
+    if t.dim() == trailing + 2:
+        return t, False
+    raise ValueError(f"{name} must have {trailing + 1} or {trailing + 2} dims, got shape {tuple(t.shape)}")
+
+
+def _check_float(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if _eager() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_index(idx, name="idx"):
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {idx.dtype}")
+    idx, squeezed = _batched(idx, name, 1)
+    n, k = idx.shape[1], idx.shape[2]
+    if n == 0 or k == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(idx.shape)}")
+    if k > n:
+        raise ValueError(f"{name} has {k} neighbours per row but only {n} rows")
+    if _eager():
+        if bool((idx < 0).any()) or bool((idx >= n).any()):
+            raise ValueError(f"{name} has entries outside [0, {n})")
+        srt = idx.sort(dim=-1).values
+        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+            raise ValueError(f"{name} repeats a neighbour within a row")
+    return idx.contiguous(), squeezed
+
+
+def _same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all inputs must be on one device, got {devices}")
+
+
+# ----------------------------------------------------------------------------- knn
+def _check_k(k, n):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1 or k > n:
+        raise ValueError(f"k must be in [1, N={n}], got {k}")
+
+
+def _topk_rows(queries, keys, k, self_offset=None, chunk=4096):
+    """Chunked top-k of queries @ keys^T (fp32, fp64 for fp64 input): O(chunk * M) memory.
+
+    self_offset: when queries are rows [self_offset, ...) of keys, each row's own index is forced first.
+    Selected entries are ordered by (similarity desc, index asc); which of several exactly tied
+    candidates at the k-th place gets selected is left to torch.topk.
+    """
+    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    keys_a = keys.to(acc)
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        sim = queries[start:start + chunk].to(acc) @ keys_a.T
+        if self_offset is not None:
+            rows = torch.arange(sim.shape[0], device=sim.device)
+            sim[rows, rows + self_offset + start] = float("inf")
+        vals, ids = sim.topk(k, dim=1)
+        by_id = torch.argsort(ids, dim=1)
+        vals, ids = torch.gather(vals, 1, by_id), torch.gather(ids, 1, by_id)
+        out.append(torch.gather(ids, 1, torch.sort(-vals, dim=1, stable=True).indices))
+    return torch.cat(out)
+
+
+def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional[torch.Tensor] = None):
+    """Top-k neighbours of every row of x: (N,d) -> (N,k), (B,N,d) -> (B,N,k) int64.
+
+    Self first, then decreasing similarity (cosine, or raw inner product with metric="dot"),
+    ties broken by the smaller index. O(N*k) memory on the cpu/cuda/triton backends.
+    query_mask (bool (N,) or (B,N)): rows flagged as queries never get another query as a
+    neighbour (the paper's test-time query-query isolation); other rows are unaffected.
+    """
+    _check_float(x, "x")
+    if metric not in ("cosine", "dot"):
+        raise ValueError(f"metric must be 'cosine' or 'dot', got {metric!r}")
+    x, squeezed = _batched(x, "x", 1)
+    if x.shape[1] == 0:
+        raise ValueError("x must have at least one row")
+    _check_k(k, x.shape[1])
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1)
+    x = x.detach().contiguous()
+    backend = get_backend(x.device)
+    if backend == "reference":
+        idx = reference.knn(x, k)
+    elif backend != "cpu" and k > GPU_KNN_MAX_K:
+        idx = torch.stack([_topk_rows(xb, xb, k, self_offset=0) for xb in x])
+    else:
+        idx = _op("knn", backend)(x, k)
+    if query_mask is not None:
+        idx = _isolate_queries(x, idx, k, query_mask)
+    return idx[0] if squeezed else idx
+
+
+def _isolate_queries(x, idx, k, query_mask):
+    """Replace the rows of queries by self + top-(k-1) among non-queries."""
+    if query_mask.dtype != torch.bool:
+        raise TypeError(f"query_mask must be bool, got {query_mask.dtype}")
+    query_mask = query_mask.to(x.device).expand(x.shape[:2]) if query_mask.dim() == 1 else query_mask.to(x.device)
+    if query_mask.shape != x.shape[:2]:
+        raise ValueError(f"query_mask must have shape (N,) or (B,N) matching x, got {tuple(query_mask.shape)}")
+    idx = idx.clone()
+    for b in range(x.shape[0]):
+        queries = query_mask[b].nonzero().squeeze(1)
+        others = (~query_mask[b]).nonzero().squeeze(1)
+        if queries.numel() == 0:
+            continue
+        if others.numel() < k - 1:
+            raise ValueError(f"query_mask leaves {others.numel()} non-query rows, fewer than k-1={k - 1}")
+        rows = torch.empty(queries.numel(), k, dtype=torch.long, device=x.device)
+        rows[:, 0] = queries
+        if k > 1:
+            rows[:, 1:] = others[_topk_rows(x[b, queries], x[b, others], k - 1)]
+        idx[b, queries] = rows
+    return idx
+
+
+def affinity_knn(q, k, landmarks, num_heads, topk):
+    """Neighbours from the landmark affinity itself (paper Eq. 6): top-k of sum_h P_h R_h^T, self first."""
+    P, R = _landmark_factors(q, k, landmarks, num_heads)
+    b, n = P.shape[:2]
+    P, R = P.detach().reshape(b, n, -1), R.detach().reshape(b, n, -1)
+    return torch.stack([_topk_rows(P[i], R[i], topk, self_offset=0) for i in range(b)])
+
+
+# ----------------------------------------------------------------------------- reciprocal
+def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:
+    """keep[i,t] = i in idx[idx[i,t]] (bool, idx's shape). O(N*k^2)."""
+    idx, squeezed = _check_index(idx)
+    backend = get_backend(idx.device)
+    keep = reference.reciprocal_mask(idx) if backend == "reference" else _op("reciprocal_mask", backend)(idx)
+    return keep[0] if squeezed else keep
+
+
+def _reverse_index(idx, keep, backend):
+    if backend == "reference":
+        return reference.reverse_index(idx, keep)
+    return _op("reverse_index", backend)(idx, keep)
+
+
+# ----------------------------------------------------------------------------- attention
+def _landmark_factors(q, k, landmarks, num_heads):
+    """P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (B,N,H,l) in fp32 (fp64 for fp64 input)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, n, d = q.shape
+    dh = d // num_heads
+    qa, ka = q.to(acc), k.to(acc)
+    q_l = qa[:, landmarks].view(b, -1, num_heads, dh)
+    k_l = ka[:, landmarks].view(b, -1, num_heads, dh)
+    P = torch.einsum("bnhc,blhc->bnhl", qa.view(b, n, num_heads, dh), k_l)
+    R = torch.einsum("bnhc,blhc->bnhl", ka.view(b, n, num_heads, dh), q_l)
+    return P.contiguous(), R.contiguous()
+
+
+def _gathered_sparse_attention(P, R, v, idx, keep, scale):
+    """Plain-PyTorch O(N*k*d) sparse attention; autograd scatters (used when keep is not
+    within the reciprocal mask, where the kernels' gather-only backward does not apply)."""
+    b, n, h, _ = P.shape
+    dv = v.shape[-1] // h
+    bidx = torch.arange(b, device=P.device).view(b, 1, 1)
+    r_nb = R[bidx, idx]  # (B,N,k,H,l)
+    s = scale * torch.einsum("bnhl,bnkhl->bnhk", P, r_nb)
+    s = s.masked_fill(~keep.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    v_nb = v.to(P.dtype)[bidx, idx].view(b, n, -1, h, dv)
+    out = torch.einsum("bnhk,bnkhc->bnhc", probs, v_nb).reshape(b, n, h * dv)
+    return out.to(v.dtype)
+
+
+def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int):
+    """Landmark low-rank attention restricted to kept neighbours (DESIGN.md), with autograd.
+
+    q, k, v: (N,d) or (B,N,d); idx: (N,k)|(B,N,k) int64 neighbour lists; keep: bool mask of idx's
+    shape; landmarks: int64 (l,) distinct token positions shared by heads and batch.
+    Returns (N,d)|(B,N,d) in v's dtype. O(N*k*d) time, O(N*k*H) saved state.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(t, name)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError("keep must be a bool tensor")
+    if not isinstance(landmarks, torch.Tensor) or landmarks.dtype != torch.int64 or landmarks.dim() != 1:
+        raise TypeError("landmarks must be a 1-D int64 tensor")
+    _same_device(q=q, k=k, v=v, idx=idx, keep=keep, landmarks=landmarks)
+    q, squeezed = _batched(q, "q", 1)
+    k, _ = _batched(k, "k", 1)
+    v, _ = _batched(v, "v", 1)
+    if not (q.shape == k.shape and q.shape[:2] == v.shape[:2]):
+        raise ValueError(f"q, k, v must share (B,N) and q, k their d: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    d = q.shape[-1]
+    if d % num_heads or v.shape[-1] % num_heads:
+        raise ValueError(f"feature dims ({d}, {v.shape[-1]}) must be divisible by num_heads={num_heads}")
+    idx, _ = _check_index(idx)
+    keep, _ = _batched(keep, "keep", 1)
+    if idx.shape[:2] != q.shape[:2] or keep.shape != idx.shape:
+        raise ValueError(f"idx {tuple(idx.shape)} and keep {tuple(keep.shape)} must be (B,N,k) for N={q.shape[1]}")
+    n, n_land = q.shape[1], landmarks.numel()
+    if n_land < 1:
+        raise ValueError("landmarks must hold at least one position")
+    if _eager():
+        if bool((landmarks < 0).any()) or bool((landmarks >= n).any()):
+            raise ValueError(f"landmarks must lie in [0, N={n})")
+        if landmarks.unique().numel() != n_land:
+            raise ValueError("landmarks must be distinct")
+
+    P, R = _landmark_factors(q, k, landmarks, num_heads)
+    scale = 1.0 / math.sqrt(d // num_heads)
+    keep = keep.contiguous()
+    v = v.contiguous()
+    backend = get_backend(q.device)
+    if backend == "reference":
+        out = reference.sparse_attention(P, R, v, idx, keep, scale)[0]
+    elif _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend):
+        out = _gathered_sparse_attention(P, R, v, idx, keep, scale)
+    else:
+        out = _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]
+    return out[0] if squeezed else out
+
+
+def _within_reciprocal(idx, keep, backend):
+    """True when every kept (i,t) is also listed from the other side, so the backward can gather."""
+    rev = _reverse_index(idx, keep, backend)
+    return int((rev >= 0).sum()) == int(keep.sum())
+
+
+# ----------------------------------------------------------------------------- registration
+def _register_autograd(backend):
+    fwd = f"nformer::{'sparse_attention_triton' if backend == 'triton' else 'sparse_attention'}"
+
+    def setup_context(ctx, inputs, output):
+        P, R, v, idx, keep, scale = inputs
+        ctx.save_for_backward(P, R, v, idx, keep, output[1])
+        ctx.scale = scale
+
+    def backward(ctx, grad_out, _grad_probs):  # probs is returned for saving, not differentiable
+        P, R, v, idx, keep, probs = ctx.saved_tensors
+        rev = _reverse_index(idx, keep, backend)
+        dP, dR, dv = _op("sparse_attention_backward", backend)(grad_out.contiguous(), P, R, v, idx, rev, probs,
+                                                               ctx.scale)
+        return dP, dR, dv, None, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def _register_fakes():
+    @torch.library.register_fake("nformer::knn")
+    def _(x, k):
+        return x.new_empty((*x.shape[:2], k), dtype=torch.int64)
+
+    @torch.library.register_fake("nformer::reciprocal_mask")
+    def _(idx):
+        return torch.empty_like(idx, dtype=torch.bool)
+
+    @torch.library.register_fake("nformer::reverse_index")
+    def _(idx, keep):
+        return torch.empty_like(idx)
+
+    @torch.library.register_fake("nformer::sparse_attention")
+    def _(P, R, v, idx, keep, scale):
+        return torch.empty_like(v), P.new_empty((*P.shape[:3], idx.shape[-1]))
+
+    @torch.library.register_fake("nformer::sparse_attention_backward")
+    def _(grad_out, P, R, v, idx, rev, probs, scale):
+        return torch.empty_like(P), torch.empty_like(R), torch.empty_like(v)
+
+
+if extension_available():
+    _register_fakes()
+    _register_autograd("cpu")
+if _triton_module() is not None:
+    _register_autograd("triton")

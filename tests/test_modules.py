@@ -1,0 +1,235 @@
+"""NFormerLayer / NFormer: official-forward equivalence, checkpoints, train/eval, options, compile."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import nformer_kernels as nk
+from tests.conftest import cpu_backends, ties_free
+
+BACKENDS = cpu_backends()
+
+
+def official_state_dict(dim=32, depth=2, ffn=None, classes=11, seed=0, prefix="nformer."):
+    """A random state dict in the official nformer_model.pth layout (Conv1D weights stored (in, out))."""
+    g = torch.Generator().manual_seed(seed)
+    ffn = ffn or 4 * dim
+    rnd = lambda *s: 0.2 * torch.randn(*s, generator=g)  # noqa: E731
+    sd = {}
+    for i in range(depth):
+        h = f"{prefix}h.{i}."
+        sd.update({h + "attn.c_attn.w": rnd(dim, 3 * dim), h + "attn.c_attn.b": rnd(3 * dim),
+                   h + "attn.c_proj.w": rnd(dim, dim), h + "attn.c_proj.b": rnd(dim),
+                   h + "ln_1.g": 1 + rnd(dim), h + "ln_1.b": rnd(dim),
+                   h + "mlp.c_fc.w": rnd(dim, ffn), h + "mlp.c_fc.b": rnd(ffn),
+                   h + "mlp.c_proj.w": rnd(ffn, dim), h + "mlp.c_proj.b": rnd(dim),
+                   h + "ln_2.g": 1 + rnd(dim), h + "ln_2.b": rnd(dim)})
+    sd.update({prefix + "bottleneck.weight": 1 + rnd(dim), prefix + "bottleneck.bias": rnd(dim),
+               prefix + "bottleneck.running_mean": rnd(dim), prefix + "bottleneck.running_var": 1 + rnd(dim).abs(),
+               prefix + "bottleneck.num_batches_tracked": torch.tensor(7),
+               prefix + "classifier.weight": rnd(classes, dim)})
+    if prefix:
+        sd["base.conv1.weight"] = rnd(4, 3, 1, 1)  # backbone weights of a full checkpoint are not ours
+    return sd
+
+
+def official_eval_forward(sd, x, landmarks, topk, heads, prefix="nformer."):
+    """The official NFormer eval forward, transcribed from its equations: dense N x N cosine top-k,
+    N x N reciprocal mask, dense landmark affinity, sparse softmax over the masked affinity."""
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    b, n, d = x.shape
+    dh = d // heads
+    xn = x / x.norm(dim=2, keepdim=True)
+    nbr = torch.topk(xn @ xn.transpose(1, 2), topk, dim=2).indices
+    mask = torch.zeros(b, n, n).scatter_(2, nbr, 1.0)
+    mask = (mask * mask.transpose(1, 2)).unsqueeze(1)
+
+    def layer_norm(t, g, bias):  # OpenAI style: eps inside the square root
+        u = t.mean(-1, keepdim=True)
+        s = (t - u).pow(2).mean(-1, keepdim=True)
+        return g * (t - u) / torch.sqrt(s + 1e-5) + bias
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))
+
+    depth = len({k.split(".")[1] for k in sd if k.startswith("h.")})
+    for i in range(depth):
+        p = lambda name: sd[f"h.{i}.{name}"]  # noqa: E731
+        qkv = x @ p("attn.c_attn.w") + p("attn.c_attn.b")
+        q, k, v = (t.view(b, n, heads, dh).permute(0, 2, 1, 3) for t in qkv.split(d, dim=2))
+        lm = landmarks[i]
+        w = (q @ k[:, :, lm].transpose(2, 3)) @ (q[:, :, lm] @ k.transpose(2, 3)) / math.sqrt(dh)
+        w = (w * mask).reshape(b * heads, n, n).to_sparse()
+        a = torch.bmm(torch.sparse.softmax(w, 2), v.reshape(b * heads, n, dh)).reshape(b, heads, n, dh)
+        a = a.permute(0, 2, 1, 3).reshape(b, n, d) @ p("attn.c_proj.w") + p("attn.c_proj.b")
+        h = layer_norm(x + a, p("ln_1.g"), p("ln_1.b"))
+        m = gelu(h @ p("mlp.c_fc.w") + p("mlp.c_fc.b")) @ p("mlp.c_proj.w") + p("mlp.c_proj.b")
+        x = layer_norm(h + m, p("ln_2.g"), p("ln_2.b"))
+    bn = (x - sd["bottleneck.running_mean"]) / torch.sqrt(sd["bottleneck.running_var"] + 1e-5)
+    return bn * sd["bottleneck.weight"] + sd["bottleneck.bias"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("prefix", ["nformer.", ""])
+def test_from_official_matches_official_forward(backend, prefix):
+    sd = official_state_dict(dim=32, depth=2, prefix=prefix)
+    model = nk.NFormer.from_official(sd, topk=8).eval()
+    assert model.classifier.out_features == 11 and model.depth == 2
+    x = ties_free(3 * 40, 32).view(3, 40, 32)
+    landmarks = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(s))[:5] for s in (1, 2)])
+    with torch.no_grad():
+        ours = model(x, landmarks=landmarks)
+    ref = official_eval_forward(sd, x, landmarks, topk=8, heads=2, prefix=prefix)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_from_official_default_size(backend):
+    sd = official_state_dict(dim=256, depth=4, classes=751, seed=3)
+    model = nk.NFormer.from_official(sd).eval()
+    x = ties_free(1 * 120, 256).view(1, 120, 256)
+    landmarks = torch.stack([torch.randperm(120)[:5] for _ in range(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, landmarks=landmarks),
+                                   official_eval_forward(sd, x, landmarks, topk=20, heads=2), rtol=1e-4, atol=2e-4)
+
+
+def test_from_official_loads_every_head_tensor():
+    sd = official_state_dict()
+    model = nk.NFormer.from_official(sd)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(model.bottleneck, name), sd[f"nformer.bottleneck.{name}"])
+    assert int(model.bottleneck.num_batches_tracked) == 7
+    assert torch.equal(model.classifier.weight, sd["nformer.classifier.weight"])
+    assert torch.equal(model.blocks[1].fc1.weight, sd["nformer.h.1.mlp.c_fc.w"].t())
+    assert not model.bottleneck.bias.requires_grad
+
+
+def test_from_official_reports_missing_and_unexpected_keys():
+    sd = official_state_dict()
+    del sd["nformer.h.1.ln_2.g"]
+    sd["nformer.h.0.attn.extra"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['h.1.ln_2.g'\].*unexpected keys \['h.0.attn.extra'\]"):
+        nk.NFormer.from_official(sd)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = nk.NFormer.from_official(sd, strict=False)
+    assert any("h.1.ln_2.g" in str(w.message) for w in caught)
+    missing, unexpected = model.load_official(sd, strict=False)
+    assert missing == ["h.1.ln_2.g"] and unexpected == ["h.0.attn.extra"]
+
+
+def test_from_official_rejects_wrong_shapes():
+    sd = official_state_dict()
+    sd["nformer.h.0.mlp.c_proj.b"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="fc2.bias"):
+        nk.NFormer.from_official(sd)
+    with pytest.raises(ValueError, match="h.0.attn.c_attn.w"):
+        nk.NFormer.from_official({"foo": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_train_mode_outputs_and_gradients(backend):
+    model = nk.NFormer(dim=32, depth=2, topk=6, num_classes=9).train()
+    x = ties_free(50, 32)
+    logits, refined = model(x, generator=torch.Generator().manual_seed(0))
+    assert logits.shape == (50, 9) and refined.shape == (50, 32)
+    torch.nn.functional.cross_entropy(logits, torch.arange(50) % 9).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    no_cls = nk.NFormer(dim=32, depth=1, topk=6).train()
+    assert no_cls(x)[0] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_landmark_reproducibility_and_dropout(backend):
+    model = nk.NFormer(dim=32, depth=2, topk=6)
+    x = ties_free(60, 32)
+    model.eval()
+    a = model(x, generator=torch.Generator().manual_seed(5))
+    b = model(x, generator=torch.Generator().manual_seed(5))
+    c = model(x)
+    d = model(x)
+    assert torch.equal(a, b)
+    assert not torch.equal(c, d)  # fresh landmark draws per call, like the official code
+    model.train()
+    lm = torch.stack([torch.arange(5), torch.arange(5, 10)])
+    assert not torch.equal(model(x, landmarks=lm)[1], model(x, landmarks=lm)[1])  # dropout active
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_batched_equals_per_item(backend):
+    model = nk.NFormer(dim=32, depth=2, topk=6).eval()
+    x = ties_free(30, 32, batch=3)
+    lm = torch.stack([torch.arange(5), torch.arange(3, 8)])
+    with torch.no_grad():
+        batched = model(x, landmarks=lm)
+        for i in range(3):
+            torch.testing.assert_close(batched[i], model(x[i], landmarks=lm), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_query_isolation(backend, monkeypatch):
+    model = nk.NFormer(dim=32, depth=2, topk=6).eval()
+    x = ties_free(50, 32)
+    query = torch.zeros(50, dtype=torch.bool)
+    query[:10] = True
+    seen = []
+    original = nk.ops.neighbor_attention
+
+    def spy(q, k, v, idx, keep, landmarks, num_heads):
+        seen.append((idx, landmarks))
+        return original(q, k, v, idx, keep, landmarks, num_heads)
+
+    monkeypatch.setattr(nk.ops, "neighbor_attention", spy)
+    out = model(x, query_mask=query)
+    assert torch.isfinite(out).all()
+    for idx, landmarks in seen:
+        assert not query[landmarks].any()
+        assert not query[idx[:10, 1:]].any()
+    with pytest.raises(ValueError, match="query_mask"):
+        model(x, query_mask=torch.ones(50, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_affinity_neighbours(backend):
+    model = nk.NFormer(dim=32, depth=2, topk=6, neighbor_source="affinity", num_classes=3).train()
+    x = ties_free(40, 32, batch=2).requires_grad_()
+    logits, refined = model(x)
+    refined.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+def test_small_inputs_clamp_topk_and_landmarks():
+    model = nk.NFormer(dim=16, depth=1, topk=20, num_landmarks=5).eval()
+    assert model(ties_free(1, 16)).shape == (1, 16)
+    assert model(ties_free(3, 16)).shape == (3, 16)
+
+
+def test_module_bad_input():
+    with pytest.raises(ValueError, match="num_heads"):
+        nk.NFormerLayer(dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="neighbor_source"):
+        nk.NFormer(neighbor_source="graph")
+    model = nk.NFormer(dim=16, depth=2, topk=4)
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(10, 8))
+    with pytest.raises(ValueError, match="landmarks"):
+        model(torch.randn(10, 16), landmarks=torch.zeros(3, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_torch_compile_fullgraph_layer(backend):
+    layer = nk.NFormerLayer(dim=32, num_heads=2).eval()
+    x = ties_free(40, 32)
+    idx = nk.knn(x, 6)
+    keep = nk.reciprocal_mask(idx)
+    lm = torch.arange(5)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, idx, keep, landmarks=lm), layer(x, idx, keep, landmarks=lm),
+                                   rtol=1e-4, atol=1e-4)
