@@ -17,7 +17,6 @@
 //   sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale) -> (dP, dR, dv)
 //       requires every kept (i,t) to be covered by rev (keep within reciprocal).
 #include <torch/library.h>
-#include <torch/extension.h>
 
 TORCH_LIBRARY(nformer, m) {
   m.def("knn(Tensor x, int k) -> Tensor");
@@ -25,14 +24,4 @@ TORCH_LIBRARY(nformer, m) {
   m.def("reverse_index(Tensor idx, Tensor keep) -> Tensor");
   m.def("sparse_attention(Tensor P, Tensor R, Tensor v, Tensor idx, Tensor keep, float scale) -> (Tensor, Tensor)");
   m.def("sparse_attention_backward(Tensor grad_out, Tensor P, Tensor R, Tensor v, Tensor idx, Tensor rev, Tensor probs, float scale) -> (Tensor, Tensor, Tensor)");
-}
-
-// The module only exists so `import nformer_kernels._C` loads the registrations above.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("has_cuda") =
-#ifdef NFORMER_WITH_CUDA
-      true;
-#else
-      false;
-#endif
 }
