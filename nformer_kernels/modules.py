@@ -50,9 +50,11 @@ class NFormerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: Optional[torch.Tensor], keep: Optional[torch.Tensor],
                 landmarks: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                landmark_pool: Optional[torch.Tensor] = None, topk: Optional[int] = None) -> torch.Tensor:
+                landmark_pool: Optional[torch.Tensor] = None, topk: Optional[int] = None,
+                check_inputs: bool = True) -> torch.Tensor:
         """x: (N,d)|(B,N,d). idx/keep: neighbour lists and mask; idx=None takes the top-`topk`
-        neighbours of this block's own landmark affinity (paper Eq. 6) with their reciprocal mask."""
+        neighbours of this block's own landmark affinity (paper Eq. 6) with their reciprocal mask.
+        check_inputs=False skips re-validating idx/landmarks that the caller built itself."""
         if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (N,{self.dim}) or (B,N,{self.dim}), got {tuple(x.shape)}")
         n = x.shape[-2]
@@ -66,7 +68,7 @@ class NFormerLayer(nn.Module):
             idx = ops.affinity_knn(qb, kb, landmarks, self.num_heads, min(topk, n))
             idx = idx if x.dim() == 3 else idx[0]
             keep = ops.reciprocal_mask(idx)
-        attn = ops.neighbor_attention(q, k, v, idx, keep, landmarks, self.num_heads)
+        attn = ops.neighbor_attention(q, k, v, idx, keep, landmarks, self.num_heads, check_inputs=check_inputs)
         y = self.norm1(x + self.dropout(self.out_proj(attn)))
         return self.norm2(y + self.dropout(self.fc2(self.act(self.fc1(y)))))
 
@@ -126,7 +128,9 @@ class NFormer(nn.Module):
             keep = ops.reciprocal_mask(idx)
         for i, block in enumerate(self.blocks):
             lm = None if landmarks is None else landmarks[i]
-            x = block(x, idx, keep, landmarks=lm, generator=generator, landmark_pool=pool, topk=k)
+            # Neighbours and drawn landmarks are built (and checked) here; explicit landmarks are the user's.
+            x = block(x, idx, keep, landmarks=lm, generator=generator, landmark_pool=pool, topk=k,
+                      check_inputs=lm is not None)
         feat = self.bottleneck(x.reshape(-1, self.dim)).view_as(x)
         if self.training:
             return (self.classifier(feat) if self.classifier is not None else None), x

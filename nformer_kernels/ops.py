@@ -88,16 +88,17 @@ def _batched(t: torch.Tensor, name: str, trailing: int):
     raise ValueError(f"{name} must have {trailing + 1} or {trailing + 2} dims, got shape {tuple(t.shape)}")
 
 
-def _check_float(t, name):
+def _check_float(t, name, check_finite=True):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
-    if _eager() and t.numel() and not bool(torch.isfinite(t).all()):
+    # One reduction pass: NaN/Inf propagate into the fp32 sum (only values near 1e38 could overflow it).
+    if check_finite and _eager() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _check_index(idx, name="idx"):
+def _check_index(idx, name="idx", check_values=True):
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(idx).__name__}")
     if idx.dtype != torch.int64:
@@ -108,7 +109,7 @@ def _check_index(idx, name="idx"):
         raise ValueError(f"{name} must be non-empty, got shape {tuple(idx.shape)}")
     if k > n:
         raise ValueError(f"{name} has {k} neighbours per row but only {n} rows")
-    if _eager():
+    if check_values and _eager():
         if bool((idx < 0).any()) or bool((idx >= n).any()):
             raise ValueError(f"{name} has entries outside [0, {n})")
         srt = idx.sort(dim=-1).values
@@ -231,16 +232,23 @@ def _reverse_index(idx, keep, backend):
 
 # ----------------------------------------------------------------------------- attention
 def _landmark_factors(q, k, landmarks, num_heads):
-    """P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (B,N,H,l) in fp32 (fp64 for fp64 input)."""
+    """P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (B,N,H,l) in fp32 (fp64 for fp64 input).
+
+    Each is one (N,d) x (d,H*l) GEMM against a block-diagonal matrix of the landmark rows, so the
+    strided q/k views of a fused QKV projection are read in place.
+    """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, n, d = q.shape
-    dh = d // num_heads
-    qa, ka = q.to(acc), k.to(acc)
-    q_l = qa[:, landmarks].view(b, -1, num_heads, dh)
-    k_l = ka[:, landmarks].view(b, -1, num_heads, dh)
-    P = torch.einsum("bnhc,blhc->bnhl", qa.view(b, n, num_heads, dh), k_l)
-    R = torch.einsum("bnhc,blhc->bnhl", ka.view(b, n, num_heads, dh), q_l)
-    return P.contiguous(), R.contiguous()
+    dh, n_land = d // num_heads, landmarks.numel()
+    eye = torch.eye(num_heads, dtype=acc, device=q.device)
+
+    def block_diag(rows):  # (B,l,d) -> (B,d,H*l) with W[h*dh+c, h*l+m] = rows[m, h*dh+c]
+        return torch.einsum("bmhc,hg->bhcgm", rows.to(acc).view(b, n_land, num_heads, dh), eye).reshape(
+            b, d, num_heads * n_land)
+
+    P = torch.matmul(q.to(acc), block_diag(k[:, landmarks])).view(b, n, num_heads, n_land)
+    R = torch.matmul(k.to(acc), block_diag(q[:, landmarks])).view(b, n, num_heads, n_land)
+    return P, R
 
 
 def _gathered_sparse_attention(P, R, v, idx, keep, scale):
@@ -258,15 +266,17 @@ def _gathered_sparse_attention(P, R, v, idx, keep, scale):
     return out.to(v.dtype)
 
 
-def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int):
+def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_inputs: bool = True):
     """Landmark low-rank attention restricted to kept neighbours (DESIGN.md), with autograd.
 
     q, k, v: (N,d) or (B,N,d); idx: (N,k)|(B,N,k) int64 neighbour lists; keep: bool mask of idx's
     shape; landmarks: int64 (l,) distinct token positions shared by heads and batch.
     Returns (N,d)|(B,N,d) in v's dtype. O(N*k*d) time, O(N*k*H) saved state.
+    check_inputs=False skips the O(N*k) value checks (finite features, idx range and uniqueness,
+    landmarks) for callers that built idx/landmarks themselves; shapes and dtypes are always checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(t, name)
+        _check_float(t, name, check_finite=check_inputs)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
@@ -285,14 +295,14 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int):
     d = q.shape[-1]
     if d % num_heads or v.shape[-1] % num_heads:
         raise ValueError(f"feature dims ({d}, {v.shape[-1]}) must be divisible by num_heads={num_heads}")
-    idx, _ = _check_index(idx)
+    idx, _ = _check_index(idx, check_values=check_inputs)
     keep, _ = _batched(keep, "keep", 1)
     if idx.shape[:2] != q.shape[:2] or keep.shape != idx.shape:
         raise ValueError(f"idx {tuple(idx.shape)} and keep {tuple(keep.shape)} must be (B,N,k) for N={q.shape[1]}")
     n, n_land = q.shape[1], landmarks.numel()
     if n_land < 1:
         raise ValueError("landmarks must hold at least one position")
-    if _eager():
+    if check_inputs and _eager():
         if bool((landmarks < 0).any()) or bool((landmarks >= n).any()):
             raise ValueError(f"landmarks must lie in [0, N={n})")
         if landmarks.unique().numel() != n_land:
