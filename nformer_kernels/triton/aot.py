@@ -1,0 +1,94 @@
+"""Ahead-of-time compilation of every kernel variant the launchers can pick; no GPU needed.
+
+    from nformer_kernels.triton.aot import compile_all, format_table
+    print(format_table(compile_all()))
+
+Each variant is compiled with triton.compile(ASTSource(fn, signature, constexprs), target=...)
+in a fresh cache directory, so ptxas really runs, and its `ptxas -v` log gives registers and spills.
+Arguments get the divisibility-by-16 hints the runtime would give in the NFormer configuration:
+every pointer (torch allocations are aligned) and the integers in Variant.aligned_ints (d, dv).
+Other specialisations the runtime may make (a value of 1, other multiples of 16) run the same
+kernel code.
+"""
+import contextlib
+import io
+import re
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nformer_kernels.triton.knn import variants as knn_variants
+from nformer_kernels.triton.reciprocal import variants as reciprocal_variants
+from nformer_kernels.triton.sparse_attention import variants as attention_variants
+
+DEFAULT_TARGETS = (GPUTarget("cuda", 86, 32), GPUTarget("cuda", 90, 32))
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def all_variants() -> list:
+    return knn_variants() + reciprocal_variants() + attention_variants()
+
+
+def _compile(variant, target):
+    arg_index = variant.kernel.arg_names.index
+    attrs = {(arg_index(name),): [["tt.divisibility", 16]]
+             for name, ty in variant.signature.items()
+             if ty.startswith("*") or name in variant.aligned_ints}
+    signature = {**variant.signature, **{name: "constexpr" for name in variant.constexprs}}
+    src = ASTSource(variant.kernel, signature, dict(variant.constexprs), attrs)
+    return triton.compile(src, target=target,
+                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+
+
+def compile_all(targets=DEFAULT_TARGETS, variants=None) -> list:
+    """Compile every variant for every target. Returns one dict per (variant, target):
+    kernel, target, regs, spill_stores, spill_loads, shared (bytes), seconds, error (None if ok)."""
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("compile_all needs compiled kernels; unset TRITON_INTERPRET")
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir, \
+            triton.knobs.cache.scope(), triton.knobs.nvidia.scope():
+        triton.knobs.cache.dir = cache_dir  # fresh cache: ptxas runs and logs every time
+        triton.knobs.nvidia.dump_ptxas_log = True
+        for variant in variants if variants is not None else all_variants():
+            for target in targets:
+                row = {"kernel": variant.label, "target": f"sm_{target.arch}", "regs": None,
+                       "spill_stores": None, "spill_loads": None, "shared": None, "error": None}
+                log = io.StringIO()
+                start = time.perf_counter()
+                try:
+                    with contextlib.redirect_stdout(log):
+                        compiled = _compile(variant, target)
+                except Exception as exc:  # reported per row; the caller decides
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                else:
+                    text = log.getvalue()
+                    regs, spills = _REGS.search(text), _SPILLS.search(text)
+                    row["regs"] = int(regs.group(1)) if regs else None
+                    if spills:
+                        row["spill_stores"], row["spill_loads"] = map(int, spills.groups())
+                    row["shared"] = compiled.metadata.shared
+                row["seconds"] = round(time.perf_counter() - start, 2)
+                rows.append(row)
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = [f"{'kernel variant':<100} {'target':<6} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'s':>5}"]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['kernel']:<100} {r['target']:<6} FAILED: {r['error'].splitlines()[0]}")
+            continue
+        spill = f"{r['spill_stores']}/{r['spill_loads']}"
+        lines.append(f"{r['kernel']:<100} {r['target']:<6} {r['regs']!s:>4} {spill:>11} "
+                     f"{r['shared']!s:>6} {r['seconds']:>5}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_table(compile_all()))
