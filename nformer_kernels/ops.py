@@ -18,8 +18,9 @@ from nformer_kernels import reference
 from nformer_kernels._extension import extension_available, extension_has_cuda
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-# The GPU kernels keep the running top-k in registers; larger k uses the chunked fallback.
+# The GPU kernels keep a row's k entries in registers; larger k uses the plain-PyTorch paths.
 GPU_KNN_MAX_K = 64
+GPU_ATTENTION_MAX_K = 128
 _forced_backend: Optional[str] = None
 
 
@@ -46,8 +47,9 @@ def _backend_available(name: str, device: torch.device) -> bool:
         return device.type == "cpu" and extension_available()
     if name == "cuda":
         return device.type == "cuda" and extension_has_cuda()
-    if name == "triton":
-        return device.type == "cuda" and _triton_module() is not None
+    if name == "triton":  # CPU tensors only under TRITON_INTERPRET=1 (how CI runs the Triton kernels)
+        nf_triton = _triton_module()
+        return nf_triton is not None and (device.type == "cuda" or nf_triton.interpreted)
     return False
 
 
@@ -315,7 +317,8 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_i
     backend = get_backend(q.device)
     if backend == "reference":
         out = reference.sparse_attention(P, R, v, idx, keep, scale)[0]
-    elif _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend):
+    elif (backend != "cpu" and idx.shape[-1] > GPU_ATTENTION_MAX_K) or (
+            _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend)):
         out = _gathered_sparse_attention(P, R, v, idx, keep, scale)
     else:
         out = _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]

@@ -209,3 +209,31 @@ else:
                               test_utils=checks)
         torch.library.opcheck(ops.sparse_attention_backward_triton.default,
                               (grad_out, P, R, v, idx, rev, probs, 0.5), test_utils=checks)
+
+    # ---- the public API on the triton backend (dispatch, custom ops, registered autograd) ----
+    import nformer_kernels as nk
+
+    def test_public_api_on_triton_backend():
+        nk.set_backend("triton")
+        try:
+            g = torch.Generator().manual_seed(3)
+            q, k, v = (torch.randn(2, 33, 16, generator=g, dtype=torch.float64).float().requires_grad_()
+                       for _ in range(3))
+            idx = nk.knn(q.detach(), 6)
+            keep = nk.reciprocal_mask(idx)
+            assert torch.equal(idx, reference.knn(torch.nn.functional.normalize(q.detach(), dim=-1), 6))
+            assert torch.equal(keep, reference.reciprocal_mask(idx))
+            landmarks = torch.tensor([1, 7, 30])
+            out = nk.neighbor_attention(q, k, v, idx, keep, landmarks, 2)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            ref = reference.neighbor_attention(qr, kr, vr, idx, keep, landmarks, 2)
+            ref_grads = torch.autograd.grad(ref.square().sum(), (qr, kr, vr))
+            assert_close(out, ref, 1e-4, "out")
+            for name, a, b in zip("qkv", grads, ref_grads):
+                assert_close(a, b, 1e-4, f"d{name}")
+            model = nk.NFormer(dim=16, depth=1, topk=5).eval()
+            with torch.no_grad():
+                assert torch.isfinite(model(q.detach()[0])).all()
+        finally:
+            nk.set_backend(None)
