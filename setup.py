@@ -43,7 +43,7 @@ def _default_archs():
 
 def extensions():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs (C++20 since 2.14)
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda, why_not = _want_cuda()
     if not with_cuda:
@@ -55,7 +55,7 @@ def extensions():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return [CUDAExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
                           define_macros=[("NFORMER_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                                    "-lineinfo"]},
                           extra_link_args=["-fopenmp"])]
 
