@@ -1,10 +1,9 @@
 // Per-element logic shared by the CPU and CUDA kernels, so that CI (CPU only)
-// exercises the exact code the GPU runs.
+// exercises the exact code the GPU runs. Every function compiles under g++ and nvcc:
+// math goes through the C functions expf/exp, which both provide.
 #pragma once
 #include <cmath>
 #include <cstdint>
-
-using std::exp;
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define NF_HD __host__ __device__ __forceinline__
@@ -12,7 +11,19 @@ using std::exp;
 #define NF_HD inline
 #endif
 
+// CPU only: compile a hot function for AVX-512 and AVX2+FMA as well as the baseline ISA
+// and pick one at load time (the extension itself is built for the baseline ISA).
+#if !defined(__CUDACC__) && !defined(__HIPCC__) && defined(__x86_64__) && defined(__linux__) && \
+    defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define NF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NF_CPU_CLONES
+#endif
+
 namespace nformer {
+
+NF_HD float nf_exp(float x) { return expf(x); }
+NF_HD double nf_exp(double x) { return exp(x); }
 
 // Ordering of candidates in a top-k list: higher score first, then smaller index.
 template <typename acc_t>
@@ -44,6 +55,19 @@ NF_HD int find_in_row(const int64_t* row, int k, int64_t target) {
   return -1;
 }
 
+// Reciprocal test for entry t of row i: is i among the neighbours of idx[i,t]?
+// `idx` points at the (N,k) neighbour table of one batch item.
+NF_HD bool is_reciprocal(const int64_t* idx, int k, int64_t i, int t) {
+  return find_in_row(idx + idx[i * k + t] * k, k, i) >= 0;
+}
+
+// rev[j,t'] for i = idx[j,t']: the t with idx[i,t] == j and keep[i,t], else -1.
+NF_HD int64_t reverse_position(const int64_t* idx, const bool* keep, int k, int64_t j, int tp) {
+  const int64_t i = idx[j * k + tp];
+  const int t = find_in_row(idx + i * k, k, j);
+  return (t >= 0 && keep[i * k + t]) ? t : -1;
+}
+
 // In-place masked softmax over k scores: probs where keep, 0 elsewhere.
 // All-masked rows give all zeros (never NaN). acc_t is float, or double for fp64 inputs.
 template <typename acc_t>
@@ -57,7 +81,7 @@ NF_HD void masked_softmax(acc_t* s, const bool* keep, int k) {
   }
   acc_t sum = 0;
   for (int t = 0; t < k; ++t) {
-    s[t] = keep[t] ? exp(s[t] - mx) : acc_t(0);
+    s[t] = keep[t] ? nf_exp(s[t] - mx) : acc_t(0);
     sum += s[t];
   }
   const acc_t inv = acc_t(1) / sum;
