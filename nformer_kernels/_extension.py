@@ -2,6 +2,8 @@
 import importlib
 import warnings
 
+import torch  # noqa: F401  (loads libtorch/libc10, which the extension links against)
+
 try:
     _C = importlib.import_module("nformer_kernels._C")  # importing registers torch.ops.nformer.*
 
