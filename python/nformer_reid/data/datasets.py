@@ -1,0 +1,262 @@
+"""Parsers of the standard Re-ID dataset layouts (as torchreid / reid-strong-baseline read them).
+
+Every dataset exposes train / query / gallery lists of (image_path, pid, camid) with 0-based
+camids. Train pids are relabelled to 0..C-1 (classifier targets). Query/gallery pids keep the
+dataset's ids, with -1 = junk and 0 = distractor reserved as in Market-1501 (evaluate_rank
+never counts those as matches); datasets whose test ids start at 0 are shifted by +1.
+"""
+import glob
+import os
+import re
+from typing import Dict, List, Tuple
+
+Item = Tuple[str, int, int]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """The folder does not have the layout the dataset parser expects."""
+
+
+class ReIDDataset:
+    """train / query / gallery lists of (path, pid, camid)."""
+
+    name = "reid"
+
+    def __init__(self, train: List[Item], query: List[Item], gallery: List[Item], root: str = ""):
+        self.train, self.query, self.gallery, self.root = train, query, gallery, root
+
+    @staticmethod
+    def subset_info(items: List[Item]) -> Tuple[int, int, int]:
+        """(#ids, #images, #cameras)."""
+        return len({p for _, p, _ in items}), len(items), len({c for _, _, c in items})
+
+    @property
+    def num_train_pids(self) -> int:
+        return self.subset_info(self.train)[0]
+
+    @property
+    def num_train_cams(self) -> int:
+        return self.subset_info(self.train)[2]
+
+    def statistics_table(self) -> str:
+        lines = [f"=> Loaded {self.name}", "  ----------------------------------------",
+                 "  subset   | # ids | # images | # cameras", "  ----------------------------------------"]
+        for label, items in (("train", self.train), ("query", self.query), ("gallery", self.gallery)):
+            ids, imgs, cams = self.subset_info(items)
+            lines.append(f"  {label:<8} | {ids:5d} | {imgs:8d} | {cams:9d}")
+        lines.append("  ----------------------------------------")
+        return "\n".join(lines)
+
+    def print_statistics(self) -> None:
+        print(self.statistics_table())
+
+
+def _relabel(items: List[Item]) -> List[Item]:
+    pid2label = {pid: i for i, pid in enumerate(sorted({p for _, p, _ in items}))}
+    return [(path, pid2label[pid], cam) for path, pid, cam in items]
+
+
+def _resolve_dir(root: str, candidates: Tuple[str, ...], required: Tuple[str, ...], what: str,
+                 layout: str) -> str:
+    """root itself, or root/<one of candidates>, whichever holds all `required` entries."""
+    root = os.path.expanduser(root)
+    for base in (root,) + tuple(os.path.join(root, c) for c in candidates):
+        if all(os.path.exists(os.path.join(base, r)) for r in required):
+            return base
+    raise DatasetLayoutError(
+        f"{what} not found under {root!r}. Expected the layout\n{layout}\n"
+        f"either at {root!r} itself or in a subfolder named one of {list(candidates)}.")
+
+
+def _images(folder: str) -> List[str]:
+    return sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTS))
+
+
+class _FolderDataset(ReIDDataset):
+    """Market-1501-style folders: file names <pid>_c<cam>..., pid -1 = junk (dropped)."""
+
+    folder_names: Tuple[str, ...] = ()
+    num_cams = 0
+    max_pid = 0
+    pattern = re.compile(r"([-\d]+)_c(\d+)")
+    layout = ("  <dataset>/bounding_box_train/0002_c1s1_000451_03.jpg ...\n"
+              "  <dataset>/query/0001_c1s1_001051_00.jpg ...\n"
+              "  <dataset>/bounding_box_test/0001_c1s1_000151_01.jpg ... (-1_* junk, 0000_* distractors)")
+
+    def __init__(self, root: str, verbose: bool = True):
+        base = _resolve_dir(root, self.folder_names, ("bounding_box_train", "query", "bounding_box_test"),
+                            self.name, self.layout)
+        train = self._parse(os.path.join(base, "bounding_box_train"))
+        query = self._parse(os.path.join(base, "query"))
+        gallery = self._parse(os.path.join(base, "bounding_box_test"))
+        super().__init__(_relabel(train), query, gallery, base)
+        if verbose:
+            self.print_statistics()
+
+    def _parse(self, folder: str) -> List[Item]:
+        items = []
+        paths = _images(folder)
+        for path in paths:
+            m = self.pattern.search(os.path.basename(path))
+            if m is None:
+                raise DatasetLayoutError(f"{self.name}: file name {os.path.basename(path)!r} in {folder} does "
+                                         f"not match '<pid>_c<cam>...'; expected the layout\n{self.layout}")
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if pid == -1:
+                continue  # junk images are ignored (torchreid / fast-reid convention)
+            if not (0 <= pid <= self.max_pid and 1 <= cam <= self.num_cams):
+                raise DatasetLayoutError(f"{self.name}: {os.path.basename(path)!r} has pid {pid} / camera {cam} "
+                                         f"outside [0, {self.max_pid}] / [1, {self.num_cams}]")
+            items.append((path, pid, cam - 1))
+        if not items:
+            raise DatasetLayoutError(f"{self.name}: no images in {folder}; expected the layout\n{self.layout}")
+        return items
+
+
+class Market1501(_FolderDataset):
+    """Market-1501 (Zheng et al. ICCV 2015): 751 train ids, 750 test ids, 6 cameras."""
+
+    name = "Market1501"
+    folder_names = ("Market-1501-v15.09.15", "market1501", "Market-1501")
+    num_cams = 6
+    max_pid = 1501
+
+
+class DukeMTMCreID(_FolderDataset):
+    """DukeMTMC-reID (Zheng et al. ICCV 2017): 702 train ids, 1110 test ids, 8 cameras."""
+
+    name = "DukeMTMC-reID"
+    folder_names = ("DukeMTMC-reID", "dukemtmc-reid", "dukemtmcreid")
+    num_cams = 8
+    max_pid = 9999
+
+    def __init__(self, root: str, verbose: bool = True):
+        super().__init__(root, verbose=False)
+        # Duke has no distractor id; keep 0 free for evaluate_rank's convention if it ever occurs.
+        if any(p == 0 for _, p, _ in self.query + self.gallery):
+            self.query = [(f, p + 1, c) for f, p, c in self.query]
+            self.gallery = [(f, p + 1, c) for f, p, c in self.gallery]
+        if verbose:
+            self.print_statistics()
+
+
+class MSMT17(ReIDDataset):
+    """MSMT17 (Wei et al. CVPR 2018) from its list files; 15 cameras.
+
+    train = list_train + list_val (torchreid's default); query/gallery from list_query /
+    list_gallery. The test list pids restart at 0 and are a different id space from train: they
+    are stored +1 so that 0 keeps its distractor meaning in evaluate_rank.
+    """
+
+    name = "MSMT17"
+    layout = ("  <dataset>/MSMT17_V1/{train,test}/<pid>/<pid>_<n>_<cam>_...jpg\n"
+              "  <dataset>/MSMT17_V1/list_{train,val,query,gallery}.txt   ('<relative path> <pid>' per line)\n"
+              "  (or MSMT17_V2 with mask_train_v2 / mask_test_v2)")
+
+    def __init__(self, root: str, verbose: bool = True):
+        root = os.path.expanduser(root)
+        base = train_dir = test_dir = None
+        for version, tr, te in (("MSMT17_V1", "train", "test"), ("MSMT17_V2", "mask_train_v2", "mask_test_v2")):
+            for cand in (root, os.path.join(root, version), os.path.join(root, "msmt17", version)):
+                if os.path.isdir(os.path.join(cand, tr)) and os.path.isdir(os.path.join(cand, te)):
+                    base, train_dir, test_dir = cand, os.path.join(cand, tr), os.path.join(cand, te)
+                    break
+            if base:
+                break
+        if base is None:
+            raise DatasetLayoutError(f"MSMT17 not found under {root!r}. Expected the layout\n{self.layout}")
+        lists = {}
+        for split in ("train", "val", "query", "gallery"):
+            path = os.path.join(base, f"list_{split}.txt")
+            if not os.path.isfile(path):
+                raise DatasetLayoutError(f"MSMT17: missing {path}. Expected the layout\n{self.layout}")
+            lists[split] = path
+        train = self._parse(train_dir, lists["train"]) + self._parse(train_dir, lists["val"])
+        query = [(f, p + 1, c) for f, p, c in self._parse(test_dir, lists["query"])]
+        gallery = [(f, p + 1, c) for f, p, c in self._parse(test_dir, lists["gallery"])]
+        super().__init__(_relabel(train), query, gallery, base)
+        if verbose:
+            self.print_statistics()
+
+    @staticmethod
+    def _parse(folder: str, list_path: str) -> List[Item]:
+        items = []
+        with open(list_path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    rel, pid = parts[0], int(parts[1])
+                    cam = int(os.path.basename(rel).split("_")[2])
+                except (IndexError, ValueError) as exc:
+                    raise DatasetLayoutError(f"MSMT17: {list_path}:{lineno}: expected '<pid>/<pid>_<n>_<cam>_....jpg "
+                                             f"<pid>', got {line.strip()!r}") from exc
+                items.append((os.path.join(folder, rel), pid, cam - 1))
+        return items
+
+
+class CUHK03(ReIDDataset):
+    """CUHK03 with the new protocol of Zhong et al. CVPR 2017 (767 train / 700 test ids).
+
+    Images come from images_labeled/ or images_detected/ (extracted from cuhk-03.mat as torchreid
+    does); the split from cuhk03_new_protocol_config_{labeled,detected}.mat (read with scipy).
+    """
+
+    name = "CUHK03"
+    layout = ("  <dataset>/images_labeled/1_001_1_01.png ...  (and/or images_detected/)\n"
+              "  <dataset>/cuhk03_new_protocol_config_labeled.mat  (and/or ..._detected.mat)")
+
+    def __init__(self, root: str, subset: str = "labeled", verbose: bool = True):
+        if subset not in ("labeled", "detected"):
+            raise ValueError(f"subset must be 'labeled' or 'detected', got {subset!r}")
+        self.name = f"CUHK03-{subset}"
+        split_name = f"cuhk03_new_protocol_config_{subset}.mat"
+        base = _resolve_dir(root, ("cuhk03", "CUHK03", "cuhk03_release"), (f"images_{subset}", split_name),
+                            self.name, self.layout)
+        from scipy.io import loadmat
+
+        split = loadmat(os.path.join(base, split_name))
+        missing = [k for k in ("train_idx", "query_idx", "gallery_idx", "labels", "filelist") if k not in split]
+        if missing:
+            raise DatasetLayoutError(f"{self.name}: {split_name} lacks {missing}; is it the new-protocol config?")
+        img_dir = os.path.join(base, f"images_{subset}")
+        labels = split["labels"].flatten()
+        names = [str(entry[0]) if not isinstance(entry, str) else entry for entry in split["filelist"].flatten()]
+
+        def items(key):
+            out = []
+            for i in split[key].flatten() - 1:  # MATLAB indices are 1-based
+                name = names[i]
+                out.append((os.path.join(img_dir, name), int(labels[i]), int(name.split("_")[2]) - 1))
+            return out
+
+        train, query, gallery = items("train_idx"), items("query_idx"), items("gallery_idx")
+        absent = [p for p, _, _ in train[:1] + query[:1] + gallery[:1] if not os.path.isfile(p)]
+        if absent:
+            raise DatasetLayoutError(f"{self.name}: image {absent[0]} listed in {split_name} is missing; "
+                                     f"expected the layout\n{self.layout}")
+        super().__init__(_relabel(train), query, gallery, base)
+        if verbose:
+            self.print_statistics()
+
+
+DATASETS: Dict[str, type] = {
+    "market1501": Market1501,
+    "dukemtmcreid": DukeMTMCreID,
+    "msmt17": MSMT17,
+    "cuhk03_labeled": CUHK03,
+    "cuhk03_detected": CUHK03,
+}
+
+
+def build_dataset(name: str, root: str, verbose: bool = True) -> ReIDDataset:
+    """Dataset by name: market1501, dukemtmcreid, msmt17, cuhk03_labeled, cuhk03_detected."""
+    key = name.lower().replace("-", "").replace("_", "")
+    for known, cls in DATASETS.items():
+        if known.replace("_", "") == key:
+            if cls is CUHK03:
+                return CUHK03(root, subset=known.split("_")[1], verbose=verbose)
+            return cls(root, verbose=verbose)
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (and 'synthetic')")

@@ -1,0 +1,178 @@
+"""Re-ID model: torchvision ResNet backbone (last stride 1, GAP, 2048->256 projection, BNNeck,
+classifier) with the NFormer of nformer_kernels on top, plus weight loading (local ImageNet
+file, the official nformer_model.pth)."""
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+import torchvision
+from torch import nn
+
+import nformer_kernels as nk
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def _load_state_dict(path_or_state):
+    if isinstance(path_or_state, (str, os.PathLike)):
+        if not os.path.isfile(path_or_state):
+            raise FileNotFoundError(f"weights file not found: {path_or_state}")
+        state = torch.load(path_or_state, map_location="cpu", weights_only=False)
+    else:
+        state = path_or_state
+    if hasattr(state, "state_dict") and not isinstance(state, dict):  # a pickled nn.Module
+        state = state.state_dict()
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise TypeError(f"expected a state dict, got {type(state).__name__}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+class Backbone(nn.Module):
+    """ResNet (torchvision) -> GAP -> Linear(C, feat_dim) -> BatchNorm1d (bias frozen) -> classifier.
+
+    Training returns (logits, feat before BN) for CE / (triplet, center); eval returns the
+    feature after BN (reid-strong-baseline's "neck feat after"). stem_relu=False reproduces the
+    official NFormer / reid-strong-baseline ResNet, whose stem has no ReLU after bn1 (needed to
+    evaluate its checkpoints); torchvision's network has it.
+    """
+
+    def __init__(self, num_classes: int, arch: str = "resnet50", feat_dim: int = 256, last_stride: int = 1,
+                 pretrained: Optional[str] = None, stem_relu: bool = True, verbose: bool = True):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        base = getattr(torchvision.models, arch)(weights=None)
+        if last_stride == 1:
+            block = base.layer4[0]
+            (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (1, 1)
+            block.downsample[0].stride = (1, 1)
+        in_planes = base.fc.in_features
+        del base.fc, base.avgpool
+        self.base, self.stem_relu = base, stem_relu
+        self.arch, self.feat_dim, self.num_classes = arch, feat_dim, num_classes
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.projection = nn.Linear(in_planes, feat_dim)
+        self.bottleneck = nn.BatchNorm1d(feat_dim)
+        self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift
+        self.classifier = nn.Linear(feat_dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+        if pretrained:
+            self.load_imagenet(pretrained, verbose=verbose)
+        elif verbose:
+            print(f"[nformer-reid] {arch}: random initialisation (no ImageNet weights file given; "
+                  "expect far lower accuracy than published numbers)")
+
+    def load_imagenet(self, path: str, verbose: bool = True) -> None:
+        """Load torchvision-layout ImageNet weights (e.g. resnet50-19c8e357.pth) into the ResNet; fc is skipped."""
+        state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("fc.")}
+        own = self.base.state_dict()
+        wrong = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if wrong or missing or unexpected:
+            raise ValueError(f"{path} does not fit {self.arch}: {len(wrong)} shape mismatches (e.g. {wrong[:3]}), "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.base.load_state_dict(state)
+        if verbose:
+            print(f"[nformer-reid] {self.arch}: loaded ImageNet weights from {path}")
+
+    def feature_map(self, x):
+        b = self.base
+        x = b.bn1(b.conv1(x))
+        if self.stem_relu:
+            x = b.relu(x)
+        x = b.maxpool(x)
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward(self, x):
+        feat = self.projection(self.gap(self.feature_map(x)).flatten(1))
+        bn_feat = self.bottleneck(feat)
+        if self.training:
+            return self.classifier(bn_feat), feat
+        return bn_feat
+
+
+class ReIDModel(nn.Module):
+    """backbone (images -> features) + nformer (feature sets -> refined features).
+
+    State-dict names follow the official nformer_model.pth for the backbone (backbone.base.*,
+    backbone.projection, backbone.bottleneck, backbone.classifier); the NFormer is nk.NFormer.
+    """
+
+    def __init__(self, num_classes: int, arch: str = "resnet50", feat_dim: int = 256, last_stride: int = 1,
+                 pretrained: Optional[str] = None, stem_relu: bool = True, nformer_depth: int = 4,
+                 nformer_heads: int = 2, nformer_landmarks: int = 5, nformer_topk: int = 20,
+                 nformer_ffn_dim: Optional[int] = None, nformer_dropout: float = 0.1, verbose: bool = True):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, arch=arch, feat_dim=feat_dim, last_stride=last_stride,
+                           stem_relu=stem_relu, nformer_depth=nformer_depth, nformer_heads=nformer_heads,
+                           nformer_landmarks=nformer_landmarks, nformer_topk=nformer_topk,
+                           nformer_ffn_dim=nformer_ffn_dim, nformer_dropout=nformer_dropout)
+        self.backbone = Backbone(num_classes, arch, feat_dim, last_stride, pretrained, stem_relu, verbose)
+        self.nformer = nk.NFormer(dim=feat_dim, depth=nformer_depth, num_heads=nformer_heads,
+                                  num_landmarks=nformer_landmarks, topk=nformer_topk, ffn_dim=nformer_ffn_dim,
+                                  dropout=nformer_dropout, num_classes=num_classes)
+
+    def forward(self, images):
+        return self.backbone(images)
+
+    def refine(self, feats, **kwargs):
+        """NFormer over a feature set (N,d)|(B,N,d); kwargs: landmarks, generator, query_mask."""
+        return self.nformer(feats, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: dict, verbose: bool = False) -> "ReIDModel":
+        return cls(**config, verbose=verbose)
+
+
+def _infer_arch(state, prefix):
+    """torchvision ResNet name from the blocks per stage (and bottleneck vs basic blocks)."""
+    block_ids = {stage: set() for stage in range(1, 5)}
+    for key in state:
+        m = re.match(re.escape(prefix) + r"layer([1-4])\.(\d+)\.", key)
+        if m:
+            block_ids[int(m.group(1))].add(int(m.group(2)))
+    blocks = tuple(len(block_ids[stage]) for stage in range(1, 5))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+    known = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
+             ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
+    if (blocks, bottleneck) not in known:
+        raise ValueError(f"backbone with blocks per stage {blocks} is not a torchvision ResNet")
+    return known[blocks, bottleneck]
+
+
+def load_official_checkpoint(path_or_state, num_landmarks: int = 5, topk: int = 20, num_heads: int = 2,
+                             strict: bool = True) -> ReIDModel:
+    """ReIDModel from the official NFormer release (nformer_model.pth: backbone.* + nformer.*).
+
+    The backbone is ResNet-50 without the stem ReLU (as the official code); the nformer.* part is
+    read by nk.NFormer.from_official (Conv1D (in,out) weights transposed, BatchNorm head included).
+    num_landmarks / topk / num_heads are not stored in the file: the official defaults are 5/20/2.
+    """
+    state = _load_state_dict(path_or_state)
+    for key in ("backbone.classifier.weight", "nformer.h.0.mlp.c_fc.w"):
+        if key not in state:
+            raise ValueError(f"not an official nformer_model.pth: no {key!r} key")
+    num_classes, feat_dim = state["backbone.classifier.weight"].shape
+    depth = sum(1 for k in state if k.startswith("nformer.h.") and k.endswith(".attn.c_attn.w"))
+    arch = _infer_arch(state, "backbone.base.")
+    nformer = nk.NFormer.from_official(state, num_classes=num_classes, strict=strict, num_heads=num_heads,
+                                       num_landmarks=num_landmarks, topk=topk)
+    model = ReIDModel(num_classes, arch=arch, feat_dim=feat_dim, stem_relu=False, nformer_depth=depth,
+                      nformer_heads=num_heads, nformer_landmarks=num_landmarks, nformer_topk=topk,
+                      nformer_ffn_dim=state["nformer.h.0.mlp.c_fc.w"].shape[1], verbose=False)
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    missing, unexpected = model.backbone.load_state_dict(backbone_state, strict=False)
+    if missing or unexpected:
+        msg = f"official backbone: missing keys {missing}, unexpected keys {unexpected}"
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    model.nformer = nformer
+    return model
