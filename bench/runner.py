@@ -1,0 +1,192 @@
+"""Runs one benchmark configuration (method, backend, N, dtype) and measures it.
+
+On the CPU the CLI calls `measure` in a fresh subprocess per configuration (`python -m bench
+_worker`) so that peak-RSS figures of different methods do not mix and an out-of-memory kill
+ends only that child; on CUDA it calls it in-process (peak stats reset, OOM is an exception).
+`agreement` checks the fused model against the dense official one.
+"""
+import functools
+import resource
+import statistics
+import time
+
+import torch
+
+import nformer_kernels as nk
+from bench import baselines
+from bench.analytic import method_flops
+
+FUSED_METHODS = ("nformer", "nformer-layer", "knn")  # run once per nformer_kernels backend
+BASELINE_BACKEND = {"dense-official": "torch", "dense-transformer": "torch", "knn-torch": "torch",
+                    "knn-faiss": "faiss"}
+METHODS = FUSED_METHODS + tuple(BASELINE_BACKEND)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def synthetic_features(n, d, device, dtype, seed=0):
+    """(1, n, d) features clustered like Re-ID embeddings: ~16 images per identity around a centre."""
+    return _cpu_features(n, d, seed).to(device=device, dtype=dtype).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=1)  # a sweep asks for the same set once per method; n=1M takes seconds
+@torch.inference_mode(False)  # a normal tensor even when first asked for under inference mode
+def _cpu_features(n, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(max(1, n // 16), d, generator=gen)
+    ids = torch.randint(0, centres.shape[0], (n,), generator=gen)
+    return centres[ids] + 0.5 * torch.randn(n, d, generator=gen)
+
+
+def explicit_landmarks(n, depth, num_landmarks, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=gen)[:num_landmarks] for _ in range(depth)])
+
+
+def _setup(cfg, x):
+    """A zero-argument callable running the method once on x (inputs and weights prepared here)."""
+    method, p = cfg["method"], cfg["params"]
+    d, heads, l, k, f, depth = p["d"], p["heads"], p["landmarks"], p["k"], p["ffn"], p["depth"]
+    n = x.shape[1]
+    k = min(k, n)
+    device, dtype = x.device, x.dtype
+    if method == "nformer":
+        model = nk.NFormer(dim=d, depth=depth, num_heads=heads, num_landmarks=l, topk=k, ffn_dim=f)
+        model = model.to(device=device, dtype=dtype).eval()
+        lms = explicit_landmarks(n, depth, l).to(device)
+        return lambda: model(x, landmarks=lms)
+    if method == "nformer-layer":
+        layer = nk.NFormerLayer(dim=d, num_heads=heads, num_landmarks=l, ffn_dim=f).to(device=device, dtype=dtype)
+        layer.eval()
+        idx = nk.knn(x, k)
+        keep = nk.reciprocal_mask(idx)
+        lms = explicit_landmarks(n, 1, l)[0].to(device)
+        return lambda: layer(x, idx, keep, landmarks=lms)
+    if method == "knn":
+        return lambda: nk.knn(x, k)
+    if method == "dense-official":
+        model = baselines.DenseOfficialNFormer(d, depth, heads, l, k, f).to(device=device, dtype=dtype).eval()
+        lms = explicit_landmarks(n, depth, l).to(device)
+        return lambda: model(x, landmarks=lms)
+    if method == "dense-transformer":
+        model = baselines.dense_transformer(d, heads, f, depth).to(device=device, dtype=dtype).eval()
+        return lambda: model(x)
+    if method == "knn-torch":
+        chunk_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)  # big chunks keep a GPU busy
+        return lambda: baselines.knn_torch_chunked(x[0], k, chunk_bytes)
+    if method == "knn-faiss":
+        if device.type != "cpu":
+            raise ValueError("knn-faiss runs on the CPU only")
+        x_np = torch.nn.functional.normalize(x[0].float(), dim=1).numpy()
+        return lambda: baselines.knn_faiss(x_np, k, threads=torch.get_num_threads())
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _set_threads(cfg):
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+
+
+def _rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _is_oom(exc):
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure(cfg, isolated=True):
+    """Time one configuration; returns the measured fields of a result row.
+
+    cfg: method, backend, n, device, dtype, warmup, repeats, repeat_budget_s, params (d, heads,
+    landmarks, k, ffn, depth). Latency: CUDA events on the GPU, perf_counter on the CPU; median and
+    IQR over up to `repeats` timed calls after `warmup` calls (timed calls stop early once they
+    have taken repeat_budget_s in total); on the CPU also the median process CPU time (all threads). Peak memory: growth of torch.cuda.max_memory_allocated
+    over the state after setup (GPU), or growth of this process's peak RSS (CPU; only meaningful
+    when `isolated`, i.e. this process ran nothing else).
+    """
+    device = torch.device(cfg["device"])
+    dtype = DTYPES[cfg["dtype"]]
+    _set_threads(cfg)
+    if cfg["backend"] in nk.BACKENDS:
+        nk.set_backend(cfg["backend"])
+    on_gpu = device.type == "cuda"
+    try:
+        with torch.inference_mode():
+            x = synthetic_features(cfg["n"], cfg["params"]["d"], device, dtype)
+            fn = _setup(cfg, x)
+            if on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                mem_before = torch.cuda.memory_allocated()
+            else:
+                mem_before = _rss_bytes()
+            for _ in range(cfg["warmup"]):
+                fn()
+            times_ms, cpu_ms = [], []
+            while len(times_ms) < cfg["repeats"] and sum(times_ms) < 1e3 * cfg["repeat_budget_s"]:
+                if on_gpu:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times_ms.append(start.elapsed_time(end))
+                else:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    fn()
+                    times_ms.append(1e3 * (time.perf_counter() - t0))
+                    cpu_ms.append(1e3 * (time.process_time() - c0))
+            if on_gpu:
+                peak, mem_kind = torch.cuda.max_memory_allocated() - mem_before, "cuda_max_allocated"
+            else:
+                peak, mem_kind = (_rss_bytes() - mem_before, "rss_growth") if isolated else (None, "in-process")
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_oom(exc):
+            raise
+        return {"status": "OOM"}
+    finally:
+        nk.set_backend(None)
+        x = fn = None  # free the inputs before empty_cache, so an OOM leaves the GPU clean
+        if on_gpu:
+            torch.cuda.empty_cache()
+    q1, _, q3 = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else (times_ms[0],) * 3
+    p = cfg["params"]
+    flops = method_flops(cfg["method"], cfg["n"], p["d"], p["heads"], p["landmarks"], min(p["k"], cfg["n"]),
+                         p["ffn"], p["depth"])
+    median = statistics.median(times_ms)
+    return {"status": "ok", "latency_ms": median, "latency_iqr_ms": q3 - q1, "latency_all_ms": times_ms,
+            "cpu_time_ms": statistics.median(cpu_ms) if cpu_ms else None,
+            "gflops": flops / 1e9, "tflops_per_s": flops / (median * 1e-3) / 1e12,
+            "gflops_per_img": flops / 1e9 / cfg["n"], "peak_mem_bytes": peak, "mem_kind": mem_kind}
+
+
+def agreement(cfg):
+    """Fused NFormer (on cfg's backend) vs DenseOfficialNFormer with the same weights and explicit
+    landmarks, eval mode: max |difference| of the outputs, and nk.knn vs the chunked torch top-k."""
+    backend, n, device, dtype, params = (cfg[key] for key in ("backend", "n", "device", "dtype", "params"))
+    _set_threads(cfg)
+    d, heads, l, k, f, depth = (params[key] for key in ("d", "heads", "landmarks", "k", "ffn", "depth"))
+    device, dtype = torch.device(device), DTYPES[dtype]
+    torch.manual_seed(0)
+    dense = baselines.DenseOfficialNFormer(d, depth, heads, l, k, f)
+    with torch.no_grad():  # non-trivial BatchNorm statistics so the eval head is checked too
+        dense.bottleneck.running_mean.normal_()
+        dense.bottleneck.running_var.uniform_(0.5, 2.0)
+        dense.bottleneck.weight.uniform_(0.5, 2.0)
+    fused = nk.NFormer.from_official(dense.state_dict(), num_heads=heads, num_landmarks=l, topk=k)
+    dense = dense.to(device=device, dtype=dtype).eval()
+    fused = fused.to(device=device, dtype=dtype).eval()
+    x = synthetic_features(n, d, device, dtype, seed=1)
+    lms = explicit_landmarks(n, depth, l, seed=1).to(device)
+    nk.set_backend(backend)
+    try:
+        with torch.inference_mode():
+            ref = dense(x, landmarks=lms).float()
+            out = fused(x, landmarks=lms).float()
+            idx = nk.knn(x[0], k)
+            idx_torch = baselines.knn_torch_chunked(x[0], k)
+    finally:
+        nk.set_backend(None)
+    return {"backend": backend, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "max_abs_diff": (out - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item(),
+            "knn_index_match": (idx == idx_torch).float().mean().item()}

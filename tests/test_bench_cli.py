@@ -1,0 +1,87 @@
+"""Smoke test of the nformer-bench CLI at tiny N (in-process sweep, one subprocess run, report)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nformer_kernels as nk
+from bench import cli, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu-test"
+    backend = nk.get_backend(torch.device("cpu"))  # "cpu" with the extension, else "reference"
+    # Budget 0.2 MB: the dense methods' N^2 estimates fit at N=64 and not at N=128.
+    cli.main(["run", "--n-list", "64,128,256", "--device", "cpu", "--backends", backend,
+              "--repeats", "2", "--depth", "2", "--check-n", "64", "--mem-budget-gb", "0.0002",
+              "--isolation", "none", "--out", str(out)])
+    (json_path,) = out.glob("*.json")
+    return json_path, json.loads(json_path.read_text())
+
+
+def test_sweep_writes_every_output(sweep):
+    json_path, _ = sweep
+    for suffix in (".md", "-latency.png", "-memory.png"):
+        assert json_path.with_name(json_path.stem + suffix).stat().st_size > 0
+
+
+def test_sweep_rows_and_cpu_memory_budget(sweep):
+    _, result = sweep
+    rows = {(r["method"], r["n"]): r for r in result["rows"]}
+    for method in ("nformer", "nformer-layer", "knn", "knn-torch"):
+        assert all(rows[method, n]["status"] == "ok" for n in (64, 128, 256))
+    ok = rows["nformer", 256]
+    assert ok["latency_ms"] > 0 and ok["gflops"] > 0 and ok["gflops_per_img"] == pytest.approx(ok["gflops"] / 256)
+    for method in ("dense-official", "dense-transformer"):
+        assert rows[method, 64]["status"] == "ok"
+        assert rows[method, 128]["status"].startswith("OOM (est.")
+        assert rows[method, 256]["status"] == "skipped (stopped at N=128)"
+    meta = result["meta"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["device_slug"]
+
+
+def test_sweep_fused_agrees_with_dense_official(sweep):
+    _, result = sweep
+    (check,) = result["agreement"]
+    assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_ref"])
+
+
+def test_module_entry_point_runs_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--n-list", "64", "--methods", "knn-torch",
+                           "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (json_path,) = tmp_path.glob("*.json")
+    (row,) = json.loads(json_path.read_text())["rows"]
+    assert row["status"] == "ok" and row["mem_kind"] == "rss_growth"
+
+
+def test_report_fills_readme_markers(sweep, tmp_path):
+    json_path, _ = sweep
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    assert report.update_readme(json_path.parent.parent, readme)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith(f"{report.END}\noutro\n")
+    assert "| N |" in text and f"{json_path.stem}-latency.png" in text
+
+    readme.write_text("no markers\n")
+    assert not report.update_readme(json_path.parent.parent, readme)
+    assert readme.read_text() == "no markers\n"
+
+
+def test_worker_agreement_protocol(capsys):
+    backend = nk.get_backend(torch.device("cpu"))
+    params = {"d": 32, "heads": 2, "ffn": 64, "k": 5, "landmarks": 3, "depth": 1}
+    cli.main(["_worker", "agree", json.dumps({"backend": backend, "n": 40, "device": "cpu", "dtype": "float32",
+                                              "params": params})])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(cli.RESULT_MARK)
+    check = json.loads(line[len(cli.RESULT_MARK):])
+    assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_ref"]) and check["knn_index_match"] == 1.0
