@@ -10,11 +10,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+# pip, without its warnings about this machine's local wheel folders; pipefail keeps its exit status.
+pip_quiet() { { python -m pip -q "$@" 2>&1; } | { grep -v -e "^WARNING: Location" -e "^\s*$" || true; }; }
 if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps-installed" ]; then
   python -m pip install -q --upgrade pip setuptools wheel
   # torch 2.14.1 is the CUDA 13 build: its headers let CI compile csrc/cuda even on a machine without a GPU.
-  python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark scipy \
-    faiss-cpu tqdm matplotlib pyyaml
+  { python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark scipy \
+    faiss-cpu tqdm matplotlib pyyaml 2>&1; } | { grep -v "^WARNING: Location" || true; }
   touch "$VENV/.deps-installed"
 fi
 # Compile csrc/cuda too when a CUDA toolkit is present (the GPU itself is not needed to compile).
@@ -29,5 +31,20 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python -c 'import torch
 print("%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "8.6;9.0")')}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 cd "$ROOT"
-python -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "^\s*$" || true
-python -c "import nformer_kernels as nk; print('nformer_kernels: extension', nk.extension_available(), '| CUDA kernels compiled in:', nk.extension_has_cuda())"
+# Rebuild only when the sources changed since the last build into this venv.
+STAMP="$VENV/.nformer-built"
+if [ ! -f "$STAMP" ] || ! ls nformer_kernels/_C*.so >/dev/null 2>&1 || \
+   [ -n "$(find csrc setup.py pyproject.toml -newer "$STAMP" -print -quit)" ]; then
+  pip_quiet install --no-build-isolation -e .
+  touch "$STAMP"
+fi
+# The extension must load, with the CUDA kernels whenever a toolkit was there to compile them.
+CUDA_HOME="${CUDA_HOME:-}" python - <<'PY'
+import os, sys, torch
+import nformer_kernels as nk
+print(f"nformer_kernels: extension {nk.extension_available()} | CUDA kernels compiled in: {nk.extension_has_cuda()}")
+if not nk.extension_available():
+    sys.exit("nformer_kernels: the compiled extension did not load (see the build output above)")
+if os.environ["CUDA_HOME"] and torch.version.cuda and not nk.extension_has_cuda():
+    sys.exit("nformer_kernels: a CUDA toolkit is present but the CUDA kernels were not compiled in")
+PY
