@@ -13,10 +13,10 @@ source "$VENV/bin/activate"
 # pip, without its warnings about this machine's local wheel folders; pipefail keeps its exit status.
 pip_quiet() { { python -m pip -q "$@" 2>&1; } | { grep -v -e "^WARNING: Location" -e "^\s*$" || true; }; }
 if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps-installed" ]; then
-  python -m pip install -q --upgrade pip setuptools wheel
+  pip_quiet install --upgrade pip setuptools wheel
   # torch 2.14.1 is the CUDA 13 build: its headers let CI compile csrc/cuda even on a machine without a GPU.
-  { python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark scipy \
-    faiss-cpu tqdm matplotlib pyyaml 2>&1; } | { grep -v "^WARNING: Location" || true; }
+  pip_quiet install "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark scipy faiss-cpu \
+    tqdm matplotlib pyyaml
   touch "$VENV/.deps-installed"
 fi
 # Compile csrc/cuda too when a CUDA toolkit is present (the GPU itself is not needed to compile).
