@@ -134,10 +134,10 @@ def _check_k(k, n):
         raise ValueError(f"k must be in [1, N={n}], got {k}")
 
 
-def _topk_rows(queries, keys, k, self_offset=None, chunk=4096):
+def _topk_rows(queries, keys, k, force_self=False, chunk=4096):
     """Chunked top-k of queries @ keys^T (fp32, fp64 for fp64 input): O(chunk * M) memory.
 
-    self_offset: when queries are rows [self_offset, ...) of keys, each row's own index is forced first.
+    force_self: row r of queries and row r of keys are the same item, which is forced first in row r.
     Selected entries are ordered by (similarity desc, index asc); which of several exactly tied
     candidates at the k-th place gets selected is left to torch.topk.
     """
@@ -146,9 +146,9 @@ def _topk_rows(queries, keys, k, self_offset=None, chunk=4096):
     out = []
     for start in range(0, queries.shape[0], chunk):
         sim = queries[start:start + chunk].to(acc) @ keys_a.T
-        if self_offset is not None:
+        if force_self:
             rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + self_offset + start] = float("inf")
+            sim[rows, rows + start] = float("inf")
         vals, ids = sim.topk(k, dim=1)
         by_id = torch.argsort(ids, dim=1)
         vals, ids = torch.gather(vals, 1, by_id), torch.gather(ids, 1, by_id)
@@ -178,7 +178,7 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
     if backend == "reference":
         idx = reference.knn(x, k)
     elif backend != "cpu" and k > GPU_KNN_MAX_K:
-        idx = torch.stack([_topk_rows(xb, xb, k, self_offset=0) for xb in x])
+        idx = torch.stack([_topk_rows(xb, xb, k, force_self=True) for xb in x])
     else:
         idx = _op("knn", backend)(x, k)
     if query_mask is not None:
@@ -214,7 +214,7 @@ def affinity_knn(q, k, landmarks, num_heads, topk):
     P, R = _landmark_factors(q, k, landmarks, num_heads)
     b, n = P.shape[:2]
     P, R = P.detach().reshape(b, n, -1), R.detach().reshape(b, n, -1)
-    return torch.stack([_topk_rows(P[i], R[i], topk, self_offset=0) for i in range(b)])
+    return torch.stack([_topk_rows(P[i], R[i], topk, force_self=True) for i in range(b)])
 
 
 # ----------------------------------------------------------------------------- reciprocal

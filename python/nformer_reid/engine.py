@@ -62,6 +62,18 @@ def step_center_optimizer(center_optimizer, criterion: ReIDLoss) -> None:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+
+
+def _optimize(loss, optimizer, center_optimizer, scaler, criterion):
+    """One AMP-scaled step of the model optimizer and of the center-loss centres."""
+    optimizer.zero_grad(set_to_none=True)
+    center_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    step_center_optimizer(center_optimizer, criterion)
+
+
 def save_checkpoint(path: str, model, stage: int, epoch: int, optimizer=None, criterion=None,
                     center_optimizer=None, scheduler=None, history=None, extra=None) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -121,12 +133,7 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
             with autocast(device, amp):
                 logits, feats = backbone(imgs)
             loss, parts = criterion(logits.float(), feats.float(), pids)
-            optimizer.zero_grad(set_to_none=True)
-            center_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step_center_optimizer(center_optimizer, criterion)
+            _optimize(loss, optimizer, center_optimizer, scaler, criterion)
             acc = float((logits.argmax(1) == pids).float().mean())
             value = float(loss.detach())
             history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
@@ -253,12 +260,7 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
             logits, refined = nformer(x)
         loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
                                 y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        center_optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step_center_optimizer(center_optimizer, criterion)
+        _optimize(loss, optimizer, center_optimizer, scaler, criterion)
         value = float(loss.detach())
         history.append({"step": step + 1, "loss": value, **parts})
         bar.set_postfix(loss=f"{value:.3f}")
