@@ -1,4 +1,5 @@
-"""nk.neighbor_attention forward and forward+backward at N=2000 on the CPU (automatic backend).
+"""nk.neighbor_attention forward and forward+backward at N=2000 on the CPU: fused cpu backend vs the
+dense reference.
 
 pytest-benchmark suite; `pytest bench --benchmark-disable` runs each case once. No timing asserts.
 """
@@ -19,6 +20,15 @@ def inputs():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(N, D, generator=gen) for _ in range(3))
     return q, k, v, idx, keep, explicit_landmarks(N, 1, LANDMARKS)[0]
+
+
+@pytest.fixture(params=["cpu", "reference"], autouse=True)
+def backend(request):
+    if request.param == "cpu" and not nk.extension_available():
+        pytest.skip("the cpu backend needs the compiled extension")
+    nk.set_backend(request.param)
+    yield request.param
+    nk.set_backend(None)
 
 
 def test_neighbor_attention_forward(benchmark, inputs):
