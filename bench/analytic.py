@@ -43,8 +43,27 @@ def dense_transformer_attention_flops(n, d):
     return 4 * n * n * d
 
 
+def attention_train_bytes(n, d, heads, l, k, elem_size):
+    """Bytes that neighbor_attention forward + backward must move when no gathered row is reused
+    from cache (the N=1e6 case): the basis of its achieved-bandwidth figure.
+
+    forward:       idx+keep (9 B/entry), P, R of k neighbours, v of k neighbours; writes out, probs
+    backward rows: idx, probs, grad_out, v and R of k neighbours; writes ds (fp32), dP
+    backward cols: idx, rev (16 B/entry), grad_out of k neighbours, probs and ds at the reverse
+                   positions (4 B each per head), P of k neighbours; writes dv, dR
+    """
+    nk_, factors = n * k, heads * l * 4  # one row of P or R in fp32
+    forward = nk_ * 9 + n * factors + nk_ * factors + nk_ * d * elem_size + n * d * elem_size + nk_ * heads * 4
+    rows = nk_ * 8 + nk_ * heads * 4 + n * d * elem_size + nk_ * d * elem_size + nk_ * factors \
+        + nk_ * heads * 4 + n * factors
+    cols = nk_ * 16 + nk_ * d * elem_size + 2 * nk_ * heads * 4 + nk_ * factors + n * d * elem_size + n * factors
+    return forward + rows + cols
+
+
 def method_flops(method, n, d, heads, l, k, f, depth):
-    """Forward FLOPs of one call of a benchmarked method."""
+    """Forward FLOPs of one call of a benchmarked method (attention: forward + backward)."""
+    if method == "attention":  # backward ~2x the forward's gathers and products
+        return 3 * fused_attention_flops(n, d, heads, l, k)
     if method == "nformer":  # knn once on the input, then depth fused blocks
         return knn_flops(n, d) + depth * (linear_flops(n, d, f) + fused_attention_flops(n, d, heads, l, k))
     if method == "nformer-layer":  # one block, neighbours given
@@ -56,6 +75,9 @@ def method_flops(method, n, d, heads, l, k, f, depth):
     if method in ("knn", "knn-torch", "knn-faiss"):
         return knn_flops(n, d)
     raise ValueError(f"unknown method {method!r}")
+
+
+FUSED_ON_REFERENCE = ("nformer", "nformer-layer", "knn", "attention")
 
 
 def dense_memory_bytes(method, backend, n, heads, elem_size):
@@ -72,10 +94,12 @@ def dense_memory_bytes(method, backend, n, heads, elem_size):
         # At most the (H, n, n) scores and their softmax at once; measured on the CPU (torch 2.14):
         # 1.2-1.5x one score matrix.
         return 2 * heads * nn_elems * elem_size
-    if backend == "reference" and method in ("nformer", "nformer-layer", "knn"):
+    if backend == "reference" and method in FUSED_ON_REFERENCE:
         # reference.knn: fp32 similarity + sort values + int64 sort indices; reference attention:
         # fp32 scores, softmax and masked copy per head plus a bool n x n mask.
         knn_bytes = nn_elems * (4 + 4 + 8)
         attn_bytes = 3 * heads * nn_elems * 4 + nn_elems
-        return {"knn": knn_bytes, "nformer-layer": attn_bytes}.get(method, max(knn_bytes, attn_bytes))
+        # attention: the forward's tensors are kept for the backward, which makes as many again.
+        return {"knn": knn_bytes, "nformer-layer": attn_bytes, "attention": 2 * attn_bytes + knn_bytes}.get(
+            method, max(knn_bytes, attn_bytes))
     return None

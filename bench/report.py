@@ -15,6 +15,10 @@ def _fmt_ms(ms):
     return "—" if ms is None else (f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.3g} ms")
 
 
+def _fmt_gbs(value):
+    return "" if value is None else f"{value:.3g}"
+
+
 def _fmt_mb(nbytes):
     if nbytes is None:
         return "—"
@@ -96,8 +100,8 @@ def run_markdown(result, json_path=None):
     lines += ["", f"GFLOPs/img: analytic forward FLOPs / N (bench/analytic.py). Paper Table 1: "
               f"transformer {paper['transformer']}, NFormer {paper['nformer']} GFLOPs/img.", "",
               "| method | backend | N | latency (median) | IQR | CPU time | GFLOP | TFLOP/s | GFLOPs/img (paper) "
-              "| peak mem | status |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| GB/s | peak mem | status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         ref = PAPER_ROW.get(r["method"])
         paper_txt = f" ({paper[ref]})" if ref else ""
@@ -105,11 +109,13 @@ def run_markdown(result, json_path=None):
             lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | {_fmt_ms(r['latency_ms'])} | "
                          f"{_fmt_ms(r['latency_iqr_ms'])} | {_fmt_ms(r.get('cpu_time_ms'))} | {r['gflops']:.3g} | "
                          f"{r['tflops_per_s']:.3g} | {r['gflops_per_img']:.3g}{paper_txt} | "
-                         f"{_fmt_mb(r['peak_mem_bytes'])} | ok |")
+                         f"{_fmt_gbs(r.get('gbytes_per_s'))} | {_fmt_mb(r['peak_mem_bytes'])} | ok |")
         else:
-            lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | | | | | | | | {r['status']} |")
+            lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | | | | | | | | | {r['status']} |")
     mem_kind = {r.get("mem_kind") for r in result["rows"] if r.get("mem_kind")}
-    lines += ["", "CPU time: process CPU seconds of the call, all threads (CPU runs; shows the work done "
+    lines += ["", "GB/s (attention = neighbor_attention forward + backward): analytic bytes moved without cache "
+              "reuse (bench/analytic.py attention_train_bytes) / latency.",
+              "", "CPU time: process CPU seconds of the call, all threads (CPU runs; shows the work done "
               "when other load inflates wall time).",
               "", "Peak memory: " + {"cuda_max_allocated": "torch.cuda.max_memory_allocated growth over inputs "
                                                           "and weights.",

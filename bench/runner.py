@@ -14,9 +14,10 @@ import torch
 
 import nformer_kernels as nk
 from bench import baselines
-from bench.analytic import method_flops
+from bench.analytic import attention_train_bytes, method_flops
 
-FUSED_METHODS = ("nformer", "nformer-layer", "knn")  # run once per nformer_kernels backend
+# Run once per nformer_kernels backend; "attention" is neighbor_attention forward + backward.
+FUSED_METHODS = ("nformer", "nformer-layer", "knn", "attention")
 BASELINE_BACKEND = {"dense-official": "torch", "dense-transformer": "torch", "knn-torch": "torch",
                     "knn-faiss": "faiss"}
 METHODS = FUSED_METHODS + tuple(BASELINE_BACKEND)
@@ -63,6 +64,8 @@ def _setup(cfg, x):
         return lambda: layer(x, idx, keep, landmarks=lms)
     if method == "knn":
         return lambda: nk.knn(x, k)
+    if method == "attention":
+        return _attention_step(x, heads, l, k)
     if method == "dense-official":
         model = baselines.DenseOfficialNFormer(d, depth, heads, l, k, f).to(device=device, dtype=dtype).eval()
         lms = explicit_landmarks(n, depth, l).to(device)
@@ -79,6 +82,24 @@ def _setup(cfg, x):
         x_np = torch.nn.functional.normalize(x[0].float(), dim=1).numpy()
         return lambda: baselines.knn_faiss(x_np, k, threads=torch.get_num_threads())
     raise ValueError(f"unknown method {method!r}")
+
+
+def _attention_step(x, heads, l, k):
+    """neighbor_attention forward + backward on q, k, v = x (ordinary tensors, outside inference mode)."""
+    with torch.inference_mode(False):
+        idx = nk.knn(x, k)[0].clone()
+        keep = nk.reciprocal_mask(idx).clone()
+        leaves = [x[0].clone().requires_grad_() for _ in range(3)]
+        landmarks = explicit_landmarks(x.shape[1], 1, l)[0].to(x.device)
+
+    def step():
+        with torch.inference_mode(False), torch.enable_grad():
+            for t in leaves:
+                t.grad = None
+            out = nk.neighbor_attention(*leaves, idx, keep, landmarks, heads, check_inputs=False)
+            out.backward(torch.ones_like(out))
+
+    return step
 
 
 def _set_threads(cfg):
@@ -154,7 +175,12 @@ def measure(cfg, isolated=True):
     flops = method_flops(cfg["method"], cfg["n"], p["d"], p["heads"], p["landmarks"], min(p["k"], cfg["n"]),
                          p["ffn"], p["depth"])
     median = statistics.median(times_ms)
-    return {"status": "ok", "latency_ms": median, "latency_iqr_ms": q3 - q1, "latency_all_ms": times_ms,
+    bandwidth = None
+    if cfg["method"] == "attention":
+        moved = attention_train_bytes(cfg["n"], p["d"], p["heads"], p["landmarks"], min(p["k"], cfg["n"]),
+                                      dtype.itemsize)
+        bandwidth = moved / (median * 1e-3) / 1e9
+    return {"status": "ok", "latency_ms": median, "gbytes_per_s": bandwidth, "latency_iqr_ms": q3 - q1, "latency_all_ms": times_ms,
             "cpu_time_ms": statistics.median(cpu_ms) if cpu_ms else None,
             "gflops": flops / 1e9, "tflops_per_s": flops / (median * 1e-3) / 1e12,
             "gflops_per_img": flops / 1e9 / cfg["n"], "peak_mem_bytes": peak, "mem_kind": mem_kind}
