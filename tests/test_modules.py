@@ -236,3 +236,18 @@ def test_torch_compile_fullgraph_layer(backend):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, idx, keep, landmarks=lm), layer(x, idx, keep, landmarks=lm),
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not nk.extension_available(), reason="the fused op comes from the compiled extension")
+def test_torch_export_layer_keeps_fused_op_as_one_node():
+    layer = nk.NFormerLayer(dim=32, num_heads=2).eval()
+    x = ties_free(40, 32)
+    idx = nk.knn(x, 6)
+    keep = nk.reciprocal_mask(idx)
+    lm = torch.arange(5)
+    exported = torch.export.export(layer, (x, idx, keep), kwargs={"landmarks": lm})
+    fused = [n for n in exported.graph.nodes if str(n.target).startswith("nformer.")]
+    assert len(fused) == 1 and str(fused[0].target) == "nformer.sparse_attention.default"
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x, idx, keep, landmarks=lm), layer(x, idx, keep, landmarks=lm),
+                                   rtol=1e-5, atol=1e-5)
