@@ -12,7 +12,7 @@
 // (higher score, then smaller index) makes the result independent of visit order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -1,7 +1,7 @@
 // CPU kernels of reciprocal_mask and reverse_index: O(N*k^2), parallel over rows.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include "common/neighbor_logic.h"
 
