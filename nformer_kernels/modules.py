@@ -1,4 +1,5 @@
 """NFormerLayer and NFormer: the official NFormer model built on the fused ops."""
+import math
 import re
 import warnings
 from typing import Optional, Sequence, Union
@@ -26,16 +27,26 @@ class NFormerLayer(nn.Module):
     """One NFormer block: landmark-agent attention over reciprocal neighbours, post-LN, tanh-GELU FFN.
 
     y = LN1(x + Dropout(Proj(Attn(x)))); out = LN2(y + Dropout(FC2(GELU(FC1(y))))).
+
+    Without autograd (torch.no_grad / inference_mode, or nothing requiring grad) the row-wise parts
+    run in chunks of `inference_chunk_rows` rows (default 2048 on CPU, 65536 on GPU): Q and K are
+    never held for all N rows (only their landmark factors are), and the N x ffn_dim activation
+    never exists, which cuts peak memory to about three N x dim tensors and keeps the CPU's working
+    set in cache. Results equal the one-pass forward up to GEMM rounding.
     """
 
     def __init__(self, dim: int = 256, num_heads: int = 2, num_landmarks: int = 5, ffn_dim: int = 1024,
-                 dropout: float = 0.1, layer_norm_eps: float = 1e-5):
+                 dropout: float = 0.1, layer_norm_eps: float = 1e-5, inference_chunk_rows: Optional[int] = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         if num_landmarks < 1:
             raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
+        if inference_chunk_rows is not None and inference_chunk_rows < 1:
+            raise ValueError(f"inference_chunk_rows must be >= 1 or None, got {inference_chunk_rows}")
         self.dim, self.num_heads, self.num_landmarks = dim, num_heads, num_landmarks
+        self.inference_chunk_rows = inference_chunk_rows
+        self.scale = 1.0 / math.sqrt(dim // num_heads)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
@@ -60,15 +71,50 @@ class NFormerLayer(nn.Module):
         n = x.shape[-2]
         if landmarks is None:
             landmarks = draw_landmarks(n, self.num_landmarks, generator, landmark_pool, x.device)
-        q, k, v = self.qkv(x).split(self.dim, dim=-1)
+        ops.check_landmarks(landmarks, n, check_values=check_inputs)
+        chunk = self._chunk_rows(x)
+        P, R, v = self._attention_inputs(x, landmarks, chunk)
         if idx is None:
             if topk is None:
                 raise ValueError("topk is required when idx is None (affinity neighbours)")
-            qb, kb = (q, k) if x.dim() == 3 else (q.unsqueeze(0), k.unsqueeze(0))
-            idx = ops.affinity_knn(qb, kb, landmarks, self.num_heads, min(topk, n))
-            idx = idx if x.dim() == 3 else idx[0]
+            idx = ops.landmark_affinity_knn(P, R, min(topk, n))
             keep = ops.reciprocal_mask(idx)
-        attn = ops.neighbor_attention(q, k, v, idx, keep, landmarks, self.num_heads, check_inputs=check_inputs)
+        attn = ops.sparse_attention(P, R, v, idx, keep, self.scale, check_inputs=check_inputs)
+        if chunk >= n:
+            return self._residual_ffn(x, attn)
+        for start in range(0, n, chunk):  # row-wise from here: each chunk overwrites its own rows
+            rows = slice(start, start + chunk)
+            attn[..., rows, :] = self._residual_ffn(x[..., rows, :], attn[..., rows, :])
+        return attn
+
+    def _chunk_rows(self, x: torch.Tensor) -> int:
+        """Rows per chunk of the inference path; N (one pass) whenever autograd must see the graph."""
+        n = x.shape[-2]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return n
+        rows = self.inference_chunk_rows or (2048 if x.device.type == "cpu" else 65536)
+        return min(n, max(1, rows // (x.shape[0] if x.dim() == 3 else 1)))
+
+    def _attention_inputs(self, x, landmarks, chunk):
+        """Landmark factors P, R and values v of x, projecting `chunk` rows at a time."""
+        n = x.shape[-2]
+        if chunk >= n:
+            q, k, v = self.qkv(x).split(self.dim, dim=-1)
+            return (*ops.landmark_factors(q, k, q[..., landmarks, :], k[..., landmarks, :], self.num_heads), v)
+        q_land, k_land, _ = self.qkv(x[..., landmarks, :]).split(self.dim, dim=-1)
+        Ps, Rs, v = [], [], None
+        for start in range(0, n, chunk):
+            q, k, v_rows = self.qkv(x[..., start:start + chunk, :]).split(self.dim, dim=-1)
+            P, R = ops.landmark_factors(q, k, q_land, k_land, self.num_heads)
+            Ps.append(P)
+            Rs.append(R)
+            if v is None:
+                v = v_rows.new_empty((*x.shape[:-1], self.dim))
+            v[..., start:start + chunk, :] = v_rows
+        return torch.cat(Ps, dim=-3), torch.cat(Rs, dim=-3), v
+
+    def _residual_ffn(self, x, attn):
         y = self.norm1(x + self.dropout(self.out_proj(attn)))
         return self.norm2(y + self.dropout(self.fc2(self.act(self.fc1(y)))))
 
@@ -78,13 +124,14 @@ class NFormer(nn.Module):
 
     Neighbours (top-`topk` by cosine of the *input* features, reciprocal mask) are computed once per
     forward, as in the official code; neighbor_source="affinity" recomputes them per block from the
-    landmark affinity (paper Eq. 6). Eval returns the BatchNorm'd refined features (x's shape);
+    landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. Eval returns the BatchNorm'd refined features (x's shape);
     training returns (logits, refined features) with logits None when num_classes is None.
     """
 
     def __init__(self, dim: int = 256, depth: int = 4, num_heads: int = 2, num_landmarks: int = 5,
                  topk: int = 20, ffn_dim: Optional[int] = None, dropout: float = 0.1,
-                 num_classes: Optional[int] = None, neighbor_source: str = "input"):
+                 num_classes: Optional[int] = None, neighbor_source: str = "input",
+                 inference_chunk_rows: Optional[int] = None):
         super().__init__()
         if neighbor_source not in ("input", "affinity"):
             raise ValueError(f"neighbor_source must be 'input' or 'affinity', got {neighbor_source!r}")
@@ -93,7 +140,8 @@ class NFormer(nn.Module):
         self.dim, self.depth, self.topk, self.num_landmarks = dim, depth, topk, num_landmarks
         self.neighbor_source = neighbor_source
         self.blocks = nn.ModuleList(
-            NFormerLayer(dim, num_heads, num_landmarks, ffn_dim or 4 * dim, dropout) for _ in range(depth))
+            NFormerLayer(dim, num_heads, num_landmarks, ffn_dim or 4 * dim, dropout,
+                         inference_chunk_rows=inference_chunk_rows) for _ in range(depth))
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift
         self.classifier = None

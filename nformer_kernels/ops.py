@@ -127,11 +127,11 @@ def _same_device(**tensors):
 
 
 # ----------------------------------------------------------------------------- knn
-def _check_k(k, n):
+def _check_k(k, n, name="k"):
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k < 1 or k > n:
-        raise ValueError(f"k must be in [1, N={n}], got {k}")
+        raise ValueError(f"{name} must be in [1, N={n}], got {k}")
 
 
 def _topk_rows(queries, keys, k, force_self=False, chunk=4096):
@@ -209,12 +209,29 @@ def _isolate_queries(x, idx, k, query_mask):
     return idx
 
 
-def affinity_knn(q, k, landmarks, num_heads, topk):
-    """Neighbours from the landmark affinity itself (paper Eq. 6): top-k of sum_h P_h R_h^T, self first."""
-    P, R = _landmark_factors(q, k, landmarks, num_heads)
+def landmark_affinity_knn(P, R, topk):
+    """Top-`topk` of the landmark affinity sum_h P_h R_h^T (paper Eq. 6) per row, self first.
+
+    P, R: (N,H,l)|(B,N,H,l) landmark factors (landmark_factors). Returns (N,topk)|(B,N,topk) int64.
+    """
+    P, squeezed = _batched(P, "P", 2)
+    R, _ = _batched(R, "R", 2)
+    if P.shape != R.shape:
+        raise ValueError(f"P {tuple(P.shape)} and R {tuple(R.shape)} must have one shape")
+    _check_k(topk, P.shape[1], "topk")
     b, n = P.shape[:2]
     P, R = P.detach().reshape(b, n, -1), R.detach().reshape(b, n, -1)
-    return torch.stack([_topk_rows(P[i], R[i], topk, force_self=True) for i in range(b)])
+    idx = torch.stack([_topk_rows(P[i], R[i], topk, force_self=True) for i in range(b)])
+    return idx[0] if squeezed else idx
+
+
+def affinity_knn(q, k, landmarks, num_heads, topk):
+    """Neighbours from the landmark affinity of q, k themselves (paper Eq. 6), self first."""
+    q, squeezed = _batched(q, "q", 1)
+    k, _ = _batched(k, "k", 1)
+    P, R = _landmark_factors(q, k, q[:, landmarks], k[:, landmarks], num_heads)
+    idx = landmark_affinity_knn(P, R, topk)
+    return idx[0] if squeezed else idx
 
 
 # ----------------------------------------------------------------------------- reciprocal
@@ -233,24 +250,86 @@ def _reverse_index(idx, keep, backend):
 
 
 # ----------------------------------------------------------------------------- attention
-def _landmark_factors(q, k, landmarks, num_heads):
-    """P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (B,N,H,l) in fp32 (fp64 for fp64 input).
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_landmarks(landmarks, n: int, check_values: bool = True) -> None:
+    """landmarks must be a 1-D int64 tensor of at least one distinct position in [0, n).
+
+    check_values=False checks the type and shape only (no device sync)."""
+    if not isinstance(landmarks, torch.Tensor) or landmarks.dtype != torch.int64 or landmarks.dim() != 1:
+        raise TypeError("landmarks must be a 1-D int64 tensor")
+    if landmarks.numel() < 1:
+        raise ValueError("landmarks must hold at least one position")
+    if check_values and _eager():
+        if bool((landmarks < 0).any()) or bool((landmarks >= n).any()):
+            raise ValueError(f"landmarks must lie in [0, N={n})")
+        if landmarks.unique().numel() != landmarks.numel():
+            raise ValueError("landmarks must be distinct")
+
+
+def _landmark_factors(q, k, q_land, k_land, num_heads):
+    """(B,N,d) q, k and (B,l,d) landmark rows -> P = Q_h K_{L,h}^T, R = K_h Q_{L,h}^T, (B,N,H,l) fp32/fp64.
 
     Each is one (N,d) x (d,H*l) GEMM against a block-diagonal matrix of the landmark rows, so the
     strided q/k views of a fused QKV projection are read in place.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(q.dtype)
     b, n, d = q.shape
-    dh, n_land = d // num_heads, landmarks.numel()
+    dh, n_land = d // num_heads, q_land.shape[1]
     eye = torch.eye(num_heads, dtype=acc, device=q.device)
 
     def block_diag(rows):  # (B,l,d) -> (B,d,H*l) with W[h*dh+c, h*l+m] = rows[m, h*dh+c]
         return torch.einsum("bmhc,hg->bhcgm", rows.to(acc).view(b, n_land, num_heads, dh), eye).reshape(
             b, d, num_heads * n_land)
 
-    P = torch.matmul(q.to(acc), block_diag(k[:, landmarks])).view(b, n, num_heads, n_land)
-    R = torch.matmul(k.to(acc), block_diag(q[:, landmarks])).view(b, n, num_heads, n_land)
+    P = torch.matmul(q.to(acc), block_diag(k_land)).view(b, n, num_heads, n_land)
+    R = torch.matmul(k.to(acc), block_diag(q_land)).view(b, n, num_heads, n_land)
     return P, R
+
+
+def landmark_factors(q, k, q_landmarks, k_landmarks, num_heads: int):
+    """Low-rank factors of the landmark affinity: s[i,j] = sum over landmarks m of P[i,h,m] R[j,h,m].
+
+    q, k: (N,d)|(B,N,d); q_landmarks, k_landmarks: the landmark rows of q and k, (l,d)|(B,l,d).
+    Returns P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (N,H,l)|(B,N,H,l) in fp32 (fp64 for
+    fp64 input), with autograd. Lets a caller project q/k in row chunks and never hold all of them.
+    """
+    _check_heads(num_heads)
+    named = {"q": q, "k": k, "q_landmarks": q_landmarks, "k_landmarks": k_landmarks}
+    for name, t in named.items():
+        _check_float(t, name, check_finite=False)
+    _same_device(**named)
+    q, squeezed = _batched(q, "q", 1)
+    k, _ = _batched(k, "k", 1)
+    q_land, _ = _batched(q_landmarks, "q_landmarks", 1)
+    k_land, _ = _batched(k_landmarks, "k_landmarks", 1)
+    if q.shape != k.shape or q_land.shape != k_land.shape or q_land.shape[::2] != q.shape[::2]:
+        raise ValueError(f"q, k must share (B,N,d) and q_landmarks, k_landmarks (B,l,d): {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(q_land.shape)}, {tuple(k_land.shape)}")
+    if q_land.shape[1] < 1:
+        raise ValueError("q_landmarks must hold at least one row")
+    if q.shape[-1] % num_heads:
+        raise ValueError(f"feature dim {q.shape[-1]} must be divisible by num_heads={num_heads}")
+    P, R = _landmark_factors(q, k, q_land, k_land, num_heads)
+    return (P[0], R[0]) if squeezed else (P, R)
+
+
+def _check_heads(num_heads):
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+
+def _check_neighbors(idx, keep, n, check_values):
+    """Validated (B,N,k) idx and keep for N=n rows."""
+    idx, _ = _check_index(idx, check_values=check_values)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise TypeError("keep must be a bool tensor")
+    keep, _ = _batched(keep, "keep", 1)
+    if idx.shape[1] != n or keep.shape != idx.shape:
+        raise ValueError(f"idx {tuple(idx.shape)} and keep {tuple(keep.shape)} must be (B,N,k) for N={n}")
+    return idx, keep.contiguous()
 
 
 def _gathered_sparse_attention(P, R, v, idx, keep, scale):
@@ -268,23 +347,64 @@ def _gathered_sparse_attention(P, R, v, idx, keep, scale):
     return out.to(v.dtype)
 
 
+def _sparse_attention(P, R, v, idx, keep, scale):
+    """Dispatch of validated batched inputs: P, R (B,N,H,l) acc dtype, v (B,N,H*dv), idx/keep (B,N,k)."""
+    v = v.contiguous()
+    backend = get_backend(v.device)
+    if backend == "reference":
+        return reference.sparse_attention(P, R, v, idx, keep, scale)[0]
+    if (backend != "cpu" and idx.shape[-1] > GPU_ATTENTION_MAX_K) or (
+            _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend)):
+        return _gathered_sparse_attention(P, R, v, idx, keep, scale)
+    return _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]
+
+
+def sparse_attention(P, R, v, idx, keep, scale: float, *, check_inputs: bool = True):
+    """Softmax over kept neighbours of the landmark affinity, then the weighted sum of their v rows.
+
+    P, R: (N,H,l)|(B,N,H,l) landmark factors (landmark_factors); v: (N,H*dv)|(B,N,H*dv);
+    idx, keep: (N,k)|(B,N,k). s[i,h,t] = scale * <P[i,h], R[idx[i,t],h]> where keep[i,t], else -inf;
+    out[i,h] = sum_t softmax_t(s)[i,h,t] v[idx[i,t],h]. Returns v's shape and dtype, with autograd
+    for P, R and v. check_inputs=False skips the O(N*k) value checks (finite inputs, idx range and
+    uniqueness).
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    _check_float(v, "v", check_finite=check_inputs)
+    _same_device(P=P, R=R, v=v, idx=idx, keep=keep)
+    P, squeezed = _batched(P, "P", 2)
+    R, _ = _batched(R, "R", 2)
+    v, _ = _batched(v, "v", 1)
+    acc = _acc_dtype(v.dtype)
+    for name, t in (("P", P), ("R", R)):
+        _check_float(t, name, check_finite=check_inputs)
+    if P.shape != R.shape or P.shape[:2] != v.shape[:2] or v.shape[-1] % P.shape[2]:
+        raise ValueError(f"P, R must be (B,N,H,l) and v (B,N,H*dv) for the same (B,N,H): {tuple(P.shape)}, "
+                         f"{tuple(R.shape)}, {tuple(v.shape)}")
+    idx, keep = _check_neighbors(idx, keep, v.shape[1], check_inputs)
+    out = _sparse_attention(P.to(acc).contiguous(), R.to(acc).contiguous(), v, idx, keep, float(scale))
+    return out[0] if squeezed else out
+
+
 def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_inputs: bool = True):
     """Landmark low-rank attention restricted to kept neighbours (DESIGN.md), with autograd.
 
     q, k, v: (N,d) or (B,N,d); idx: (N,k)|(B,N,k) int64 neighbour lists; keep: bool mask of idx's
     shape; landmarks: int64 (l,) distinct token positions shared by heads and batch.
     Returns (N,d)|(B,N,d) in v's dtype. O(N*k*d) time, O(N*k*H) saved state.
-    check_inputs=False skips the O(N*k) value checks (finite features, idx range and uniqueness,
-    landmarks) for callers that built idx/landmarks themselves; shapes and dtypes are always checked.
+    Equals sparse_attention(*landmark_factors(q, k, q[landmarks], k[landmarks], num_heads), v, idx,
+    keep, 1/sqrt(d/num_heads)). check_inputs=False skips the O(N*k) value checks (finite features,
+    idx range and uniqueness, landmarks) for callers that built idx/landmarks themselves; shapes and
+    dtypes are always checked.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(t, name, check_finite=check_inputs)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    _check_heads(num_heads)
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
         raise TypeError("keep must be a bool tensor")
-    if not isinstance(landmarks, torch.Tensor) or landmarks.dtype != torch.int64 or landmarks.dim() != 1:
-        raise TypeError("landmarks must be a 1-D int64 tensor")
+    check_landmarks(landmarks, q.shape[-2], check_values=False)
     _same_device(q=q, k=k, v=v, idx=idx, keep=keep, landmarks=landmarks)
     q, squeezed = _batched(q, "q", 1)
     k, _ = _batched(k, "k", 1)
@@ -297,31 +417,10 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_i
     d = q.shape[-1]
     if d % num_heads or v.shape[-1] % num_heads:
         raise ValueError(f"feature dims ({d}, {v.shape[-1]}) must be divisible by num_heads={num_heads}")
-    idx, _ = _check_index(idx, check_values=check_inputs)
-    keep, _ = _batched(keep, "keep", 1)
-    if idx.shape[:2] != q.shape[:2] or keep.shape != idx.shape:
-        raise ValueError(f"idx {tuple(idx.shape)} and keep {tuple(keep.shape)} must be (B,N,k) for N={q.shape[1]}")
-    n, n_land = q.shape[1], landmarks.numel()
-    if n_land < 1:
-        raise ValueError("landmarks must hold at least one position")
-    if check_inputs and _eager():
-        if bool((landmarks < 0).any()) or bool((landmarks >= n).any()):
-            raise ValueError(f"landmarks must lie in [0, N={n})")
-        if landmarks.unique().numel() != n_land:
-            raise ValueError("landmarks must be distinct")
-
-    P, R = _landmark_factors(q, k, landmarks, num_heads)
-    scale = 1.0 / math.sqrt(d // num_heads)
-    keep = keep.contiguous()
-    v = v.contiguous()
-    backend = get_backend(q.device)
-    if backend == "reference":
-        out = reference.sparse_attention(P, R, v, idx, keep, scale)[0]
-    elif (backend != "cpu" and idx.shape[-1] > GPU_ATTENTION_MAX_K) or (
-            _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend)):
-        out = _gathered_sparse_attention(P, R, v, idx, keep, scale)
-    else:
-        out = _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]
+    idx, keep = _check_neighbors(idx, keep, q.shape[1], check_inputs)
+    check_landmarks(landmarks, q.shape[1], check_values=check_inputs)
+    P, R = _landmark_factors(q, k, q[:, landmarks], k[:, landmarks], num_heads)
+    out = _sparse_attention(P, R, v, idx, keep, 1.0 / math.sqrt(d // num_heads))
     return out[0] if squeezed else out
 
 

@@ -19,6 +19,12 @@ if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps
     tqdm matplotlib pyyaml
   touch "$VENV/.deps-installed"
 fi
+# The lent GPU machines run triton 3.6.0 (the venv gets PyPI's latest with torch): scripts/test.sh
+# compiles every Triton kernel with both, from a side folder put first on PYTHONPATH.
+export NFORMER_GPU_TRITON_VERSION=3.6.0 NFORMER_GPU_TRITON="$VENV/triton-3.6.0"
+if [ ! -f "$NFORMER_GPU_TRITON/triton/__init__.py" ]; then
+  pip_quiet install --no-deps --target "$NFORMER_GPU_TRITON" "triton==$NFORMER_GPU_TRITON_VERSION"
+fi
 # Compile csrc/cuda too when a CUDA toolkit is present (the GPU itself is not needed to compile).
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

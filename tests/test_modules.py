@@ -179,17 +179,23 @@ def test_query_isolation(backend, monkeypatch):
     x = ties_free(50, 32)
     query = torch.zeros(50, dtype=torch.bool)
     query[:10] = True
-    seen = []
-    original = nk.ops.neighbor_attention
+    seen_idx, seen_landmarks = [], []
+    attention, check_landmarks = nk.ops.sparse_attention, nk.ops.check_landmarks
 
-    def spy(q, k, v, idx, keep, landmarks, num_heads, **kwargs):
-        seen.append((idx, landmarks))
-        return original(q, k, v, idx, keep, landmarks, num_heads, **kwargs)
+    def spy_attention(P, R, v, idx, keep, scale, **kwargs):
+        seen_idx.append(idx)
+        return attention(P, R, v, idx, keep, scale, **kwargs)
 
-    monkeypatch.setattr(nk.ops, "neighbor_attention", spy)
+    def spy_landmarks(landmarks, *args, **kwargs):
+        seen_landmarks.append(landmarks)
+        return check_landmarks(landmarks, *args, **kwargs)
+
+    monkeypatch.setattr(nk.ops, "sparse_attention", spy_attention)
+    monkeypatch.setattr(nk.ops, "check_landmarks", spy_landmarks)
     out = model(x, query_mask=query)
     assert torch.isfinite(out).all()
-    for idx, landmarks in seen:
+    assert len(seen_idx) == len(seen_landmarks) == 2
+    for idx, landmarks in zip(seen_idx, seen_landmarks):
         assert not query[landmarks].any()
         assert not query[idx[:10, 1:]].any()
     with pytest.raises(ValueError, match="query_mask"):
@@ -205,6 +211,30 @@ def test_affinity_neighbours(backend):
     assert torch.isfinite(x.grad).all()
     model.eval()
     assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("batch", [None, 2])
+@pytest.mark.parametrize("source", ["input", "affinity"])
+def test_inference_chunks_match_one_pass(backend, batch, source):
+    """Without autograd the layer projects and finishes 16 rows at a time; with it, one pass."""
+    model = nk.NFormer(dim=32, depth=2, topk=6, neighbor_source=source, inference_chunk_rows=16).eval()
+    x = ties_free(100, 32, batch=batch)
+    lm = torch.stack([torch.arange(5), torch.arange(40, 45)])
+    calls = []
+    model.blocks[0].fc1.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[-2]))
+    one_pass = model(x, landmarks=lm)  # parameters require grad: the graph needs every row at once
+    assert calls == [100]
+    calls.clear()
+    with torch.no_grad():
+        chunked = model(x, landmarks=lm)
+    rows = 16 // (batch or 1)
+    assert calls == [rows] * (100 // rows) + ([100 % rows] if 100 % rows else [])
+    assert_close_fp32(chunked, one_pass.detach())
+    with torch.inference_mode():
+        assert_close_fp32(model(x, landmarks=lm), one_pass.detach())
+    with pytest.raises(ValueError, match="inference_chunk_rows"):
+        nk.NFormerLayer(dim=32, inference_chunk_rows=0)
 
 
 def test_small_inputs_clamp_topk_and_landmarks():

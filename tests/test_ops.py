@@ -201,6 +201,38 @@ def test_neighbor_attention_duplicates_no_nan(backend):
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("batch", [None, 2])
+def test_factored_attention_composes_neighbor_attention(backend, batch):
+    """landmark_factors + sparse_attention is neighbor_attention, values and grads; P, R by definition."""
+    inputs = attention_inputs(33, 12, 6, 3, batch, dtype=torch.float64)
+    idx, keep, lm, heads = inputs[3:]
+    q, kk, v = (t.clone().requires_grad_() for t in inputs[:3])
+    P, R = nk.landmark_factors(q, kk, q[..., lm, :], kk[..., lm, :], heads)
+    qh, kh = q.unflatten(-1, (heads, 4)), kk.unflatten(-1, (heads, 4))
+    torch.testing.assert_close(P, torch.einsum("...nhc,...mhc->...nhm", qh, kh[..., lm, :, :]))
+    torch.testing.assert_close(R, torch.einsum("...nhc,...mhc->...nhm", kh, qh[..., lm, :, :]))
+    out = nk.sparse_attention(P, R, v, idx, keep, 0.5)
+    qr, kr, vr = (t.clone().requires_grad_() for t in inputs[:3])
+    ref = nk.neighbor_attention(qr, kr, vr, idx, keep, lm, heads)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, kk, v), g), torch.autograd.grad(ref, (qr, kr, vr), g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_landmark_affinity_knn(backend):
+    q, kk, _, _, _, lm, heads = attention_inputs(30, 8, 4, 2, batch=2, dtype=torch.float64)
+    P, R = nk.landmark_factors(q, kk, q[:, lm], kk[:, lm], heads)
+    idx = nk.landmark_affinity_knn(P, R, 7)
+    assert torch.equal(idx, nk.affinity_knn(q, kk, lm, heads, 7))
+    affinity = torch.einsum("bnhm,bjhm->bnj", P, R)
+    affinity.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    assert torch.equal(idx, affinity.topk(7, dim=-1).indices)
+    assert torch.equal(nk.landmark_affinity_knn(P[0], R[0], 7), idx[0])
+
+
 # ----------------------------------------------------------------------------- bad input
 def _bad_attention_cases():
     q, kk, v, idx, keep, lm, h = attention_inputs(20, 8, 4, 2)
@@ -225,6 +257,34 @@ def _bad_attention_cases():
 def test_neighbor_attention_bad_input(case):
     name, call, exc = _bad_attention_cases()[case]
     with pytest.raises(exc, match=name.split(",")[0]):
+        call()
+
+
+def _bad_factored_cases():
+    q, kk, v, idx, keep, lm, h = attention_inputs(20, 8, 4, 2)
+    P, R = nk.landmark_factors(q, kk, q[lm], kk[lm], h)
+    return [
+        ("num_heads", lambda: nk.landmark_factors(q, kk, q[lm], kk[lm], 0), ValueError),
+        ("num_heads", lambda: nk.landmark_factors(q, kk, q[lm], kk[lm], 3), ValueError),
+        ("q_landmarks", lambda: nk.landmark_factors(q, kk, q[lm, :4], kk[lm], h), ValueError),
+        ("k_landmarks", lambda: nk.landmark_factors(q, kk, q[lm], kk[lm].long(), h), TypeError),
+        ("q_landmarks", lambda: nk.landmark_factors(q, kk, q[:0], kk[:0], h), ValueError),
+        ("P", lambda: nk.sparse_attention(P[:10], R, v, idx, keep, 0.5), ValueError),
+        ("P", lambda: nk.sparse_attention(P[..., 0], R, v, idx, keep, 0.5), ValueError),
+        ("R", lambda: nk.sparse_attention(P, R * float("nan"), v, idx, keep, 0.5), ValueError),
+        ("scale", lambda: nk.sparse_attention(P, R, v, idx, keep, "0.5"), TypeError),
+        ("scale", lambda: nk.sparse_attention(P, R, v, idx, keep, float("inf")), ValueError),
+        ("keep", lambda: nk.sparse_attention(P, R, v, idx, keep[:, :3], 0.5), ValueError),
+        ("idx", lambda: nk.sparse_attention(P, R, v, idx + 20, keep, 0.5), ValueError),
+        ("landmarks", lambda: nk.ops.check_landmarks(torch.tensor([], dtype=torch.long), 20), ValueError),
+        ("topk", lambda: nk.landmark_affinity_knn(P, R, 21), ValueError),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_factored_attention_bad_input(case):
+    name, call, exc = _bad_factored_cases()[case]
+    with pytest.raises(exc, match=name):
         call()
 
 

@@ -47,7 +47,7 @@ def test_launchers_only_pick_listed_variants():
 @pytest.mark.slow
 def test_every_variant_compiles_for_sm86_and_sm90():
     rows = compile_all()
-    print("\n" + format_table(rows))
+    print(f"\ntriton {triton.__version__}\n" + format_table(rows))
     assert len(rows) == 2 * len(all_variants())
     failed = [f"{r['kernel']} {r['target']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n".join(failed)
