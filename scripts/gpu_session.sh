@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:?set OUT to the folder that comes back}"
 cd "$ROOT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"  # the GPU machines have python3 (the one with torch), maybe no python
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build test bench bench-half)
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

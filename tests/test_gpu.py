@@ -410,3 +410,18 @@ def test_api_nformer_forward_and_backward(api_backend):
     assert len(grads[0]) == len(grads[1]) > 0
     for a, b in zip(*grads):
         assert_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("api_backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_api_nformer_inference_chunks(api_backend, dtype):
+    """Eval without autograd (row chunks) equals the one-pass forward, fp32 and half."""
+    n, dim = 1000, 64
+    model = nk.NFormer(dim=dim, depth=2, topk=10, inference_chunk_rows=96).to(device=DEV, dtype=dtype).eval()
+    x = torch.randn(n, dim, generator=torch.Generator(device=DEV).manual_seed(2), device=DEV).to(dtype)
+    landmarks = torch.stack([torch.arange(5), torch.arange(500, 505)]).to(DEV)
+    one_pass = model(x, landmarks=landmarks).detach()  # parameters require grad: one pass
+    with torch.inference_mode():
+        chunked = model(x, landmarks=landmarks)
+    assert chunked.dtype == dtype
+    assert_close(chunked, one_pass, HALF_TOL[dtype])

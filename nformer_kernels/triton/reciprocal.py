@@ -14,11 +14,18 @@ _K_BLOCKS = (16, 32)
 
 
 @triton.jit
-def _reciprocal_mask_kernel(idx_ptr, keep_ptr, N, K, BLOCK_M: tl.constexpr, K_BLOCK: tl.constexpr):
+def _lookup_kernel(idx_ptr, keep_ptr, out_ptr, N, K,
+                   BLOCK_M: tl.constexpr, K_BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """For every entry (i, t) with j = idx[i,t], look i up in row j of idx.
+
+    REVERSE=False: out (uint8) = 1 where i is listed in row j (the reciprocal mask; keep unused).
+    REVERSE=True: out (int64) = first position t2 with idx[j,t2] == i and keep[j,t2], else -1.
+    """
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     idx_ptr += pid_b * N * K
     keep_ptr += pid_b * N * K
+    out_ptr += pid_b * N * K
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     for c0 in range(0, K, K_BLOCK):
@@ -26,57 +33,34 @@ def _reciprocal_mask_kernel(idx_ptr, keep_ptr, N, K, BLOCK_M: tl.constexpr, K_BL
         tile_ok = row_ok[:, None] & (ts < K)[None, :]
         offs = rows[:, None] * K + ts[None, :]
         nbr = tl.load(idx_ptr + offs, mask=tile_ok, other=0).to(tl.int32)
-        found = tl.zeros((BLOCK_M, K_BLOCK), tl.int1)
+        pos = tl.full((BLOCK_M, K_BLOCK), -1, tl.int32)
         for t2 in range(0, K):
-            back = tl.load(idx_ptr + nbr * K + t2, mask=tile_ok, other=-1)
-            found = found | (back == rows[:, None])
-        tl.store(keep_ptr + offs, found.to(tl.uint8), mask=tile_ok)
+            match = tl.load(idx_ptr + nbr * K + t2, mask=tile_ok, other=-1) == rows[:, None]
+            if REVERSE:
+                match = match & (tl.load(keep_ptr + nbr * K + t2, mask=tile_ok, other=0) != 0)
+            pos = tl.where((pos < 0) & match, t2, pos)
+        if REVERSE:
+            tl.store(out_ptr + offs, pos.to(tl.int64), mask=tile_ok)
+        else:
+            tl.store(out_ptr + offs, (pos >= 0).to(tl.uint8), mask=tile_ok)
 
 
-@triton.jit
-def _reverse_index_kernel(idx_ptr, keep_ptr, rev_ptr, N, K,
-                          BLOCK_M: tl.constexpr, K_BLOCK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    idx_ptr += pid_b * N * K
-    keep_ptr += pid_b * N * K
-    rev_ptr += pid_b * N * K
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    for c0 in range(0, K, K_BLOCK):
-        ts = c0 + tl.arange(0, K_BLOCK)
-        tile_ok = row_ok[:, None] & (ts < K)[None, :]
-        offs = rows[:, None] * K + ts[None, :]
-        nbr = tl.load(idx_ptr + offs, mask=tile_ok, other=0).to(tl.int32)
-        rev = tl.full((BLOCK_M, K_BLOCK), -1, tl.int32)
-        for t in range(0, K):
-            back = tl.load(idx_ptr + nbr * K + t, mask=tile_ok, other=-1)
-            kept = tl.load(keep_ptr + nbr * K + t, mask=tile_ok, other=0) != 0
-            rev = tl.where((rev < 0) & kept & (back == rows[:, None]), t, rev)
-        tl.store(rev_ptr + offs, rev.to(tl.int64), mask=tile_ok)
-
-
-def _mask_variant(k_block: int) -> Variant:
-    return Variant(_reciprocal_mask_kernel,
-                   {"idx_ptr": "*i64", "keep_ptr": "*u8", "N": "i32", "K": "i32"},
-                   {"BLOCK_M": _BLOCK_M, "K_BLOCK": k_block}, num_warps=4, num_stages=1)
-
-
-def _reverse_variant(k_block: int) -> Variant:
-    return Variant(_reverse_index_kernel,
-                   {"idx_ptr": "*i64", "keep_ptr": "*u8", "rev_ptr": "*i64", "N": "i32", "K": "i32"},
-                   {"BLOCK_M": _BLOCK_M, "K_BLOCK": k_block}, num_warps=4, num_stages=1)
+def _variant(k_block: int, reverse: bool) -> Variant:
+    return Variant(_lookup_kernel,
+                   {"idx_ptr": "*i64", "keep_ptr": "*u8", "out_ptr": "*i64" if reverse else "*u8",
+                    "N": "i32", "K": "i32"},
+                   {"BLOCK_M": _BLOCK_M, "K_BLOCK": k_block, "REVERSE": reverse}, num_warps=4, num_stages=1)
 
 
 def variants() -> list:
     """Every variant reciprocal_mask() and reverse_index() can launch."""
-    return [_mask_variant(kb) for kb in _K_BLOCKS] + [_reverse_variant(kb) for kb in _K_BLOCKS]
+    return [_variant(kb, reverse) for reverse in (False, True) for kb in _K_BLOCKS]
 
 
 def choose_variants(k: int) -> tuple:
     """(reciprocal_mask variant, reverse_index variant) for k neighbours."""
     k_block = 16 if k <= 16 else 32
-    return _mask_variant(k_block), _reverse_variant(k_block)
+    return _variant(k_block, False), _variant(k_block, True)
 
 
 def _check_idx(idx: torch.Tensor) -> None:
@@ -96,7 +80,8 @@ def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:
     keep = torch.empty((b, n, k), dtype=torch.bool, device=idx.device)
     if keep.numel():
         variant = choose_variants(k)[0]
-        variant.launch((triton.cdiv(n, _BLOCK_M), b), idx, keep.view(torch.uint8), n, k)
+        mask_out = keep.view(torch.uint8)  # also passed as the (unread) keep argument
+        variant.launch((triton.cdiv(n, _BLOCK_M), b), idx, mask_out, mask_out, n, k)
     return keep
 
 

@@ -20,10 +20,18 @@ _DV_BLOCK = 64
 
 
 @triton.jit
+def _row_tiles(N, K, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
+    """This program's BLOCK_M rows, their validity, the K_PAD neighbour slots and the valid (row, slot) tile."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ts = tl.arange(0, K_PAD)
+    return rows, row_ok, ts, row_ok[:, None] & (ts < K)[None, :]
+
+
+@triton.jit
 def _attn_fwd_kernel(P_ptr, R_ptr, v_ptr, idx_ptr, keep_ptr, out_ptr, probs_ptr,
                      N, H, L, DV, K, scale,
                      K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DV_BLOCK: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     P_ptr += pid_b * N * H * L
     R_ptr += pid_b * N * H * L
@@ -33,10 +41,7 @@ def _attn_fwd_kernel(P_ptr, R_ptr, v_ptr, idx_ptr, keep_ptr, out_ptr, probs_ptr,
     keep_ptr += pid_b * N * K
     probs_ptr += pid_b * N * H * K
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    ts = tl.arange(0, K_PAD)
-    tile_ok = row_ok[:, None] & (ts < K)[None, :]
+    rows, row_ok, ts, tile_ok = _row_tiles(N, K, BLOCK_M, K_PAD)
     dcols = tl.arange(0, DV_BLOCK)
 
     for h in range(0, H):
@@ -76,7 +81,6 @@ def _attn_fwd_kernel(P_ptr, R_ptr, v_ptr, idx_ptr, keep_ptr, out_ptr, probs_ptr,
 def _attn_bwd_rows_kernel(go_ptr, R_ptr, v_ptr, idx_ptr, probs_ptr, ds_ptr, dP_ptr,
                           N, H, L, DV, K, scale,
                           K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DV_BLOCK: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     go_ptr += pid_b * N * H * DV
     v_ptr += pid_b * N * H * DV
@@ -86,10 +90,7 @@ def _attn_bwd_rows_kernel(go_ptr, R_ptr, v_ptr, idx_ptr, probs_ptr, ds_ptr, dP_p
     probs_ptr += pid_b * N * H * K
     ds_ptr += pid_b * N * H * K
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    ts = tl.arange(0, K_PAD)
-    tile_ok = row_ok[:, None] & (ts < K)[None, :]
+    rows, row_ok, ts, tile_ok = _row_tiles(N, K, BLOCK_M, K_PAD)
     dcols = tl.arange(0, DV_BLOCK)
 
     for h in range(0, H):
@@ -120,7 +121,6 @@ def _attn_bwd_rows_kernel(go_ptr, R_ptr, v_ptr, idx_ptr, probs_ptr, ds_ptr, dP_p
 def _attn_bwd_cols_kernel(go_ptr, P_ptr, idx_ptr, rev_ptr, probs_ptr, ds_ptr, dR_ptr, dv_ptr,
                           N, H, L, DV, K, scale,
                           K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DV_BLOCK: tl.constexpr):
-    pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     go_ptr += pid_b * N * H * DV
     dv_ptr += pid_b * N * H * DV
@@ -133,10 +133,7 @@ def _attn_bwd_cols_kernel(go_ptr, P_ptr, idx_ptr, rev_ptr, probs_ptr, ds_ptr, dR
 
     # Row j of this block receives from every (i, t) with idx[i,t] = j and keep[i,t]; each such i
     # is some idx[j,t'] and t = rev[j,t'].
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    ts = tl.arange(0, K_PAD)
-    tile_ok = row_ok[:, None] & (ts < K)[None, :]
+    rows, row_ok, ts, tile_ok = _row_tiles(N, K, BLOCK_M, K_PAD)
     dcols = tl.arange(0, DV_BLOCK)
 
     for h in range(0, H):
