@@ -3,6 +3,7 @@
   nformer-bench [run] [--n-list 1000,2000] [--max-n N] [--methods nformer,dense-official]
                 [--device cpu|cuda] [--dtype float32] [--repeats 5] [--out DIR]
   nformer-bench report [--readme README.md]    # README section from bench/results/*/*.json
+  nformer-bench tune [--kernel knn|attention] [--n 100000] [--dtype bfloat16]   # Triton launch configs (GPU)
 (`python -m bench ...` is the same.) Run `nformer-bench run --help` for every option.
 """
 import argparse
@@ -87,6 +88,11 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # internal: `_worker measure|agree <json config>` in a child process
         _worker(argv[1], json.loads(argv[2]))
+        return
+    if argv[:1] == ["tune"]:
+        from bench.tune import main as tune_main
+
+        tune_main(argv[1:])
         return
     if not argv or argv[0] not in ("run", "report", "-h", "--help"):
         argv.insert(0, "run")

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # For a session lent a GPU machine (torch + triton preinstalled, no network): build for the visible
 # GPU, run the GPU test suite, then the benchmark sweeps, writing everything under $OUT.
-# Usage: OUT=/path bash scripts/gpu_session.sh [build] [test] [bench] [bench-half]   (default: all)
-# Each stage fits one 10-minute device call; ignored build outputs persist on a warm machine.
+# Usage: OUT=/path bash scripts/gpu_session.sh [build] [test] [bench] [tune] [bench-half]   (default: all)
+# Each stage fits one 10-minute device call and returns at most 8 files (the device tool's limit);
+# ignored build outputs persist on a warm machine. With ~30 device-minutes a session, run them in
+# this order of priority: build+test first (they verify the kernels), then bench, tune, bench-half.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:?set OUT to the folder that comes back}"
 cd "$ROOT"
 PY="${PYTHON:-python3}"  # the GPU machines have python3 (the one with torch), maybe no python
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench bench-half)
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench tune bench-half)
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 [ -d "$SITE/nvidia/cu13/include" ] && export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONPATH="$ROOT:$ROOT/python"
@@ -32,6 +34,13 @@ for stage in "${stages[@]}"; do
       tail -5 "$OUT/gpu-tests.log" ;;
     bench) sweep float32 480 > "$OUT/bench-fp32.log" 2>&1; tail -3 "$OUT/bench-fp32.log" ;;
     bench-half) sweep float16 480 > "$OUT/bench-fp16.log" 2>&1; tail -3 "$OUT/bench-fp16.log" ;;
-    *) echo "unknown stage $stage (build|test|bench|bench-half)"; exit 2 ;;
+    tune)  # launch-configuration grids of the Triton kernels: 3 x (JSON + Markdown) + one log
+      for spec in "knn bfloat16" "knn float32" "attention bfloat16"; do
+        read -r kernel dtype <<<"$spec"
+        "$PY" -m bench tune --kernel "$kernel" --dtype "$dtype" --n 100000 --out "$OUT" >> "$OUT/tune.log" 2>&1 \
+          || echo "tune $kernel $dtype failed (see tune.log)"
+      done
+      grep -A3 "^| variant" "$OUT/tune.log" || true ;;
+    *) echo "unknown stage $stage (build|test|bench|tune|bench-half)"; exit 2 ;;
   esac
 done

@@ -1,0 +1,210 @@
+"""nformer-bench tune: time the Triton kernels over a grid of launch configurations.
+
+  nformer-bench tune [--kernel knn|attention] [--n 100000] [--dtype bfloat16] [--out DIR]
+
+The launchers pick from fixed variant lists (nformer_kernels/triton/*.py, compiled ahead of time in
+CI); this measures alternatives on the GPU at hand so those lists can be retuned from numbers:
+every configuration runs the same inputs, is timed (median of --repeats after one warm-up) and
+checked against the launcher's current choice. Configurations the GPU cannot run (shared memory,
+registers) are recorded with their error. Writes tune-<kernel>-<dtype>-<stamp>.json and .md.
+Also runs on CPU tensors under TRITON_INTERPRET=1 (tiny sizes; for testing the harness).
+"""
+import argparse
+import dataclasses
+import importlib
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# Grids around the launchers' current choices (knn: 64/64, attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps).
+KNN_GRID = {"BLOCK_M": (64, 128), "BLOCK_N": (64, 128), "BLOCK_D": (32, 64, 128),
+            "num_warps": (4, 8), "num_stages": (2, 3)}
+KNN_GRID_FP32 = {**KNN_GRID, "BLOCK_D": (8, 16, 32)}  # "ieee" fp32 dots keep operands in registers
+ATTENTION_GRID = {"BLOCK_M": (16, 32, 64), "DV_BLOCK": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2)}
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return run
+
+
+def _grid_variants(base, grid, limit):
+    """base with every combination of grid's constexprs / launch options (the base first)."""
+    keys = list(grid)
+    out = [base]
+    for values in itertools.product(*(grid[key] for key in keys)):
+        opts = dict(zip(keys, values))
+        variant = dataclasses.replace(
+            base, constexprs={**base.constexprs, **{k: v for k, v in opts.items() if k in base.constexprs}},
+            num_warps=opts.get("num_warps", base.num_warps), num_stages=opts.get("num_stages", base.num_stages))
+        if variant != base:
+            out.append(variant)
+    return out[:limit] if limit else out
+
+
+def _time_variant(fn, timer, repeats):
+    fn()  # warm-up (and compilation)
+    return statistics.median(timer(fn) for _ in range(repeats))
+
+
+def tune_knn(n, d, k, dtype, device, repeats, limit):
+    knn = importlib.import_module("nformer_kernels.triton.knn")
+    import triton
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1, n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
+    base = knn.choose_variant(dtype, k)
+    grid = KNN_GRID_FP32 if dtype == torch.float32 else KNN_GRID
+    timer, rows, reference = _timer(device), [], None
+    for variant in _grid_variants(base, grid, limit):
+        idx = torch.empty((1, n, k), dtype=torch.int64, device=device)
+        blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
+
+        def call(variant=variant, idx=idx, blocks=blocks):
+            variant.launch((blocks, 1), x, idx, n, d, k)
+
+        rows.append(_measure(variant, call, timer, repeats, 2.0 * n * n * d, "TFLOP/s"))
+        if variant is base:
+            reference = idx.clone()
+        rows[-1]["match"] = _match(idx, reference, rows[-1])
+    return rows
+
+
+def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
+    attn = importlib.import_module("nformer_kernels.triton.sparse_attention")
+    import nformer_kernels as nk
+    import triton
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n, d, generator=gen)
+    idx = torch.randint(0, n, (1, n, k), generator=gen)
+    idx[..., 0] = torch.arange(n)
+    idx = nk.knn(x, k) if n <= 20000 else idx  # real reciprocal structure when affordable
+    keep = nk.reciprocal_mask(idx)
+    P, R = (0.1 * torch.randn(1, n, heads, landmarks, generator=gen) for _ in range(2))
+    v = torch.randn(1, n, d, generator=gen).to(dtype)
+    P, R, v, idx, keep = (t.to(device) for t in (P, R, v, idx, keep))
+    dv = d // heads
+    out = torch.empty_like(v)
+    probs = torch.empty((1, n, heads, k), dtype=torch.float32, device=device)
+    scalars = (n, heads, landmarks, dv, k, dv ** -0.5)
+    bytes_fwd = n * k * (heads * landmarks * 4 + 9 + heads * 4) + n * k * d * v.element_size() * 2 + n * d * 2
+    timer, rows, reference = _timer(device), [], None
+    base = attn.choose_variants(dtype, k)[0]
+    for variant in _grid_variants(base, ATTENTION_GRID, limit):
+        blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
+
+        def call(variant=variant, blocks=blocks):
+            variant.launch((blocks, 1), P, R, v, idx, keep.view(torch.uint8), out, probs, *scalars)
+
+        rows.append(_measure(variant, call, timer, repeats, bytes_fwd, "GB/s (analytic)"))
+        if variant is base:
+            reference = out.clone()
+        rows[-1]["match"] = _match(out, reference, rows[-1])
+    return rows
+
+
+def _measure(variant, call, timer, repeats, work, unit):
+    row = {"variant": variant.label, "constexprs": variant.constexprs, "num_warps": variant.num_warps,
+           "num_stages": variant.num_stages, "ms": None, "rate": None, "unit": unit, "error": None}
+    try:
+        row["ms"] = _time_variant(call, timer, repeats)
+        row["rate"] = work / (row["ms"] * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+    except Exception as exc:  # noqa: BLE001 - out of resources etc.: recorded, the sweep goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def _match(got, reference, row):
+    """Fraction of elements equal to the launcher's choice (None when either failed)."""
+    if row["error"] or reference is None:
+        return None
+    if got.dtype == torch.int64:
+        return float((got == reference).float().mean())
+    return float(torch.isclose(got.float(), reference.float(), rtol=1e-2, atol=1e-3).float().mean())
+
+
+def _cell(text):
+    return text.replace("|", "\\|")  # variant labels use | as a separator
+
+
+def markdown(result):
+    meta = result["meta"]
+    lines = [f"# Triton {meta['kernel']} tuning on {meta['device_name']}",
+             "",
+             f"{meta['dtype']}, N={meta['n']}, d={meta['d']}, k={meta['k']}; torch {meta['torch']}, triton "
+             f"{meta['triton']}, commit {meta['commit']}, {meta['timestamp']}. First row: the launcher's "
+             f"current choice. match: fraction of outputs equal to it.",
+             "",
+             "| variant | ms | rate | match |", "|---|---:|---:|---:|"]
+    ok = sorted((r for r in result["rows"] if r["ms"] is not None), key=lambda r: r["ms"])
+    current = result["rows"][0]["variant"]
+    for r in [result["rows"][0]] + [r for r in ok if r["variant"] != current]:
+        rate = f"{r['rate']:.1f} {r['unit']}" if r["rate"] is not None else "-"
+        ms = f"{r['ms']:.3f}" if r["ms"] is not None else "-"
+        match = f"{r['match']:.4f}" if r.get("match") is not None else "-"
+        lines.append(f"| {_cell(r['variant'])} | {ms} | {rate} | {match} |")
+    for r in result["rows"]:
+        if r["error"]:
+            lines.append(f"| {_cell(r['variant'])} | failed: {_cell(r['error'].splitlines()[0][:80])} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="nformer-bench tune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernel", choices=("knn", "attention"), default="knn")
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--landmarks", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-configs", type=int, default=0, help="try at most this many (0: the whole grid)")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    import triton
+
+    from bench.cli import _environment
+
+    device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
+    dtype = getattr(torch, args.dtype)
+    env = _environment(device)
+    if args.kernel == "knn":
+        rows = tune_knn(args.n, args.d, args.k, dtype, device, args.repeats, args.max_configs)
+    else:
+        rows = tune_attention(args.n, args.d, args.k, args.heads, args.landmarks, dtype, device, args.repeats,
+                              args.max_configs)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    result = {"meta": {"kernel": args.kernel, "device_name": env["device_name"], "dtype": args.dtype,
+                       "n": args.n, "d": args.d, "k": args.k, "torch": torch.__version__,
+                       "triton": triton.__version__, "commit": (env["git_commit"] or "unknown")[:12],
+                       "timestamp": stamp, "command": "nformer-bench tune " + " ".join(argv or [])},
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune-{args.kernel}-{args.dtype}-{stamp}"
+    path.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    return path
