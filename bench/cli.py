@@ -9,13 +9,13 @@
 import argparse
 import json
 import os
-import platform
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.environment import environment, mem_available_bytes
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -116,66 +116,6 @@ def _worker(kind, cfg):
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
-# ----------------------------------------------------------------------------- environment
-def _slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_available_bytes():
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _git(*cmd):
-    try:
-        out = subprocess.run(["git", *cmd], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _environment(device):
-    import numpy
-    import torch
-
-    import nformer_kernels as nk
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        slug = _slug(name)
-    else:
-        name = f"{_cpu_name()} ({os.cpu_count()} cores)"
-        slug = f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}c"
-    versions = {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-                "nformer_kernels": nk.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "faiss"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"device": device.type, "device_name": name, "device_slug": slug, "versions": versions,
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
-            "torch_threads": torch.get_num_threads(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
-            "extension": nk.extension_available(), "extension_cuda": nk.extension_has_cuda()}
-
-
 def available_backends(device):
     """nformer_kernels backends that run tensors on `device` (cuda, triton, cpu; never reference)."""
     import nformer_kernels as nk
@@ -263,9 +203,9 @@ def run_sweep(args):
     backends = args.backends.split(",") if args.backends else available_backends(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = _environment(device)
+    env = environment(device)
     n_list = sorted({n for n in args.n_list if args.max_n is None or n <= args.max_n})
-    budget = args.mem_budget_gb * 1e9 if args.mem_budget_gb is not None else 0.7 * _mem_available_bytes()
+    budget = args.mem_budget_gb * 1e9 if args.mem_budget_gb is not None else 0.7 * mem_available_bytes()
     params = {"d": args.d, "heads": args.heads, "ffn": args.ffn, "k": args.k, "landmarks": args.landmarks,
               "depth": args.depth}
     elem_size = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()

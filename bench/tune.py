@@ -185,11 +185,11 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     import triton
 
-    from bench.cli import _environment
+    from bench.environment import environment
 
     device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
     dtype = getattr(torch, args.dtype)
-    env = _environment(device)
+    env = environment(device)
     if args.kernel == "knn":
         rows = tune_knn(args.n, args.d, args.k, dtype, device, args.repeats, args.max_configs)
     else:

@@ -1,0 +1,67 @@
+"""Where a benchmark ran: device name and slug, library versions, git commit, memory available."""
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_available_bytes():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _git(*cmd):
+    try:
+        out = subprocess.run(["git", *cmd], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device):
+    import numpy
+    import torch
+
+    import nformer_kernels as nk
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        slug = _slug(name)
+    else:
+        name = f"{_cpu_name()} ({os.cpu_count()} cores)"
+        slug = f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}c"
+    versions = {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+                "nformer_kernels": nk.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "faiss"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"device": device.type, "device_name": name, "device_slug": slug, "versions": versions,
+            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "torch_threads": torch.get_num_threads(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+            "extension": nk.extension_available(), "extension_cuda": nk.extension_has_cuda()}
