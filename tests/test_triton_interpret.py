@@ -101,6 +101,22 @@ else:
                                 for i in range(20)])
         assert torch.equal(idx, expected.expand(2, 20, 6))
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("d", [24, 64])
+    def test_knn_resident_query_variant(dtype, d):
+        """Q_RESIDENT (query rows loaded once; offered to bench tune) gives the launcher's result."""
+        import dataclasses
+        import importlib
+
+        knn_module = importlib.import_module("nformer_kernels.triton.knn")
+        x = features(2, 70, d, dtype, 4)
+        base = knn_module.choose_variant(dtype, 5)
+        resident = dataclasses.replace(base, constexprs={**base.constexprs, "Q_RESIDENT": True, "BLOCK_D": 64})
+        idx = torch.empty(2, 70, 5, dtype=torch.int64)
+        resident.launch((triton.cdiv(70, resident.constexprs["BLOCK_M"]), 2), x, idx, 70, d, 5)
+        assert torch.equal(idx, nt.knn(x, 5))
+        assert_knn_valid(idx, x, 5)
+
     def test_knn_rejects_bad_input():
         x = features(1, 70, 8, torch.float32, seed=0)
         with pytest.raises(ValueError):

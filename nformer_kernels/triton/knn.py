@@ -20,9 +20,21 @@ _NO_ID = tl.constexpr(2147483647)  # int32 max: larger than any row index
 
 
 @triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _knn_kernel(x_ptr, idx_ptr, N, D, K,
                 K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+                BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                Q_RESIDENT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     x_ptr += pid_b * N * D
@@ -37,24 +49,27 @@ def _knn_kernel(x_ptr, idx_ptr, N, D, K,
     vals = tl.where(real_slot, float("-inf"), float("inf")) + tl.zeros((BLOCK_M, K_PAD), tl.float32)
     ids = (_NO_ID - slots) + tl.zeros((BLOCK_M, K_PAD), tl.int32)
 
+    if Q_RESIDENT:  # the caller guarantees BLOCK_D >= D: query rows loaded once, not once per key tile
+        dd = tl.arange(0, BLOCK_D)
+        q_rows = tl.load(x_ptr + rows[:, None] * D + dd[None, :],
+                         mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         sim = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            q = tl.load(x_ptr + rows[:, None] * D + dd[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if Q_RESIDENT:
             kt = tl.load(x_ptr + cols[None, :] * D + dd[:, None],
-                         mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if DOT_IN_FP32:
-                q = q.to(tl.float32)
-                kt = kt.to(tl.float32)
-            if ALLOW_TF32:
-                sim = tl.dot(q, kt, sim, input_precision="tf32")
-            else:
-                sim = tl.dot(q, kt, sim, input_precision="ieee")
+                         mask=col_ok[None, :] & (dd < D)[:, None], other=0.0)
+            sim = _dot(q_rows, kt, sim, ALLOW_TF32, DOT_IN_FP32)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < D
+                q = tl.load(x_ptr + rows[:, None] * D + dd[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                kt = tl.load(x_ptr + cols[None, :] * D + dd[:, None],
+                             mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                sim = _dot(q, kt, sim, ALLOW_TF32, DOT_IN_FP32)
         # Self is forced first; padding rows/columns never enter a buffer.
         sim = tl.where(cols[None, :] == rows[:, None], float("inf"), sim)
         sim = tl.where(row_ok[:, None] & col_ok[None, :], sim, float("-inf"))
@@ -102,7 +117,7 @@ def _variant(dtype: torch.dtype, k_pad: int, allow_tf32: bool) -> Variant:
         _knn_kernel,
         {"x_ptr": POINTER_TYPE[dtype], "idx_ptr": "*i64", "N": "i32", "D": "i32", "K": "i32"},
         {"K_PAD": k_pad, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d,
-         "ALLOW_TF32": allow_tf32, "DOT_IN_FP32": False},
+         "ALLOW_TF32": allow_tf32, "DOT_IN_FP32": False, "Q_RESIDENT": False},
         num_warps=8, num_stages=2, aligned_ints=("D",))
 
 
