@@ -12,6 +12,7 @@ Tolerances (relative to s = max(1, max|ref|)):
                (1e-3*s when v is fp16/bf16, whose products are accumulated in another order).
 """
 import math
+import time
 
 import pytest
 import torch
@@ -425,3 +426,25 @@ def test_api_nformer_inference_chunks(api_backend, dtype):
         chunked = model(x, landmarks=landmarks)
     assert chunked.dtype == dtype
     assert_close(chunked, one_pass, HALF_TOL[dtype])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api_backend", BACKENDS, indirect=True)
+def test_api_nformer_one_million_rows_bf16_memory(api_backend):
+    """Issue goal: the 4-block eval forward at N = 1,000,000 (d = 256, bf16) peaks under 8 GiB."""
+    n = 1_000_000
+    model = nk.NFormer(dim=256, depth=4, topk=20).to(device=DEV, dtype=torch.bfloat16).eval()
+    x = torch.randn(n, 256, generator=torch.Generator(device=DEV).manual_seed(3), device=DEV).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model(x)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f"N={n} bf16 eval on {api_backend}: {seconds:.2f} s (first call, compiles included), "
+          f"peak {peak / 2**30:.2f} GiB")
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    assert peak < 8 * 2**30, f"peak {peak / 2**30:.2f} GiB"
