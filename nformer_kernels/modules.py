@@ -82,10 +82,14 @@ class NFormerLayer(nn.Module):
         attn = ops.sparse_attention(P, R, v, idx, keep, self.scale, check_inputs=check_inputs)
         if chunk >= n:
             return self._residual_ffn(x, attn)
-        for start in range(0, n, chunk):  # row-wise from here: each chunk overwrites its own rows
+        out = None
+        for start in range(0, n, chunk):  # row-wise from here
             rows = slice(start, start + chunk)
-            attn[..., rows, :] = self._residual_ffn(x[..., rows, :], attn[..., rows, :])
-        return attn
+            y = self._residual_ffn(x[..., rows, :], attn[..., rows, :])
+            if out is None:  # reuse attn's memory unless autocast gives the output another dtype
+                out = attn if y.dtype == attn.dtype else y.new_empty((*x.shape[:-1], self.dim))
+            out[..., rows, :] = y
+        return out
 
     def _chunk_rows(self, x: torch.Tensor) -> int:
         """Rows per chunk of the inference path; N (one pass) whenever autograd must see the graph."""

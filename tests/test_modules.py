@@ -237,6 +237,20 @@ def test_inference_chunks_match_one_pass(backend, batch, source):
         nk.NFormerLayer(dim=32, inference_chunk_rows=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_inference_chunks_under_autocast(backend):
+    """bf16 autocast: the chunked output keeps the one-pass dtype (LayerNorm runs in fp32)."""
+    model = nk.NFormer(dim=32, depth=2, topk=6, inference_chunk_rows=16).eval()
+    x = ties_free(100, 32)
+    lm = torch.stack([torch.arange(5), torch.arange(40, 45)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one_pass = model(x, landmarks=lm).detach()
+        with torch.no_grad():
+            chunked = model(x, landmarks=lm)
+    assert chunked.dtype == one_pass.dtype
+    torch.testing.assert_close(chunked, one_pass, rtol=2e-2, atol=2e-2)
+
+
 def test_small_inputs_clamp_topk_and_landmarks():
     model = nk.NFormer(dim=16, depth=1, topk=20, num_landmarks=5).eval()
     assert model(ties_free(1, 16)).shape == (1, 16)
