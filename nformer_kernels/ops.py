@@ -8,6 +8,7 @@ backend:
   cpu        C++/OpenMP kernels (csrc/cpu), torch.ops.nformer.*                 CPU tensors
   reference  dense plain PyTorch (nformer_kernels/reference.py)                 any device
 """
+import contextlib
 import math
 import os
 from typing import Optional
@@ -250,6 +251,13 @@ def _reverse_index(idx, keep, backend):
 
 
 # ----------------------------------------------------------------------------- attention
+def _no_autocast(device_type):
+    """Autocast switched off where it is on; otherwise no context at all (keeps export graphs flat)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -284,8 +292,10 @@ def _landmark_factors(q, k, q_land, k_land, num_heads):
         return torch.einsum("bmhc,hg->bhcgm", rows.to(acc).view(b, n_land, num_heads, dh), eye).reshape(
             b, d, num_heads * n_land)
 
-    P = torch.matmul(q.to(acc), block_diag(k_land)).view(b, n, num_heads, n_land)
-    R = torch.matmul(k.to(acc), block_diag(q_land)).view(b, n, num_heads, n_land)
+    # Always fp32: the affinity is a product of two dot products and overflows fp16 (so autocast is off here).
+    with _no_autocast(q.device.type):
+        P = torch.matmul(q.to(acc), block_diag(k_land)).view(b, n, num_heads, n_land)
+        R = torch.matmul(k.to(acc), block_diag(q_land)).view(b, n, num_heads, n_land)
     return P, R
 
 
@@ -351,12 +361,14 @@ def _sparse_attention(P, R, v, idx, keep, scale):
     """Dispatch of validated batched inputs: P, R (B,N,H,l) acc dtype, v (B,N,H*dv), idx/keep (B,N,k)."""
     v = v.contiguous()
     backend = get_backend(v.device)
-    if backend == "reference":
-        return reference.sparse_attention(P, R, v, idx, keep, scale)[0]
-    if (backend != "cpu" and idx.shape[-1] > GPU_ATTENTION_MAX_K) or (
-            _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend)):
-        return _gathered_sparse_attention(P, R, v, idx, keep, scale)
-    return _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]
+    # Scores and softmax in fp32 on every backend: autocast must not lower the plain-PyTorch paths.
+    with _no_autocast(v.device.type):
+        if backend == "reference":
+            return reference.sparse_attention(P, R, v, idx, keep, scale)[0]
+        if (backend != "cpu" and idx.shape[-1] > GPU_ATTENTION_MAX_K) or (
+                _eager() and torch.is_grad_enabled() and not _within_reciprocal(idx, keep, backend)):
+            return _gathered_sparse_attention(P, R, v, idx, keep, scale)
+        return _op("sparse_attention", backend)(P, R, v, idx, keep, scale)[0]
 
 
 def sparse_attention(P, R, v, idx, keep, scale: float, *, check_inputs: bool = True):

@@ -448,3 +448,20 @@ def test_api_nformer_one_million_rows_bf16_memory(api_backend):
           f"peak {peak / 2**30:.2f} GiB")
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
     assert peak < 8 * 2**30, f"peak {peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize("api_backend", BACKENDS, indirect=True)
+def test_api_attention_under_autocast(api_backend):
+    """fp16 autocast: landmark factors stay fp32 and the attention equals its fp32 value."""
+    n, d, heads = 257, 64, 2
+    g = torch.Generator(device=DEV).manual_seed(4)
+    q, k, v = (torch.randn(n, d, generator=g, device=DEV) for _ in range(3))
+    idx = on_reference(nk.knn, q, 20)
+    keep = nk.reciprocal_mask(idx)
+    landmarks = torch.arange(5, device=DEV)
+    ref = nk.neighbor_attention(q, k, v, idx, keep, landmarks, heads)
+    with torch.autocast("cuda", dtype=torch.float16):
+        P, R = nk.landmark_factors(q, k, q[landmarks], k[landmarks], heads)
+        out = nk.neighbor_attention(q, k, v, idx, keep, landmarks, heads)
+    assert P.dtype == R.dtype == torch.float32
+    assert_close(out, ref, HALF_TOL[torch.float32])

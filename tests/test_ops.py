@@ -222,6 +222,19 @@ def test_factored_attention_composes_neighbor_attention(backend, batch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_attention_under_autocast(backend):
+    """bf16 autocast: the landmark factors stay fp32 (the affinity overflows half precision) and
+    neighbor_attention equals its fp32 value up to the bf16 rounding of v's dtype (here fp32)."""
+    q, kk, v, idx, keep, lm, heads = attention_inputs(40, 16, 6, 2)
+    ref = nk.neighbor_attention(q, kk, v, idx, keep, lm, heads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        P, R = nk.landmark_factors(q, kk, q[lm], kk[lm], heads)
+        out = nk.neighbor_attention(q, kk, v, idx, keep, lm, heads)
+    assert P.dtype == R.dtype == torch.float32
+    assert_close_fp32(out, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_landmark_affinity_knn(backend):
     q, kk, _, _, _, lm, heads = attention_inputs(30, 8, 4, 2, batch=2, dtype=torch.float64)
     P, R = nk.landmark_factors(q, kk, q[:, lm], kk[:, lm], heads)
