@@ -87,3 +87,54 @@ def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "nformer_reid", "--help"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0 and "train" in res.stdout and "demo" in res.stdout
+
+
+def _feature_files(tmp_path, ext):
+    from nformer_reid.data import make_feature_benchmark, save_features
+
+    bench = make_feature_benchmark(num_train_ids=40, num_test_ids=20, num_cams=3, images_per_cam=2, cams_per_id=2,
+                                   dim=32, noise=1.0, num_distractors=10, seed=1)
+    paths = {}
+    for split in ("train", "query", "gallery"):
+        paths[split] = str(tmp_path / f"{split}.{ext}")
+        save_features(paths[split], getattr(bench, split))
+    return paths
+
+
+@pytest.mark.parametrize("ext", ["pt", "npz"])
+def test_features_train_then_reuse_weights(tmp_path, ext):
+    """features: train an NFormer on dumped train features, evaluate, then reload it with --weights."""
+    paths = _feature_files(tmp_path, ext)
+    common = ["--query", paths["query"], "--gallery", paths["gallery"], "--device", "cpu", "--amp", "none"]
+    first = main_results(tmp_path / "first", ["features", *common, "--train", paths["train"], "--nformer-depth", "2",
+                                              "--nformer-steps", "3", "--seq-len", "64", "--rerank"])
+    assert set(first) == {"input features", "input features + re-ranking", "NFormer (official)",
+                          "NFormer + re-ranking"}
+    assert all(0 <= r["mAP"] <= 1 and 0 <= r["R1"] <= r["R5"] <= r["R10"] <= 1 for r in first.values())
+    for name in ("nformer.pth", "refined_features.pt", "cmc.png", "loss.png", "log.txt"):
+        assert (tmp_path / "first" / name).is_file(), name
+    again = main_results(tmp_path / "again", ["features", *common, "--weights",
+                                              str(tmp_path / "first" / "nformer.pth")])
+    assert again["NFormer (official)"] == first["NFormer (official)"]  # same weights, seeded landmarks
+
+
+def main_results(out, argv):
+    main([*argv, "--out", str(out)])
+    return json.load(open(out / "results.json"))
+
+
+def test_features_bad_input(tmp_path):
+    import torch
+
+    paths = _feature_files(tmp_path, "pt")
+    common = ["--query", paths["query"], "--gallery", paths["gallery"], "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["features", *common])
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["features", *common, "--train", paths["train"], "--weights", paths["train"]])
+    torch.save({"feats": torch.randn(5, 32), "pids": torch.arange(5)}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="query file .*missing \\['camids'\\]"):
+        main(["features", "--query", str(tmp_path / "bad.pt"), "--gallery", paths["gallery"], "--train",
+              paths["train"], "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="not an NFormer saved by this command"):
+        main(["features", *common, "--weights", paths["train"]])

@@ -1,10 +1,11 @@
-"""nformer-reid: train | eval | demo | datasets (argparse, optional YAML config).
+"""nformer-reid: train | eval | features | demo | datasets (argparse, optional YAML config).
 
   nformer-reid demo                                   # synthetic end-to-end NFormer demo (CPU, minutes)
   nformer-reid datasets --root ~/data                 # statistics of the datasets found under a root
   nformer-reid train --data market1501 --root ~/data --pretrained resnet50-19c8e357.pth --out runs/market
   nformer-reid train --data synthetic                 # tiny image-pipeline smoke run (generated images)
   nformer-reid eval --data market1501 --root ~/data --official nformer_model.pth --rerank
+  nformer-reid features --query q.pt --gallery g.pt --train train.pt   # features from torchreid / fast-reid
 
 A YAML file given with --config sets any option by its long name (dashes or underscores);
 options given on the command line win.
@@ -94,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--official", help="official NFormer release file nformer_model.pth")
     _add_eval_args(p)
 
+    p = sub.add_parser("features", help="NFormer on precomputed features (e.g. dumped from torchreid or "
+                                        "fast-reid): train it on --train and/or evaluate query/gallery")
+    p.add_argument("--query", required=True, help=".pt (dict) or .npz file with feats (N,d), pids (N,), camids (N,)")
+    p.add_argument("--gallery", required=True, help="same layout as --query")
+    p.add_argument("--train", help="training features (feats, pids): train a new NFormer on them first")
+    p.add_argument("--weights", help="an NFormer saved by 'nformer-reid features' (nformer.pth)")
+    p.add_argument("--official", help="official NFormer release file nformer_model.pth (256-d features)")
+    p.add_argument("--nformer-depth", type=int, default=4)
+    p.add_argument("--nformer-landmarks", type=int, default=5)
+    p.add_argument("--nformer-topk", type=int, default=20)
+    p.add_argument("--nformer-steps", type=int, default=2000, help="training steps on --train")
+    p.add_argument("--seq-len", type=int, default=7000, help="training sequence length (official 7000)")
+    p.add_argument("--nformer-batch", type=int, default=2)
+    p.add_argument("--nformer-lr", type=float, default=3e-4)
+    _add_run_args(p)
+    p.set_defaults(out="runs/nformer_features")
+    p.add_argument("--mode", default="official", choices=["official", "paper"],
+                   help="official (joint query+gallery sequence) or paper (query-query isolation)")
+    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20, k2=6, 0.3)")
+
     p = sub.add_parser("demo", help="synthetic end-to-end NFormer demo (CPU, a few minutes)")
     p.add_argument("--out", default="nformer_demo_out")
     p.add_argument("--steps", type=int, default=100, help="NFormer training steps")
@@ -162,32 +183,42 @@ def _load_dataset(args):
 
 def _evaluate(args, model, dataset, device):
     from nformer_reid.data.loader import build_test_loader
-    from nformer_reid.engine import evaluate_features, extract_features, format_result, log, refine_features
-    from nformer_reid.metrics import plot_cmc
+    from nformer_reid.engine import extract_features
 
     size = tuple(args.size)
     qf, q_pids, q_cams = extract_features(model.backbone, build_test_loader(dataset.query, size, args.test_batch,
                                                                             args.workers), args.flip, device, args.amp)
     gf, g_pids, g_cams = extract_features(model.backbone, build_test_loader(dataset.gallery, size, args.test_batch,
                                                                             args.workers), args.flip, device, args.amp)
-    ids = (q_pids, g_pids, q_cams, g_cams)
-    results = {"backbone": evaluate_features(qf, gf, *ids)}
+    nformer = model.nformer if args.mode != "none" else None
+    return _compare(args, nformer, qf, gf, (q_pids, g_pids, q_cams, g_cams), "backbone", dataset.name, device)[0]
+
+
+def _compare(args, nformer, qf, gf, ids, baseline, title, device):
+    """mAP/CMC of the `baseline` features and, unless nformer is None, of their NFormer refinement
+    (args.mode), each also re-ranked with args.rerank; logs them, writes cmc.png and results.json
+    under args.out. Returns (results, refined query, refined gallery)."""
+    from nformer_reid.engine import evaluate_features, format_result, log, refine_features
+    from nformer_reid.metrics import plot_cmc
+
+    results = {baseline: evaluate_features(qf, gf, *ids)}
     if args.rerank:
-        results["backbone + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True)
-    if args.mode != "none":
-        qn, gn = refine_features(model.nformer, qf, gf, args.mode, args.seed, device)
+        results[f"{baseline} + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True)
+    qn = gn = None
+    if nformer is not None:
+        qn, gn = refine_features(nformer, qf, gf, args.mode, args.seed, device)
         results[f"NFormer ({args.mode})"] = evaluate_features(qn, gn, *ids)
         if args.rerank:
             results["NFormer + re-ranking"] = evaluate_features(qn, gn, *ids, rerank=True)
-    log(f"results on {dataset.name} ({len(dataset.query)} query / {len(dataset.gallery)} gallery):")
+    log(f"results on {title} ({len(ids[0])} query / {len(ids[1])} gallery):")
     for name, res in results.items():
         log("  " + format_result(name, res))
     plot_cmc({k: (v["cmc"], v["mAP"]) for k, v in results.items()}, os.path.join(args.out, "cmc.png"),
-             title=f"CMC, {dataset.name}")
+             title=f"CMC, {title}")
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump({k: {m: v[m] for m in ("mAP", "R1", "R5", "R10")} for k, v in results.items()}, fh, indent=2)
     log(f"wrote {os.path.join(args.out, 'cmc.png')} and results.json")
-    return results
+    return results, qn, gn
 
 
 def cmd_train(args):
@@ -257,6 +288,58 @@ def cmd_eval(args):
     _evaluate(args, model, dataset, device)
 
 
+def cmd_features(args):
+    import nformer_kernels as nk
+    from nformer_reid.data import load_features
+    from nformer_reid.engine import NFormerHolder, log, plot_losses, resolve_device, set_log_file, train_nformer
+
+    if sum(bool(a) for a in (args.train, args.weights, args.official)) != 1:
+        raise SystemExit("nformer-reid features: give exactly one of --train (train a new NFormer), --weights or "
+                         "--official")
+    os.makedirs(args.out, exist_ok=True)
+    set_log_file(os.path.join(args.out, "log.txt"))
+    device = resolve_device(args.device)
+    try:
+        query, gallery = load_features(args.query, "query"), load_features(args.gallery, "gallery")
+        train = load_features(args.train, "train", need_camids=False) if args.train else None
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"nformer-reid features: {exc}") from None
+    dim = query.feats.shape[1]
+    if gallery.feats.shape[1] != dim:
+        raise SystemExit(f"nformer-reid features: query features are {dim}-d, gallery {gallery.feats.shape[1]}-d")
+    if args.official:
+        nformer = nk.NFormer.from_official(torch.load(args.official, map_location="cpu", weights_only=False),
+                                           num_landmarks=args.nformer_landmarks, topk=args.nformer_topk)
+    elif args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "nformer_config" not in state:
+            raise SystemExit(f"nformer-reid features: {args.weights} is not an NFormer saved by this command")
+        nformer = nk.NFormer(**state["nformer_config"])
+        nformer.load_state_dict(state["state_dict"])
+    else:
+        if train.feats.shape[1] != dim:
+            raise SystemExit(f"nformer-reid features: train features are {train.feats.shape[1]}-d, query {dim}-d")
+        labels = torch.unique(train.pids, return_inverse=True)[1]  # any pid values -> 0..C-1
+        config = dict(dim=dim, depth=args.nformer_depth, num_landmarks=args.nformer_landmarks,
+                      topk=args.nformer_topk, num_classes=int(labels.max()) + 1)
+        nformer = nk.NFormer(**config)
+        history = train_nformer(NFormerHolder(nformer, config), train.feats, labels, out_dir=args.out,
+                                steps=args.nformer_steps, seq_len=args.seq_len, batch_size=args.nformer_batch,
+                                lr=args.nformer_lr, amp=args.amp, device=device, seed=args.seed)
+        plot_losses({"NFormer": history}, os.path.join(args.out, "loss.png"))
+        path = os.path.join(args.out, "nformer.pth")
+        torch.save({"nformer_config": config, "state_dict": nformer.state_dict()}, path)
+        log(f"saved {path} (reuse it with --weights)")
+    if nformer.dim != dim:
+        raise SystemExit(f"nformer-reid features: the NFormer is {nformer.dim}-d but the features are {dim}-d")
+    ids = (query.pids, gallery.pids, query.camids, gallery.camids)
+    results, qn, gn = _compare(args, nformer, query.feats, gallery.feats, ids, "input features",
+                               f"{dim}-d precomputed features", device)
+    torch.save({"query": qn, "gallery": gn}, os.path.join(args.out, "refined_features.pt"))
+    log(f"wrote {os.path.join(args.out, 'refined_features.pt')}")
+    return results
+
+
 def cmd_demo(args):
     from nformer_reid.demo import run_demo
 
@@ -288,7 +371,8 @@ def cmd_datasets(args):
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = _apply_config(parser, sys.argv[1:] if argv is None else argv)
-    {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "datasets": cmd_datasets}[args.command](args)
+    {"train": cmd_train, "eval": cmd_eval, "features": cmd_features, "demo": cmd_demo,
+     "datasets": cmd_datasets}[args.command](args)
     return 0
 
 

@@ -12,7 +12,8 @@ import torch
 
 import nformer_kernels as nk
 from nformer_reid.data.synthetic import make_feature_benchmark
-from nformer_reid.engine import evaluate_features, format_result, log, plot_losses, refine_features, train_nformer
+from nformer_reid.engine import (NFormerHolder, evaluate_features, format_result, log, plot_losses, refine_features,
+                                 train_nformer)
 from nformer_reid.metrics import plot_cmc
 
 # Sized so the whole demo takes ~1-2 min on 2 CPU cores: 1500 train identities keep the NFormer
@@ -22,15 +23,6 @@ DEMO_BENCHMARK = dict(num_train_ids=1500, num_test_ids=300, num_cams=6, images_p
 DEMO_NFORMER = dict(depth=2, num_heads=2, num_landmarks=5, topk=20)
 # --quick: a seconds-long smoke run of the same pipeline (numbers not meaningful).
 QUICK_BENCHMARK = dict(DEMO_BENCHMARK, num_train_ids=60, num_test_ids=30, num_distractors=20)
-
-
-class _Holder(torch.nn.Module):
-    """The engine trains `model.nformer`; the demo has no image backbone."""
-
-    def __init__(self, nformer):
-        super().__init__()
-        self.nformer = nformer
-        self.config = {"demo": True, **DEMO_NFORMER}
 
 
 def run_demo(out_dir: str = "nformer_demo_out", steps: int = 100, seq_len: int = 512, lr: float = 3e-4,
@@ -52,7 +44,8 @@ def run_demo(out_dir: str = "nformer_demo_out", steps: int = 100, seq_len: int =
     if rerank:
         results["baseline + re-ranking"] = score(q.feats, g.feats, True)
     nformer = nk.NFormer(dim=config["dim"], num_classes=config["num_train_ids"], **DEMO_NFORMER)
-    history = train_nformer(_Holder(nformer), bench.train.feats, bench.train.pids, out_dir=out_dir, steps=steps,
+    holder = NFormerHolder(nformer, {"demo": True, **DEMO_NFORMER})
+    history = train_nformer(holder, bench.train.feats, bench.train.pids, out_dir=out_dir, steps=steps,
                             seq_len=seq_len, batch_size=2, lr=lr, seed=seed, amp="none", device=device,
                             log_period=max(1, steps // 4))
     qn, gn = refine_features(nformer, q.feats, g.feats, mode="official", seed=seed, device=device)

@@ -214,6 +214,15 @@ def format_result(name: str, res: Dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ stage 2
+class NFormerHolder(torch.nn.Module):
+    """Holds an NFormer as `.nformer` (what train_nformer and checkpoints expect) without an image backbone."""
+
+    def __init__(self, nformer, config: Optional[dict] = None):
+        super().__init__()
+        self.nformer = nformer
+        self.config = dict(config or {})
+
+
 def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: str, epochs: int = 20,
                   steps: Optional[int] = None, seq_len: int = 7000, batch_size: int = 2, lr: float = 1e-5,
                   weight_decay: float = 5e-4, center_lr: float = 0.5, center_weight: float = 5e-4,

@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from nformer_reid.data.features import FeatureSet
+
 
 def _person_image(rng, identity: Dict, tint: np.ndarray, height: int, width: int) -> np.ndarray:
     """H x W x 3 uint8: background, head, torso (colour + stripes), legs, with camera tint and noise."""
@@ -91,13 +93,6 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
     with open(marker, "w") as fh:
         fh.write(signature)
     return root
-
-
-@dataclass
-class FeatureSet:
-    feats: torch.Tensor  # (N, dim) float32, L2-normalised
-    pids: torch.Tensor   # (N,) int64
-    camids: torch.Tensor  # (N,) int64
 
 
 @dataclass
