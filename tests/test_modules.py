@@ -251,6 +251,18 @@ def test_inference_chunks_under_autocast(backend):
     torch.testing.assert_close(chunked, one_pass, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_training_step_under_autocast(backend):
+    """A bf16-autocast training step (what nformer-reid's --amp does) runs and gives finite gradients."""
+    model = nk.NFormer(dim=32, depth=2, topk=6, num_classes=5).train()
+    x = ties_free(50, 32, batch=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+    logits.float().logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_small_inputs_clamp_topk_and_landmarks():
     model = nk.NFormer(dim=16, depth=1, topk=20, num_landmarks=5).eval()
     assert model(ties_free(1, 16)).shape == (1, 16)
