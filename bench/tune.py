@@ -103,14 +103,11 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
     import triton
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, n, d, generator=gen)
-    idx = torch.randint(0, n, (1, n, k), generator=gen)
-    idx[..., 0] = torch.arange(n)
-    idx = nk.knn(x, k) if n <= 20000 else idx  # real reciprocal structure when affordable
+    # Neighbours of random 16-d points: scattered in memory, with a realistic reciprocal mask.
+    idx = nk.knn(torch.randn(1, n, 16, generator=gen).to(device), k)
     keep = nk.reciprocal_mask(idx)
-    P, R = (0.1 * torch.randn(1, n, heads, landmarks, generator=gen) for _ in range(2))
-    v = torch.randn(1, n, d, generator=gen).to(dtype)
-    P, R, v, idx, keep = (t.to(device) for t in (P, R, v, idx, keep))
+    P, R = (0.1 * torch.randn(1, n, heads, landmarks, generator=gen).to(device) for _ in range(2))
+    v = torch.randn(1, n, d, generator=gen).to(device=device, dtype=dtype)
     dv = d // heads
     out = torch.empty_like(v)
     probs = torch.empty((1, n, heads, k), dtype=torch.float32, device=device)
