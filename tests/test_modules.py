@@ -294,6 +294,16 @@ def test_torch_compile_fullgraph_layer(backend):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not nk.extension_available(), reason="the fused ops come from the compiled extension")
+def test_torch_compile_fullgraph_whole_model():
+    """The whole eval NFormer (knn, reciprocal mask, 4 fused attentions, explicit landmarks) is one graph."""
+    model = nk.NFormer(dim=32, depth=2, topk=6).eval()
+    x = ties_free(100, 32)
+    lm = torch.stack([torch.arange(5), torch.arange(40, 45)])
+    with torch.no_grad():
+        assert_close_fp32(torch.compile(model, fullgraph=True)(x, landmarks=lm), model(x, landmarks=lm))
+
+
 @pytest.mark.skipif(not nk.extension_available(), reason="the fused op comes from the compiled extension")
 def test_torch_export_layer_keeps_fused_op_as_one_node():
     layer = nk.NFormerLayer(dim=32, num_heads=2).eval()
