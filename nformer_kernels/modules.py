@@ -128,8 +128,9 @@ class NFormer(nn.Module):
 
     Neighbours (top-`topk` by cosine of the *input* features, reciprocal mask) are computed once per
     forward, as in the official code; neighbor_source="affinity" recomputes them per block from the
-    landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. Eval returns the BatchNorm'd refined features (x's shape);
-    training returns (logits, refined features) with logits None when num_classes is None.
+    landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. Eval returns the
+    BatchNorm'd refined features (x's shape); training returns (logits, refined features) with
+    logits None when num_classes is None.
     """
 
     def __init__(self, dim: int = 256, depth: int = 4, num_heads: int = 2, num_landmarks: int = 5,
