@@ -121,9 +121,10 @@ def measure(cfg, isolated=True):
     cfg: method, backend, n, device, dtype, warmup, repeats, repeat_budget_s, params (d, heads,
     landmarks, k, ffn, depth). Latency: CUDA events on the GPU, perf_counter on the CPU; median and
     IQR over up to `repeats` timed calls after `warmup` calls (timed calls stop early once they
-    have taken repeat_budget_s in total); on the CPU also the median process CPU time (all threads). Peak memory: growth of torch.cuda.max_memory_allocated
-    over the state after setup (GPU), or growth of this process's peak RSS (CPU; only meaningful
-    when `isolated`, i.e. this process ran nothing else).
+    have taken repeat_budget_s in total); on the CPU also the median process CPU time (all threads).
+    Peak memory: growth of torch.cuda.max_memory_allocated over the state after setup (GPU), or
+    growth of this process's peak RSS (CPU; only meaningful when `isolated`, i.e. this process ran
+    nothing else).
     """
     device = torch.device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
@@ -180,8 +181,8 @@ def measure(cfg, isolated=True):
         moved = attention_train_bytes(cfg["n"], p["d"], p["heads"], p["landmarks"], min(p["k"], cfg["n"]),
                                       dtype.itemsize)
         bandwidth = moved / (median * 1e-3) / 1e9
-    return {"status": "ok", "latency_ms": median, "gbytes_per_s": bandwidth, "latency_iqr_ms": q3 - q1, "latency_all_ms": times_ms,
-            "cpu_time_ms": statistics.median(cpu_ms) if cpu_ms else None,
+    return {"status": "ok", "latency_ms": median, "gbytes_per_s": bandwidth, "latency_iqr_ms": q3 - q1,
+            "latency_all_ms": times_ms, "cpu_time_ms": statistics.median(cpu_ms) if cpu_ms else None,
             "gflops": flops / 1e9, "tflops_per_s": flops / (median * 1e-3) / 1e12,
             "gflops_per_img": flops / 1e9 / cfg["n"], "peak_mem_bytes": peak, "mem_kind": mem_kind}
 

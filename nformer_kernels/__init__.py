@@ -6,5 +6,5 @@ from nformer_kernels.ops import (BACKENDS, affinity_knn, get_backend, knn, landm
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "NFormer", "NFormerLayer", "affinity_knn", "draw_landmarks", "extension_available",
-           "extension_has_cuda", "get_backend", "knn", "landmark_affinity_knn", "landmark_factors", "neighbor_attention",
-           "reciprocal_mask", "set_backend", "sparse_attention"]
+           "extension_has_cuda", "get_backend", "knn", "landmark_affinity_knn", "landmark_factors",
+           "neighbor_attention", "reciprocal_mask", "set_backend", "sparse_attention"]
