@@ -192,8 +192,10 @@ def refine_features(nformer, qf: torch.Tensor, gf: torch.Tensor, mode: str = "of
     if mode == "paper":
         query_mask = torch.arange(x.shape[0], device=device) < qf.shape[0]
     generator = torch.Generator().manual_seed(seed)
+    started = time.time()
     with autocast(device, amp):
         out = nformer(x, generator=generator, query_mask=query_mask).float()
+    log(f"NFormer ({mode}) refined {x.shape[0]} features on {device} in {time.time() - started:.1f} s")
     return out[: qf.shape[0]].cpu(), out[qf.shape[0]:].cpu()
 
 
