@@ -1,0 +1,141 @@
+// Runs the kernels of csrc/cuda/*_kernels.cuh on the CPU (emu.h), launched with the grid, block,
+// shared-memory and tile choices of csrc/cuda/*.cu (keep the two in step), for tests/test_cuda_emulated.py.
+// Dynamic shared memory: one static buffer, defined in the kernels' namespace so their
+// `extern __shared__ smem[]` declarations resolve to it (blocks run one at a time).
+#include <torch/extension.h>
+#include <algorithm>
+#include "emu.h"
+namespace nformer { namespace cuda { namespace { alignas(128) unsigned char smem[1 << 22]; } } }
+#include "cuda/knn_kernels.cuh"
+#include "cuda/reciprocal_kernels.cuh"
+#include "cuda/sparse_attention_kernels.cuh"
+
+using namespace nformer::cuda;
+constexpr size_t kOptin = 232448;  // H100 sharedMemPerBlockOptin
+static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+torch::Tensor emu_knn(torch::Tensor x, int64_t k, int64_t force_bm, int64_t sm_count) {
+  const int64_t B = x.size(0), N = x.size(1), d = x.size(2);
+  TORCH_CHECK(x.is_contiguous() && k >= 1 && k <= N && d >= 1);
+  auto out = torch::empty({B, N, k}, x.options().dtype(torch::kLong));
+  const int n = N, di = d, ki = k;
+  auto mma = [&](auto tag) {
+    using mma_t = decltype(tag);
+    const int64_t blocks128 = B * ((N + 127) / 128);
+    const bool use128 = force_bm ? force_bm == 128 : (mma_smem_bytes(128, ki) <= kOptin && blocks128 >= sm_count);
+    const bool vec_ok = d % 8 == 0 && aligned16(x.data_ptr());
+    const auto* xp = static_cast<const uint16_t*>(x.data_ptr());
+    if (use128) {
+      TORCH_CHECK(mma_smem_bytes(128, ki) <= sizeof(smem));
+      emu::launch(dim3((n + 127) / 128, B), dim3(kThreads), [&] { knn_mma_kernel<mma_t, 128>(xp, out.data_ptr<int64_t>(), n, di, ki, vec_ok); });
+    } else {
+      TORCH_CHECK(mma_smem_bytes(64, ki) <= kOptin);
+      emu::launch(dim3((n + 63) / 64, B), dim3(kThreads), [&] { knn_mma_kernel<mma_t, 64>(xp, out.data_ptr<int64_t>(), n, di, ki, vec_ok); });
+    }
+  };
+  auto fma = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    TORCH_CHECK(fma_smem_bytes<acc_t>(ki) <= kOptin);
+    emu::launch(dim3((n + kFmaBM - 1) / kFmaBM, B), dim3(kThreads),
+                [&] { knn_fma_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), n, di, ki); });
+  };
+  switch (x.scalar_type()) {
+    case torch::kHalf: mma(__half{}); break;
+    case torch::kBFloat16: mma(__nv_bfloat16{}); break;
+    case torch::kFloat: fma(float{}); break;
+    case torch::kDouble: fma(double{}); break;
+    default: TORCH_CHECK(false, "dtype");
+  }
+  return out;
+}
+
+static int grid_for(int64_t total) { return int(std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 32)); }
+
+torch::Tensor emu_reciprocal_mask(torch::Tensor idx) {
+  auto keep = torch::empty(idx.sizes(), idx.options().dtype(torch::kBool));
+  const int64_t total = idx.numel();
+  emu::launch(dim3(grid_for(total)), dim3(kThreads), [&] {
+    reciprocal_mask_kernel(idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), total, idx.size(1), int(idx.size(2)));
+  });
+  return keep;
+}
+
+torch::Tensor emu_reverse_index(torch::Tensor idx, torch::Tensor keep) {
+  auto rev = torch::empty_like(idx);
+  const int64_t total = idx.numel();
+  emu::launch(dim3(grid_for(total)), dim3(kThreads), [&] {
+    reverse_index_kernel(idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), rev.data_ptr<int64_t>(), total, idx.size(1),
+                         int(idx.size(2)));
+  });
+  return rev;
+}
+
+std::vector<torch::Tensor> emu_sparse_attention(torch::Tensor P, torch::Tensor R, torch::Tensor v, torch::Tensor idx,
+                                                torch::Tensor keep, double scale) {
+  const int64_t B = P.size(0), N = P.size(1);
+  const int H = P.size(2), l = P.size(3), k = idx.size(2), dv = v.size(2) / H;
+  auto out = torch::empty_like(v);
+  auto probs = torch::empty({B, N, H, k}, P.options());
+  const int64_t rows = B * N;
+  const int blocks = (rows + kWarps - 1) / kWarps;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_fwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const int slice = warp_slice_bytes(k, H, sizeof(acc_t), 1, H * l, 1);
+    TORCH_CHECK(size_t(slice) * kWarps <= kOptin);
+    const bool vec = dv % kVec == 0 && aligned16(v.data_ptr()) && aligned16(out.data_ptr());
+    auto run = [&](auto kernel) {
+      emu::launch(dim3(blocks), dim3(kThreads), [&] {
+        kernel(P.data_ptr<acc_t>(), R.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+               keep.data_ptr<bool>(), acc_t(scale), out.data_ptr<scalar_t>(), probs.data_ptr<acc_t>(), rows, N, H, l,
+               k, dv, slice);
+      });
+    };
+    if (vec) run(sparse_attention_fwd_kernel<scalar_t, acc_t, kVec>);
+    else run(sparse_attention_fwd_kernel<scalar_t, acc_t, 1>);
+  });
+  return {out, probs};
+}
+
+std::vector<torch::Tensor> emu_sparse_attention_backward(torch::Tensor grad_out, torch::Tensor P, torch::Tensor R,
+                                                         torch::Tensor v, torch::Tensor idx, torch::Tensor rev,
+                                                         torch::Tensor probs, double scale) {
+  const int64_t B = P.size(0), N = P.size(1);
+  const int H = P.size(2), l = P.size(3), k = idx.size(2), dv = v.size(2) / H;
+  auto dP = torch::empty_like(P), dR = torch::empty_like(R), dv_out = torch::empty_like(v), ds = torch::empty_like(probs);
+  const int64_t rows = B * N;
+  const int blocks = (rows + kWarps - 1) / kWarps;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_bwd", [&] {
+    using acc_t = acc_type<scalar_t>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const int row_slice = warp_slice_bytes(k, H, sizeof(acc_t), 2, 0, 0);
+    const int col_slice = warp_slice_bytes(k, H, sizeof(acc_t), 2, 0, sizeof(int));
+    auto run = [&](auto row_kernel, auto col_kernel, int vec) {
+      int group = 1;
+      while (group < kWarpSize && group * vec < dv) group *= 2;
+      emu::launch(dim3(blocks), dim3(kThreads), [&] {
+        row_kernel(grad_out.data_ptr<scalar_t>(), R.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+                   probs.data_ptr<acc_t>(), acc_t(scale), dP.data_ptr<acc_t>(), ds.data_ptr<acc_t>(), rows, N, H, l, k,
+                   dv, group, row_slice);
+      });
+      emu::launch(dim3(blocks), dim3(kThreads), [&] {
+        col_kernel(grad_out.data_ptr<scalar_t>(), P.data_ptr<acc_t>(), idx.data_ptr<int64_t>(), rev.data_ptr<int64_t>(),
+                   probs.data_ptr<acc_t>(), ds.data_ptr<acc_t>(), acc_t(scale), dR.data_ptr<acc_t>(),
+                   dv_out.data_ptr<scalar_t>(), rows, N, H, l, k, dv, col_slice);
+      });
+    };
+    const bool vec = dv % kVec == 0 && aligned16(grad_out.data_ptr()) && aligned16(v.data_ptr()) && aligned16(dv_out.data_ptr());
+    if (vec) run(sparse_attention_bwd_row_kernel<scalar_t, acc_t, kVec>, sparse_attention_bwd_col_kernel<scalar_t, acc_t, kVec>, kVec);
+    else run(sparse_attention_bwd_row_kernel<scalar_t, acc_t, 1>, sparse_attention_bwd_col_kernel<scalar_t, acc_t, 1>, 1);
+  });
+  return {dP, dR, dv_out};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("knn", &emu_knn);
+  m.def("reciprocal_mask", &emu_reciprocal_mask);
+  m.def("reverse_index", &emu_reverse_index);
+  m.def("sparse_attention", &emu_sparse_attention);
+  m.def("sparse_attention_backward", &emu_sparse_attention_backward);
+}
