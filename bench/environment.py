@@ -60,8 +60,10 @@ def environment(device):
         except ImportError:
             versions[mod] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy without .git (e.g. a working tree sent to a lent GPU machine) names its commit in the environment.
+    commit = _git("rev-parse", "HEAD") or os.environ.get("NFORMER_GIT_COMMIT")
     return {"device": device.type, "device_name": name, "device_slug": slug, "versions": versions,
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "git_commit": commit, "git_dirty": bool(status) if status is not None else None,
             "torch_threads": torch.get_num_threads(),
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
             "extension": nk.extension_available(), "extension_cuda": nk.extension_has_cuda()}

@@ -2,6 +2,7 @@
 # For a session lent a GPU machine (torch + triton preinstalled, no network): build for the visible
 # GPU, run the GPU test suite, then the benchmark sweeps, writing everything under $OUT.
 # Usage: OUT=/path bash scripts/gpu_session.sh [build] [test] [bench] [tune] [bench-half]   (default: all)
+# Where the copy on the device has no .git, put NFORMER_GIT_COMMIT=<hash sent> in front so results name it.
 # Each stage fits one 10-minute device call and returns at most 8 files (the device tool's limit);
 # ignored build outputs persist on a warm machine. With ~30 device-minutes a session, run them in
 # this order of priority: build+test first (they verify the kernels), then bench, tune, bench-half.
@@ -24,7 +25,8 @@ sweep() {  # dtype, time budget (s)
 for stage in "${stages[@]}"; do
   case "$stage" in
     build)
-      { nvidia-smi; "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__)'; git log -1 --oneline; } \
+      { nvidia-smi; "$PY" -c 'import torch, triton; print(torch.__version__, triton.__version__)';
+        echo "commit ${NFORMER_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"; } \
         > "$OUT/device.txt" 2>&1 || true
       "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
       "$PY" -c 'import torch, nformer_kernels as nk; print("cuda kernels:", nk.extension_has_cuda(), "| auto backend:", nk.get_backend(torch.device("cuda")))' | tee -a "$OUT/device.txt" ;;
