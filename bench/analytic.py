@@ -43,21 +43,25 @@ def dense_transformer_attention_flops(n, d):
     return 4 * n * n * d
 
 
+def attention_forward_bytes(n, d, heads, l, k, elem_size):
+    """Bytes the sparse-attention forward must move when no gathered row is reused from cache (the
+    N=1e6 case): idx+keep (9 B/entry), P, R of k neighbours, v of k neighbours; writes out, probs."""
+    nk_, factors = n * k, heads * l * 4  # one row of P or R in fp32
+    return nk_ * 9 + n * factors + nk_ * factors + nk_ * d * elem_size + n * d * elem_size + nk_ * heads * 4
+
+
 def attention_train_bytes(n, d, heads, l, k, elem_size):
     """Bytes that neighbor_attention forward + backward must move when no gathered row is reused
-    from cache (the N=1e6 case): the basis of its achieved-bandwidth figure.
-
-    forward:       idx+keep (9 B/entry), P, R of k neighbours, v of k neighbours; writes out, probs
-    backward rows: idx, probs, grad_out, v and R of k neighbours; writes ds (fp32), dP
+    from cache: the basis of its achieved-bandwidth figure. Forward: attention_forward_bytes;
+    backward rows: idx, probs, grad_out, v and R of k neighbours; writes ds (fp32), dP;
     backward cols: idx, rev (16 B/entry), grad_out of k neighbours, probs and ds at the reverse
-                   positions (4 B each per head), P of k neighbours; writes dv, dR
+                   positions (4 B each per head), P of k neighbours; writes dv, dR.
     """
-    nk_, factors = n * k, heads * l * 4  # one row of P or R in fp32
-    forward = nk_ * 9 + n * factors + nk_ * factors + nk_ * d * elem_size + n * d * elem_size + nk_ * heads * 4
+    nk_, factors = n * k, heads * l * 4
     rows = nk_ * 8 + nk_ * heads * 4 + n * d * elem_size + nk_ * d * elem_size + nk_ * factors \
         + nk_ * heads * 4 + n * factors
     cols = nk_ * 16 + nk_ * d * elem_size + 2 * nk_ * heads * 4 + nk_ * factors + n * d * elem_size + n * factors
-    return forward + rows + cols
+    return attention_forward_bytes(n, d, heads, l, k, elem_size) + rows + cols
 
 
 def method_flops(method, n, d, heads, l, k, f, depth):

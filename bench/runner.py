@@ -102,6 +102,21 @@ def _attention_step(x, heads, l, k):
     return step
 
 
+def time_call_ms(fn, on_gpu):
+    """One timed call of fn: (wall ms, process CPU ms). CUDA events on the GPU (CPU time None),
+    perf_counter and process_time on the CPU."""
+    if on_gpu:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), None
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return 1e3 * (time.perf_counter() - t0), 1e3 * (time.process_time() - c0)
+
+
 def _set_threads(cfg):
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -146,18 +161,10 @@ def measure(cfg, isolated=True):
                 fn()
             times_ms, cpu_ms = [], []
             while len(times_ms) < cfg["repeats"] and sum(times_ms) < 1e3 * cfg["repeat_budget_s"]:
-                if on_gpu:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    times_ms.append(start.elapsed_time(end))
-                else:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    fn()
-                    times_ms.append(1e3 * (time.perf_counter() - t0))
-                    cpu_ms.append(1e3 * (time.process_time() - c0))
+                wall, cpu = time_call_ms(fn, on_gpu)
+                times_ms.append(wall)
+                if cpu is not None:
+                    cpu_ms.append(cpu)
             if on_gpu:
                 peak, mem_kind = torch.cuda.max_memory_allocated() - mem_before, "cuda_max_allocated"
             else:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from bench.analytic import attention_forward_bytes, knn_flops
+from bench.runner import time_call_ms
+
 # Grids around the launchers' current choices (knn: 64/64, attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps).
 # knn streams the query rows in BLOCK_D chunks with every key tile; Q_RESIDENT variants (fp16/bf16,
 # d <= 256, BLOCK_D = next_pow2(d)) load them once per program instead: half the L2 traffic at equal
@@ -30,23 +33,6 @@ KNN_GRID_RESIDENT = {"Q_RESIDENT": (True,), "BLOCK_M": (64, 128), "BLOCK_N": (64
                      "num_warps": (4, 8), "num_stages": (1, 2)}
 KNN_GRID_FP32 = {**KNN_GRID, "BLOCK_D": (8, 16, 32)}  # "ieee" fp32 dots keep operands in registers
 ATTENTION_GRID = {"BLOCK_M": (16, 32, 64), "DV_BLOCK": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2)}
-
-
-def _timer(device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    return run
 
 
 def _grid_variants(base, grids, limit):
@@ -65,9 +51,9 @@ def _grid_variants(base, grids, limit):
     return out[:limit] if limit else out
 
 
-def _time_variant(fn, timer, repeats):
+def _time_variant(fn, on_gpu, repeats):
     fn()  # warm-up (and compilation)
-    return statistics.median(timer(fn) for _ in range(repeats))
+    return statistics.median(time_call_ms(fn, on_gpu)[0] for _ in range(repeats))
 
 
 def tune_knn(n, d, k, dtype, device, repeats, limit):
@@ -82,7 +68,7 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
     else:
         d_pad = max(16, 1 << (d - 1).bit_length())
         grids = [KNN_GRID] + ([{**KNN_GRID_RESIDENT, "BLOCK_D": (d_pad,)}] if d_pad <= 256 else [])
-    timer, rows, reference = _timer(device), [], None
+    on_gpu, rows, reference = device.type == "cuda", [], None
     for variant in _grid_variants(base, grids, limit):
         idx = torch.empty((1, n, k), dtype=torch.int64, device=device)
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
@@ -90,7 +76,7 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
         def call(variant=variant, idx=idx, blocks=blocks):
             variant.launch((blocks, 1), x, idx, n, d, k)
 
-        rows.append(_measure(variant, call, timer, repeats, 2.0 * n * n * d, "TFLOP/s"))
+        rows.append(_measure(variant, call, on_gpu, repeats, knn_flops(n, d), "TFLOP/s"))
         if variant is base:
             reference = idx.clone()
         rows[-1]["match"] = _match(idx, reference, rows[-1])
@@ -112,8 +98,8 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
     out = torch.empty_like(v)
     probs = torch.empty((1, n, heads, k), dtype=torch.float32, device=device)
     scalars = (n, heads, landmarks, dv, k, dv ** -0.5)
-    bytes_fwd = n * k * (heads * landmarks * 4 + 9 + heads * 4) + n * k * d * v.element_size() * 2 + n * d * 2
-    timer, rows, reference = _timer(device), [], None
+    bytes_fwd = attention_forward_bytes(n, d, heads, landmarks, k, v.element_size())
+    on_gpu, rows, reference = device.type == "cuda", [], None
     base = attn.choose_variants(dtype, k)[0]
     for variant in _grid_variants(base, [ATTENTION_GRID], limit):
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
@@ -121,18 +107,18 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
         def call(variant=variant, blocks=blocks):
             variant.launch((blocks, 1), P, R, v, idx, keep.view(torch.uint8), out, probs, *scalars)
 
-        rows.append(_measure(variant, call, timer, repeats, bytes_fwd, "GB/s (analytic)"))
+        rows.append(_measure(variant, call, on_gpu, repeats, bytes_fwd, "GB/s (analytic)"))
         if variant is base:
             reference = out.clone()
         rows[-1]["match"] = _match(out, reference, rows[-1])
     return rows
 
 
-def _measure(variant, call, timer, repeats, work, unit):
+def _measure(variant, call, on_gpu, repeats, work, unit):
     row = {"variant": variant.label, "constexprs": variant.constexprs, "num_warps": variant.num_warps,
            "num_stages": variant.num_stages, "ms": None, "rate": None, "unit": unit, "error": None}
     try:
-        row["ms"] = _time_variant(call, timer, repeats)
+        row["ms"] = _time_variant(call, on_gpu, repeats)
         row["rate"] = work / (row["ms"] * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
     except Exception as exc:  # noqa: BLE001 - out of resources etc.: recorded, the sweep goes on
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
