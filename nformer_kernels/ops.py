@@ -122,7 +122,8 @@ def _check_index(idx, name="idx", check_values=True):
 
 
 def _same_device(**tensors):
-    devices = {name: t.device for name, t in tensors.items()}
+    """Non-tensors are skipped: each argument's own check names its type error."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all inputs must be on one device, got {devices}")
 
@@ -414,9 +415,6 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_i
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float(t, name, check_finite=check_inputs)
     _check_heads(num_heads)
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-        raise TypeError("keep must be a bool tensor")
-    check_landmarks(landmarks, q.shape[-2], check_values=False)
     _same_device(q=q, k=k, v=v, idx=idx, keep=keep, landmarks=landmarks)
     q, squeezed = _batched(q, "q", 1)
     k, _ = _batched(k, "k", 1)
