@@ -29,9 +29,7 @@ void knn_mma(const at::Tensor& x, at::Tensor& out, int n, int d, int k, cudaStre
   TORCH_CHECK(prop->major >= 8, "nformer::knn (CUDA): fp16/bf16 inputs need an sm_80 or newer GPU, this one is sm_",
               prop->major, prop->minor, "; pass float32");
   const size_t have = prop->sharedMemPerBlockOptin;
-  // 128-row blocks halve the candidate traffic; use them when they fit and still fill the GPU.
-  const int64_t blocks128 = x.size(0) * ((n + 127) / 128);
-  if (mma_smem_bytes(128, k) <= have && blocks128 >= prop->multiProcessorCount) {
+  if (mma_use_128_rows(k, have, x.size(0) * ((n + 127) / 128), prop->multiProcessorCount)) {
     launch_mma<mma_t, 128>(x, out, n, d, k, stream);
   } else if (mma_smem_bytes(64, k) <= have) {
     launch_mma<mma_t, 64>(x, out, n, d, k, stream);

@@ -110,6 +110,12 @@ constexpr size_t mma_smem_bytes(int bm, int k) {
   return size_t(bm) * kMmaLDS * sizeof(float) + size_t(bm) * k * (sizeof(float) + sizeof(int));
 }
 
+// Launch choice (host): 128-row blocks halve the candidate traffic; use them when they fit in
+// shared memory and `blocks128` of them still give every SM one.
+constexpr bool mma_use_128_rows(int k, size_t smem_optin, int64_t blocks128, int sm_count) {
+  return mma_smem_bytes(128, k) <= smem_optin && blocks128 >= sm_count;
+}
+
 // 8 consecutive 16-bit features of one row, zero-filled past the row end / last row.
 __device__ __forceinline__ uint4 load8(const uint16_t* __restrict__ x, int row, int n, int col, int d, bool vec_ok) {
   uint4 r = make_uint4(0, 0, 0, 0);

@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& P, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "nformer_sparse_attention_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const int slice = static_cast<int>(warp_slice_bytes(dm.k, dm.H, sizeof(acc_t), 1, dm.H * dm.l, 1));
+    const int slice = static_cast<int>(fwd_slice_bytes(dm.k, dm.H, dm.l, sizeof(acc_t)));
     auto launch = [&](auto kernel) {
       const size_t smem = block_smem(kernel, op, slice);
       kernel<<<blocks, kThreads, smem, stream>>>(P.data_ptr<acc_t>(), R.data_ptr<acc_t>(), v.data_ptr<scalar_t>(),
@@ -121,11 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "nformer_sparse_attention_bwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const int row_slice = static_cast<int>(warp_slice_bytes(dm.k, dm.H, sizeof(acc_t), 2, 0, 0));
-    const int col_slice = static_cast<int>(warp_slice_bytes(dm.k, dm.H, sizeof(acc_t), 2, 0, sizeof(int)));
+    const int row_slice = static_cast<int>(bwd_row_slice_bytes(dm.k, dm.H, sizeof(acc_t)));
+    const int col_slice = static_cast<int>(bwd_col_slice_bytes(dm.k, dm.H, sizeof(acc_t)));
     auto launch = [&](auto row_kernel, auto col_kernel, int vec) {
-      int group = 1;  // lanes per dot product: the power of two covering dv/vec, at most a warp
-      while (group < kWarpSize && group * vec < dm.dv) group *= 2;
+      const int group = lanes_per_dot(dm.dv, vec);
       const size_t row_smem = block_smem(row_kernel, op, row_slice);
       row_kernel<<<blocks, kThreads, row_smem, stream>>>(
           grad_out.data_ptr<scalar_t>(), R.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),

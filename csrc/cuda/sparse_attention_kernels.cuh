@@ -26,6 +26,23 @@ constexpr size_t warp_slice_bytes(int k, int H, size_t acc_size, int acc_arrays,
   return (size_t(k) * 8 + (size_t(acc_arrays) * H * k + extra_acc) * acc_size + size_t(k) * tail_bytes + 15) / 16 * 16;
 }
 
+// The slices of each kernel (host-side launch parameters): forward: ids, H*k scores, H*l P row,
+// k keep bytes; backward rows: ids, probs, da; backward columns: ids, probs, ds, k int32 positions.
+constexpr size_t fwd_slice_bytes(int k, int H, int l, size_t acc_size) {
+  return warp_slice_bytes(k, H, acc_size, 1, H * l, 1);
+}
+constexpr size_t bwd_row_slice_bytes(int k, int H, size_t acc_size) { return warp_slice_bytes(k, H, acc_size, 2, 0, 0); }
+constexpr size_t bwd_col_slice_bytes(int k, int H, size_t acc_size) {
+  return warp_slice_bytes(k, H, acc_size, 2, 0, sizeof(int));
+}
+
+// Lanes per dot product in the backward row pass: the power of two covering dv/vec, at most a warp.
+constexpr int lanes_per_dot(int dv, int vec) {
+  int group = 1;
+  while (group < kWarpSize && group * vec < dv) group *= 2;
+  return group;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads, 4) sparse_attention_fwd_kernel(
     const acc_t* __restrict__ P, const acc_t* __restrict__ R, const scalar_t* __restrict__ v,

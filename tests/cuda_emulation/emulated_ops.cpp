@@ -21,8 +21,7 @@ torch::Tensor emu_knn(torch::Tensor x, int64_t k, int64_t force_bm, int64_t sm_c
   const int n = N, di = d, ki = k;
   auto mma = [&](auto tag) {
     using mma_t = decltype(tag);
-    const int64_t blocks128 = B * ((N + 127) / 128);
-    const bool use128 = force_bm ? force_bm == 128 : (mma_smem_bytes(128, ki) <= kOptin && blocks128 >= sm_count);
+    const bool use128 = force_bm ? force_bm == 128 : mma_use_128_rows(ki, kOptin, B * ((N + 127) / 128), sm_count);
     const bool vec_ok = d % 8 == 0 && aligned16(x.data_ptr());
     const auto* xp = static_cast<const uint16_t*>(x.data_ptr());
     if (use128) {
@@ -82,7 +81,7 @@ std::vector<torch::Tensor> emu_sparse_attention(torch::Tensor P, torch::Tensor R
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const int slice = warp_slice_bytes(k, H, sizeof(acc_t), 1, H * l, 1);
+    const int slice = fwd_slice_bytes(k, H, l, sizeof(acc_t));
     TORCH_CHECK(size_t(slice) * kWarps <= kOptin);
     const bool vec = dv % kVec == 0 && aligned16(v.data_ptr()) && aligned16(out.data_ptr());
     auto run = [&](auto kernel) {
@@ -109,11 +108,10 @@ std::vector<torch::Tensor> emu_sparse_attention_backward(torch::Tensor grad_out,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const int row_slice = warp_slice_bytes(k, H, sizeof(acc_t), 2, 0, 0);
-    const int col_slice = warp_slice_bytes(k, H, sizeof(acc_t), 2, 0, sizeof(int));
+    const int row_slice = bwd_row_slice_bytes(k, H, sizeof(acc_t));
+    const int col_slice = bwd_col_slice_bytes(k, H, sizeof(acc_t));
     auto run = [&](auto row_kernel, auto col_kernel, int vec) {
-      int group = 1;
-      while (group < kWarpSize && group * vec < dv) group *= 2;
+      const int group = lanes_per_dot(dv, vec);
       emu::launch(dim3(blocks), dim3(kThreads), [&] {
         row_kernel(grad_out.data_ptr<scalar_t>(), R.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
                    probs.data_ptr<acc_t>(), acc_t(scale), dP.data_ptr<acc_t>(), ds.data_ptr<acc_t>(), rows, N, H, l, k,
