@@ -64,13 +64,13 @@ setup(
     name="nformer_kernels",
     version="0.1.0",
     description="Fused O(N*k) kernels and modules for NFormer (CVPR 2022) person re-identification",
-    packages=find_packages(include=["nformer_kernels", "nformer_kernels.*", "bench", "bench.*"])
-    + find_packages("python", include=["nformer_reid", "nformer_reid.*"]),
-    package_dir={"nformer_reid": "python/nformer_reid"},
+    packages=find_packages(include=["nformer_kernels", "nformer_kernels.*"])
+    + find_packages("python", include=["nformer_reid", "nformer_reid.*", "nformer_bench", "nformer_bench.*"]),
+    package_dir={"nformer_reid": "python/nformer_reid", "nformer_bench": "python/nformer_bench"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pyyaml"],
     extras_require={"test": ["pytest", "pytest-benchmark", "scipy"], "bench": ["faiss-cpu", "pytest-benchmark"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=bench.cli:main"]},
+    entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=nformer_bench.cli:main"]},
 )

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nformer_kernels as nk
-from bench.runner import explicit_landmarks, synthetic_features
+from nformer_bench.runner import explicit_landmarks, synthetic_features
 
 N, D, HEADS, K, LANDMARKS = 2000, 256, 2, 20, 5
 

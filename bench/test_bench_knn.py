@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nformer_kernels as nk
-from bench import baselines
-from bench.runner import synthetic_features
+from nformer_bench import baselines
+from nformer_bench.runner import synthetic_features
 
 N, K = 2000, 20
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nformer_kernels as nk
-from bench import baselines
-from bench.runner import explicit_landmarks, synthetic_features
+from nformer_bench import baselines
+from nformer_bench.runner import explicit_landmarks, synthetic_features
 
 N, D, DEPTH, LANDMARKS = 2000, 256, 4, 5
 

@@ -1,5 +1,6 @@
 """Smoke test of the nformer-bench CLI at tiny N (in-process sweep, one subprocess run, report)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import nformer_kernels as nk
-from bench import cli, report
+from nformer_bench import cli, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,9 +54,10 @@ def test_sweep_fused_agrees_with_dense_official(sweep):
 
 
 def test_module_entry_point_runs_in_a_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--n-list", "64", "--methods", "knn-torch",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")])}  # a checkout
+    proc = subprocess.run([sys.executable, "-m", "nformer_bench", "--n-list", "64", "--methods", "knn-torch",
                            "--device", "cpu", "--repeats", "1", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     (json_path,) = tmp_path.glob("*.json")
     (row,) = json.loads(json_path.read_text())["rows"]

@@ -1,6 +1,6 @@
 """Runs one benchmark configuration (method, backend, N, dtype) and measures it.
 
-On the CPU the CLI calls `measure` in a fresh subprocess per configuration (`python -m bench
+On the CPU the CLI calls `measure` in a fresh subprocess per configuration (`python -m nformer_bench
 _worker`) so that peak-RSS figures of different methods do not mix and an out-of-memory kill
 ends only that child; on CUDA it calls it in-process (peak stats reset, OOM is an exception).
 `agreement` checks the fused model against the dense official one.
@@ -13,8 +13,8 @@ import time
 import torch
 
 import nformer_kernels as nk
-from bench import baselines
-from bench.analytic import attention_train_bytes, method_flops
+from nformer_bench import baselines
+from nformer_bench.analytic import attention_train_bytes, method_flops
 
 # Run once per nformer_kernels backend; "attention" is neighbor_attention forward + backward.
 FUSED_METHODS = ("nformer", "nformer-layer", "knn", "attention")

@@ -5,7 +5,6 @@ import re
 import subprocess
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
 
 
 def _slug(text):
@@ -33,8 +32,12 @@ def mem_available_bytes():
 
 
 def _git(*cmd):
+    """git in the checkout that holds the nformer_kernels being measured (None outside one)."""
+    import nformer_kernels
+
     try:
-        out = subprocess.run(["git", *cmd], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *cmd], cwd=Path(nformer_kernels.__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -60,7 +63,7 @@ def environment(device):
         except ImportError:
             versions[mod] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
-    # A copy without .git (e.g. a working tree sent to a lent GPU machine) names its commit in the environment.
+    # A source copy without .git (an exported tree) can name its commit in NFORMER_GIT_COMMIT.
     commit = _git("rev-parse", "HEAD") or os.environ.get("NFORMER_GIT_COMMIT")
     return {"device": device.type, "device_name": name, "device_slug": slug, "versions": versions,
             "git_commit": commit, "git_dirty": bool(status) if status is not None else None,

@@ -4,7 +4,7 @@
                 [--device cpu|cuda] [--dtype float32] [--repeats 5] [--out DIR]
   nformer-bench report [--readme README.md]    # README section from bench/results/*/*.json
   nformer-bench tune [--kernel knn|attention] [--n 100000] [--dtype bfloat16]   # Triton launch configs (GPU)
-(`python -m bench ...` is the same.) Run `nformer-bench run --help` for every option.
+(`python -m nformer_bench ...` is the same.) Run `nformer-bench run --help` for every option.
 """
 import argparse
 import json
@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.environment import environment, mem_available_bytes
+from nformer_bench.environment import environment, mem_available_bytes
 
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+# Relative to the working directory: results never go into the installed package.
+RESULTS_DIR = Path("nformer_bench_results")
 DEFAULT_N = (1000, 2000, 5000, 10000, 19281, 50000, 93820, 200000, 500000, 1000000)  # Market-1501, MSMT17
 RESULT_MARK = "NFORMER_BENCH_RESULT "
 
@@ -31,7 +31,7 @@ def _int_list(text):
 
 
 def _parser():
-    from bench.runner import DTYPES, METHODS
+    from nformer_bench.runner import DTYPES, METHODS
 
     parser = argparse.ArgumentParser(prog="nformer-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +79,8 @@ def _parser():
                           "none: all in this process; auto: process on CPU, none on CUDA (where "
                           "max_memory_allocated and OutOfMemoryError work in-process)")
     report = sub.add_parser("report", help="write the README benchmark section from committed results")
-    report.add_argument("--results-root", type=Path, default=RESULTS_DIR)
-    report.add_argument("--readme", type=Path, default=BENCH_DIR.parent / "README.md")
+    report.add_argument("--results-root", type=Path, default=Path("bench/results"))
+    report.add_argument("--readme", type=Path, default=Path("README.md"))
     return parser
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
         _worker(argv[1], json.loads(argv[2]))
         return
     if argv[:1] == ["tune"]:
-        from bench.tune import main as tune_main
+        from nformer_bench.tune import main as tune_main
 
         tune_main(argv[1:])
         return
@@ -99,7 +99,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     args.argv = argv
     if args.command == "report":
-        from bench.report import update_readme
+        from nformer_bench.report import update_readme
 
         update_readme(args.results_root, args.readme)
     else:
@@ -107,7 +107,7 @@ def main(argv=None):
 
 
 def _worker(kind, cfg):
-    from bench import runner
+    from nformer_bench import runner
 
     if kind == "measure":
         result = runner.measure(cfg)
@@ -133,12 +133,20 @@ def available_backends(device):
 
 
 # ----------------------------------------------------------------------------- sweep
+def _import_roots():
+    """The folders holding nformer_bench and nformer_kernels, so a child imports the same copies."""
+    import nformer_kernels
+
+    return list(dict.fromkeys(str(Path(m.__file__).resolve().parent.parent)
+                              for m in (sys.modules[__package__], nformer_kernels)))
+
+
 def _run_child(kind, cfg, timeout_s):
     """Run one worker in a fresh interpreter; returns its result dict (status OOM/timeout/error on failure)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR.parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*_import_roots(), env.get("PYTHONPATH")]))
     env["PYTHONWARNINGS"] = "ignore"  # e.g. the missing-extension warning, once per child
-    cmd = [sys.executable, "-m", "bench", "_worker", kind, json.dumps(cfg)]
+    cmd = [sys.executable, "-m", "nformer_bench", "_worker", kind, json.dumps(cfg)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -154,7 +162,7 @@ def _run_child(kind, cfg, timeout_s):
 
 def _configs(args, device, backends):
     """(method, backend) pairs in the order they are run."""
-    from bench.runner import BASELINE_BACKEND, FUSED_METHODS, METHODS
+    from nformer_bench.runner import BASELINE_BACKEND, FUSED_METHODS, METHODS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -184,9 +192,9 @@ def _importable(name):
 def run_sweep(args):
     import torch
 
-    from bench import report
-    from bench.analytic import PAPER_GFLOPS_PER_IMG, dense_memory_bytes, method_flops
-    from bench.runner import FUSED_METHODS
+    from nformer_bench import report
+    from nformer_bench.analytic import PAPER_GFLOPS_PER_IMG, dense_memory_bytes, method_flops
+    from nformer_bench.runner import FUSED_METHODS
 
     t_start = time.monotonic()
     # SIGTERM (e.g. from `timeout`) -> SystemExit, so subprocess.run kills the running child too.
@@ -235,7 +243,7 @@ def run_sweep(args):
     def launch(kind, cfg, timeout_s):
         if isolated:
             return _run_child(kind, cfg, timeout_s)
-        from bench import runner
+        from nformer_bench import runner
 
         try:  # one failing backend must not end a sweep (a child process would just exit)
             if kind == "measure":

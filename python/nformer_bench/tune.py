@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.analytic import attention_forward_bytes, knn_flops
-from bench.runner import time_call_ms
+from nformer_bench.analytic import attention_forward_bytes, knn_flops
+from nformer_bench.runner import time_call_ms
 
 # Grids around the launchers' current choices (knn: 64/64, attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps).
 # knn streams the query rows in BLOCK_D chunks with every key tile; Q_RESIDENT variants (fp16/bf16,
@@ -179,7 +179,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     import triton
 
-    from bench.environment import environment
+    from nformer_bench.environment import environment
 
     device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
     dtype = getattr(torch, args.dtype)

@@ -1,0 +1,3 @@
+from nformer_bench.cli import main
+
+main()
