@@ -1,95 +1,40 @@
 """NFormerLayer / NFormer: official-forward equivalence, checkpoints, train/eval, options, compile."""
-import math
 import warnings
 
 import pytest
 import torch
 
 import nformer_kernels as nk
+from nformer_bench.baselines import DenseOfficialNFormer, random_official_state_dict
 from tests.conftest import assert_close_fp32, cpu_backends, ties_free
 
 BACKENDS = cpu_backends()
 
 
-def official_state_dict(dim=32, depth=2, ffn=None, classes=11, seed=0, prefix="nformer.", std=0.2):
-    """A random state dict in the official nformer_model.pth layout (Conv1D weights stored (in, out)).
-
-    std scales the weights; at dim=256 keep it small: the affinity is a product of two 128-dim dot
-    products, so large weights give logits in the thousands, where fp32 summation order alone moves
-    the output by 1e-3."""
-    g = torch.Generator().manual_seed(seed)
-    ffn = ffn or 4 * dim
-    rnd = lambda *s: std * torch.randn(*s, generator=g)  # noqa: E731
-    sd = {}
-    for i in range(depth):
-        h = f"{prefix}h.{i}."
-        sd.update({h + "attn.c_attn.w": rnd(dim, 3 * dim), h + "attn.c_attn.b": rnd(3 * dim),
-                   h + "attn.c_proj.w": rnd(dim, dim), h + "attn.c_proj.b": rnd(dim),
-                   h + "ln_1.g": 1 + rnd(dim), h + "ln_1.b": rnd(dim),
-                   h + "mlp.c_fc.w": rnd(dim, ffn), h + "mlp.c_fc.b": rnd(ffn),
-                   h + "mlp.c_proj.w": rnd(ffn, dim), h + "mlp.c_proj.b": rnd(dim),
-                   h + "ln_2.g": 1 + rnd(dim), h + "ln_2.b": rnd(dim)})
-    sd.update({prefix + "bottleneck.weight": 1 + rnd(dim), prefix + "bottleneck.bias": rnd(dim),
-               prefix + "bottleneck.running_mean": rnd(dim), prefix + "bottleneck.running_var": 1 + rnd(dim).abs(),
-               prefix + "bottleneck.num_batches_tracked": torch.tensor(7),
-               prefix + "classifier.weight": rnd(classes, dim)})
-    if prefix:
-        sd["base.conv1.weight"] = rnd(4, 3, 1, 1)  # backbone weights of a full checkpoint are not ours
-    return sd
-
-
-def official_eval_forward(sd, x, landmarks, topk, heads, prefix="nformer."):
-    """The official NFormer eval forward, transcribed from its equations: dense N x N cosine top-k,
-    N x N reciprocal mask, dense landmark affinity, sparse softmax over the masked affinity."""
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    b, n, d = x.shape
-    dh = d // heads
-    xn = x / x.norm(dim=2, keepdim=True)
-    nbr = torch.topk(xn @ xn.transpose(1, 2), topk, dim=2).indices
-    mask = torch.zeros(b, n, n).scatter_(2, nbr, 1.0)
-    mask = (mask * mask.transpose(1, 2)).unsqueeze(1)
-
-    def layer_norm(t, g, bias):  # OpenAI style: eps inside the square root
-        u = t.mean(-1, keepdim=True)
-        s = (t - u).pow(2).mean(-1, keepdim=True)
-        return g * (t - u) / torch.sqrt(s + 1e-5) + bias
-
-    def gelu(t):
-        return 0.5 * t * (1 + torch.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t ** 3)))
-
-    depth = len({k.split(".")[1] for k in sd if k.startswith("h.")})
-    for i in range(depth):
-        p = lambda name: sd[f"h.{i}.{name}"]  # noqa: E731
-        qkv = x @ p("attn.c_attn.w") + p("attn.c_attn.b")
-        q, k, v = (t.view(b, n, heads, dh).permute(0, 2, 1, 3) for t in qkv.split(d, dim=2))
-        lm = landmarks[i]
-        w = (q @ k[:, :, lm].transpose(2, 3)) @ (q[:, :, lm] @ k.transpose(2, 3)) / math.sqrt(dh)
-        w = (w * mask).reshape(b * heads, n, n).to_sparse()
-        a = torch.bmm(torch.sparse.softmax(w, 2), v.reshape(b * heads, n, dh)).reshape(b, heads, n, dh)
-        a = a.permute(0, 2, 1, 3).reshape(b, n, d) @ p("attn.c_proj.w") + p("attn.c_proj.b")
-        h = layer_norm(x + a, p("ln_1.g"), p("ln_1.b"))
-        m = gelu(h @ p("mlp.c_fc.w") + p("mlp.c_fc.b")) @ p("mlp.c_proj.w") + p("mlp.c_proj.b")
-        x = layer_norm(h + m, p("ln_2.g"), p("ln_2.b"))
-    bn = (x - sd["bottleneck.running_mean"]) / torch.sqrt(sd["bottleneck.running_var"] + 1e-5)
-    return bn * sd["bottleneck.weight"] + sd["bottleneck.bias"]
+def official_eval_forward(sd, x, landmarks, topk, heads):
+    """The official NFormer eval forward on state dict sd: the dense transcription of the official
+    code (nformer_bench.baselines) with its N x N cosine top-k, reciprocal mask and affinity."""
+    model = DenseOfficialNFormer.from_official(sd, heads=heads, topk=topk).eval()
+    with torch.no_grad():
+        return model(x, landmarks=landmarks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("prefix", ["nformer.", ""])
 def test_from_official_matches_official_forward(backend, prefix):
-    sd = official_state_dict(dim=32, depth=2, prefix=prefix)
+    sd = random_official_state_dict(dim=32, depth=2, prefix=prefix)
     model = nk.NFormer.from_official(sd, topk=8).eval()
     assert model.classifier.out_features == 11 and model.depth == 2
     x = ties_free(3 * 40, 32).view(3, 40, 32)
     landmarks = torch.stack([torch.randperm(40, generator=torch.Generator().manual_seed(s))[:5] for s in (1, 2)])
     with torch.no_grad():
         ours = model(x, landmarks=landmarks)
-    assert_close_fp32(ours, official_eval_forward(sd, x, landmarks, topk=8, heads=2, prefix=prefix))
+    assert_close_fp32(ours, official_eval_forward(sd, x, landmarks, topk=8, heads=2))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_from_official_default_size(backend):
-    sd = official_state_dict(dim=256, depth=4, classes=751, seed=3, std=0.05)
+    sd = random_official_state_dict(dim=256, depth=4, classes=751, seed=3, std=0.05)
     model = nk.NFormer.from_official(sd).eval()
     x = ties_free(1 * 120, 256).view(1, 120, 256)
     g = torch.Generator().manual_seed(4)
@@ -99,7 +44,7 @@ def test_from_official_default_size(backend):
 
 
 def test_from_official_loads_every_head_tensor():
-    sd = official_state_dict()
+    sd = random_official_state_dict()
     model = nk.NFormer.from_official(sd)
     for name in ("weight", "bias", "running_mean", "running_var"):
         assert torch.equal(getattr(model.bottleneck, name), sd[f"nformer.bottleneck.{name}"])
@@ -110,7 +55,7 @@ def test_from_official_loads_every_head_tensor():
 
 
 def test_from_official_reports_missing_and_unexpected_keys():
-    sd = official_state_dict()
+    sd = random_official_state_dict()
     del sd["nformer.h.1.ln_2.g"]
     sd["nformer.h.0.attn.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys \['h.1.ln_2.g'\].*unexpected keys \['h.0.attn.extra'\]"):
@@ -124,7 +69,7 @@ def test_from_official_reports_missing_and_unexpected_keys():
 
 
 def test_from_official_rejects_wrong_shapes():
-    sd = official_state_dict()
+    sd = random_official_state_dict()
     sd["nformer.h.0.mlp.c_proj.b"] = torch.zeros(5)
     with pytest.raises(ValueError, match="fc2.bias"):
         nk.NFormer.from_official(sd)

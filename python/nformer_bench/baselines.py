@@ -4,7 +4,10 @@
   modeling/nformer.py), with every N x N tensor it builds: cosine matrix + topk, landmark
   affinity w1 @ w2, scattered neighbour mask, reciprocal mask * mask^T, masked softmax and a
   dense probabilities @ V. Parameter names follow the official checkpoint layout, so
-  `nk.NFormer.from_official(dense.state_dict())` gives the fused model the same weights.
+  `nk.NFormer.from_official(dense.state_dict())` gives the fused model the same weights and
+  `DenseOfficialNFormer.from_official(sd)` runs an official checkpoint densely. It is the one
+  transcription of the official model: the benchmarks, the agreement checks and the tests use it.
+- random_official_state_dict: seeded random weights in that layout (tests, checks).
 - dense_transformer: torch.nn.TransformerEncoder layers (full softmax attention, SDPA).
 - knn_torch_chunked / knn_faiss: the usual ways to get a top-k without a custom kernel.
 """
@@ -95,14 +98,30 @@ class DenseOfficialNFormer(nn.Module):
 
     forward(x (B,N,d), landmarks (depth, l) int64 or None) -> BatchNorm'd features (B,N,d).
     Without landmarks each block draws l distinct positions from the global RNG, as the official code.
+    num_classes adds the official classifier (bias-free Linear), so a full state dict loads; the
+    eval forward does not use it.
     """
 
-    def __init__(self, dim=256, depth=4, heads=2, num_landmarks=5, topk=20, ffn_dim=1024):
+    def __init__(self, dim=256, depth=4, heads=2, num_landmarks=5, topk=20, ffn_dim=1024, num_classes=None):
         super().__init__()
         self.depth, self.num_landmarks, self.topk = depth, num_landmarks, topk
         self.h = nn.ModuleList(_DenseBlock(dim, heads, ffn_dim) for _ in range(depth))
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(dim, num_classes, bias=False) if num_classes else None
+
+    @classmethod
+    def from_official(cls, state_dict, heads=2, num_landmarks=5, topk=20):
+        """The dense model with the weights of an official state dict (nformer_model.pth, with or
+        without the `nformer.` prefix; dim, depth, FFN width and classes read from its tensors)."""
+        from nformer_kernels import official
+
+        sd = official.nformer_subset(state_dict)
+        config = official.architecture(sd)
+        model = cls(config["dim"], config["depth"], heads, num_landmarks, topk, config["ffn_dim"],
+                    config["num_classes"])
+        model.load_state_dict(sd)
+        return model
 
     def forward(self, x, landmarks=None):
         b, n, d = x.shape
@@ -115,6 +134,33 @@ class DenseOfficialNFormer(nn.Module):
         return self.bottleneck(x.reshape(b * n, d)).view(b, n, d)
 
 
+def random_official_state_dict(dim=32, depth=2, ffn=None, classes=11, seed=0, prefix="nformer.", std=0.2):
+    """A seeded random state dict in the official nformer_model.pth layout (Conv1D weights (in, out)).
+
+    Weights are std * N(0, 1); LayerNorm and BatchNorm gains 1 + that, running variances 1 + |that|.
+    With a prefix (a full model's checkpoint) it also holds a backbone tensor that is not NFormer's.
+    At dim=256 keep std small: the affinity is a product of two 128-dim dot products, so large
+    weights give logits in the thousands, where fp32 summation order alone moves the output by 1e-3.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):  # names and shapes only: no memory, no draws from the global RNG
+        layout = DenseOfficialNFormer(dim, depth, ffn_dim=ffn or 4 * dim, num_classes=classes).state_dict()
+    sd = {}
+    for key, like in layout.items():
+        if key.endswith("num_batches_tracked"):
+            value = torch.tensor(7)
+        else:
+            value = std * torch.randn(*like.shape, generator=g)
+            if key.endswith(("ln_1.g", "ln_2.g", "bottleneck.weight")):
+                value = 1 + value
+            elif key.endswith("running_var"):
+                value = 1 + value.abs()
+        sd[prefix + key] = value
+    if prefix:
+        sd["base.conv1.weight"] = std * torch.randn(4, 3, 1, 1, generator=g)
+    return sd
+
+
 def dense_transformer(dim=256, heads=2, ffn_dim=1024, depth=4):
     """depth stacked nn.TransformerEncoderLayer (post-LN, batch_first): full N x N attention."""
     layer = nn.TransformerEncoderLayer(dim, heads, ffn_dim, batch_first=True, norm_first=False)
@@ -124,11 +170,13 @@ def dense_transformer(dim=256, heads=2, ffn_dim=1024, depth=4):
 def knn_torch_chunked(x, k, chunk_bytes=256 << 20):
     """Cosine top-k of the rows of x (N,d) by torch.mm + torch.topk over row chunks.
 
-    Each chunk's similarity block (rows x N, fp32) stays under chunk_bytes. Self is not forced
-    first (it is first anyway unless a duplicate row ties with it).
+    The products run in x's dtype on CUDA (fp16/bf16 on tensor cores, as a user would run them)
+    and in fp32 on the CPU, where half-precision matmuls are slow. Each chunk's similarity block
+    (rows x N) stays under chunk_bytes. Self is not forced first (it is first anyway unless a
+    duplicate row ties with it).
     """
-    xn = F.normalize(x.float(), dim=1)
-    rows = max(1, min(x.shape[0], chunk_bytes // (4 * x.shape[0])))
+    xn = F.normalize(x if x.is_cuda else x.float(), dim=1)
+    rows = max(1, min(x.shape[0], chunk_bytes // (xn.element_size() * x.shape[0])))
     return torch.cat([torch.topk(torch.mm(xn[s:s + rows], xn.T), k, dim=1).indices
                       for s in range(0, x.shape[0], rows)])
 
