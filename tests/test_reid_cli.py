@@ -56,12 +56,12 @@ def test_yaml_config_sets_options_and_rejects_unknown(tmp_path):
 
 
 def test_example_configs_parse():
-    from nformer_reid.cli import _apply_config, build_parser
+    from nformer_reid.cli import parse_config
 
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         command = name.split(".")[0].split("_")[0]
-        args = _apply_config(build_parser(), [command, "--config", os.path.join(ROOT, "configs", name)]
-                             + (["--official", "x.pth"] if command == "eval" else []))
+        args = parse_config([command, "--config", os.path.join(ROOT, "configs", name)]
+                            + (["--official", "x.pth"] if command == "eval" else []))
         assert args.command == command
 
 

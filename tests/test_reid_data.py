@@ -1,4 +1,5 @@
 """Dataset parsers on generated folder trees (right and wrong layouts), synthetic data, sampler."""
+import logging
 import os
 
 import numpy as np
@@ -24,18 +25,20 @@ def market_tree(root):
           "0000_c6s1_000001_01.jpg", "-1_c1s1_000401_03.jpg", "-1_c3s1_000501_01.jpg")
 
 
-def test_market_parser_drops_junk_keeps_distractors_relabels_train(tmp_path, capsys):
+def test_market_parser_drops_junk_keeps_distractors_relabels_train(tmp_path, capsys, caplog):
     root = tmp_path / "Market-1501-v15.09.15"
     market_tree(str(root))
-    ds = Market1501(str(tmp_path))  # found in its standard subfolder
+    with caplog.at_level(logging.INFO, logger="nformer_reid"):
+        ds = Market1501(str(tmp_path))  # found in its standard subfolder
     assert sorted(p for _, p, _ in ds.train) == [0, 0, 1]  # 2 -> 0, 7 -> 1
     assert {(os.path.basename(f), p, c) for f, p, c in ds.query} == {
         ("0001_c1s1_001051_00.jpg", 1, 0), ("0003_c2s1_000100_00.jpg", 3, 1)}
     gallery = sorted((p, c) for _, p, c in ds.gallery)
     assert gallery == [(0, 5), (1, 1), (3, 4)]  # junk (-1) dropped, distractor (0) kept, camids 0-based
     assert ds.num_train_pids == 2
-    out = capsys.readouterr().out
+    out = caplog.text  # the statistics are logged (a library call prints nothing)
     assert "subset   | # ids | # images | # cameras" in out and "train    |     2 |        3 |         3" in out
+    assert capsys.readouterr().out == ""
 
 
 def test_market_wrong_layout_names_expected_folders(tmp_path):

@@ -1,4 +1,6 @@
 """Losses, model, one tiny step of each training stage, checkpoints, official checkpoint import."""
+import logging
+
 import pytest
 import torch
 
@@ -62,13 +64,15 @@ def test_backbone_last_stride_and_bnneck():
     assert model.eval()(torch.randn(2, 3, 64, 32)).shape == (2, 16)
 
 
-def test_imagenet_weights_from_local_file(tmp_path, capsys):
+def test_imagenet_weights_from_local_file(tmp_path, capsys, caplog):
     import torchvision
 
     ref = torchvision.models.resnet18(weights=None)
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
-    model = Backbone(3, arch="resnet18", pretrained=str(tmp_path / "r18.pth"))
-    assert "loaded ImageNet weights" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="nformer_reid"):
+        model = Backbone(3, arch="resnet18", pretrained=str(tmp_path / "r18.pth"))
+    assert "loaded ImageNet weights" in caplog.text
+    assert capsys.readouterr().out == ""  # logged, not printed: library calls are quiet by default
     torch.testing.assert_close(model.base.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
     with pytest.raises(ValueError, match="does not fit resnet50"):
         Backbone(3, arch="resnet50", pretrained=str(tmp_path / "r18.pth"))

@@ -2,10 +2,21 @@
 
 Datasets (Market-1501, DukeMTMC-reID, MSMT17, CUHK03 new protocol, synthetic), a ResNet + BNNeck
 backbone, the two-stage training recipe, evaluation (CMC/mAP), k-reciprocal re-ranking and the
-`nformer-reid` command line. Uses only the public API of nformer_kernels.
+`nformer-reid` command line. Uses only the public API of nformer_kernels. The image pipeline
+(backbone, loaders) needs torchvision: pip install nformer_kernels[reid].
+
+Layout: config (every default), data/, model, losses, solver, neighborhood, metrics, rerank,
+plotting, engine/ (training stages, evaluation, checkpoints), demo, cli, utils/ (logging,
+optional dependencies). Library calls log to the "nformer_reid" logger and print nothing unless
+logging is configured (nformer_reid.utils.setup_logging, which the CLI calls).
 """
-from nformer_reid.metrics import compute_distance_matrix, evaluate_rank, plot_cmc
+import logging
+
+from nformer_kernels import __version__
+from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
+from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking, re_ranking_sparse
 
-__version__ = "0.1.0"
-__all__ = ["compute_distance_matrix", "evaluate_rank", "plot_cmc", "re_ranking", "re_ranking_sparse"]
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet unless the application configures logging
+
+__all__ = ["__version__", "compute_distance_matrix", "evaluate_rank", "plot_cmc", "re_ranking", "re_ranking_sparse"]

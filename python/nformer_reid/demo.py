@@ -1,23 +1,28 @@
 """End-to-end NFormer demo on the synthetic feature benchmark (no downloads, CPU friendly).
 
-Trains the NFormer stage on synthetic train features, then prints mAP / CMC of the test set
-before NFormer, after NFormer (official joint query+gallery sequence, seeded landmarks), and
-each with k-reciprocal re-ranking; saves CMC and loss plots plus results.json.
+Trains the NFormer stage on synthetic train features, then reports mAP / CMC of the test set
+before NFormer, after NFormer (official joint query+gallery sequence and paper query-query
+isolation, seeded landmarks), and with k-reciprocal re-ranking; saves CMC and loss plots plus
+results.json. Needs no torchvision.
 """
-import json
+import logging
 import os
 import time
+from typing import Dict
 
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.config import DemoConfig
 from nformer_reid.data.synthetic import make_feature_benchmark
-from nformer_reid.engine import (NFormerHolder, evaluate_features, format_result, log, plot_losses, refine_features,
-                                 train_nformer)
-from nformer_reid.metrics import plot_cmc
+from nformer_reid.engine.evaluation import compare, summarize
+from nformer_reid.engine.nformer_training import train_nformer
+from nformer_reid.plotting import plot_losses
 
-# Sized so the whole demo takes ~1-2 min on 2 CPU cores: 1500 train identities keep the NFormer
-# from memorising them (it must learn to aggregate neighbours to lower the loss).
+logger = logging.getLogger(__name__)
+
+# Sized so the whole demo takes well under a minute on 2 CPU cores: 1500 train identities keep the
+# NFormer from memorising them (it must learn to aggregate neighbours to lower the loss).
 DEMO_BENCHMARK = dict(num_train_ids=1500, num_test_ids=300, num_cams=6, images_per_cam=3, cams_per_id=4,
                       dim=128, noise=1.5, num_distractors=500)
 DEMO_NFORMER = dict(depth=2, num_heads=2, num_landmarks=5, topk=20)
@@ -25,49 +30,28 @@ DEMO_NFORMER = dict(depth=2, num_heads=2, num_landmarks=5, topk=20)
 QUICK_BENCHMARK = dict(DEMO_BENCHMARK, num_train_ids=60, num_test_ids=30, num_distractors=20)
 
 
-def run_demo(out_dir: str = "nformer_demo_out", steps: int = 100, seq_len: int = 512, lr: float = 3e-4,
-             seed: int = 0, rerank: bool = True, device=None, quick: bool = False) -> dict:
+def run_demo(config: DemoConfig = DemoConfig()) -> Dict[str, Dict[str, float]]:
+    """Run the demo with `config` (the `nformer-reid demo` options); returns {name: {mAP, R1, R5, R10}}."""
     start = time.time()
-    config = QUICK_BENCHMARK if quick else DEMO_BENCHMARK
-    torch.manual_seed(seed)
-    os.makedirs(out_dir, exist_ok=True)
-    bench = make_feature_benchmark(seed=seed, **config)
+    benchmark = QUICK_BENCHMARK if config.quick else DEMO_BENCHMARK
+    torch.manual_seed(config.seed)  # the NFormer's initial weights
+    os.makedirs(config.out, exist_ok=True)
+    bench = make_feature_benchmark(seed=config.seed, **benchmark)
     q, g = bench.query, bench.gallery
-    log(f"synthetic benchmark: {bench.train.feats.shape[0]} train features ({config['num_train_ids']} ids), "
-        f"{q.feats.shape[0]} query / {g.feats.shape[0]} gallery (dim {config['dim']}); "
-        f"nformer_kernels backend: {nk.get_backend('cpu')}")
-
-    def score(qf, gf, rr=False):
-        return evaluate_features(qf, gf, q.pids, g.pids, q.camids, g.camids, rerank=rr)
-
-    results = {"baseline": score(q.feats, g.feats)}
-    if rerank:
-        results["baseline + re-ranking"] = score(q.feats, g.feats, True)
-    nformer = nk.NFormer(dim=config["dim"], num_classes=config["num_train_ids"], **DEMO_NFORMER)
-    holder = NFormerHolder(nformer, {"demo": True, **DEMO_NFORMER})
-    history = train_nformer(holder, bench.train.feats, bench.train.pids, out_dir=out_dir, steps=steps,
-                            seq_len=seq_len, batch_size=2, lr=lr, seed=seed, amp="none", device=device,
-                            log_period=max(1, steps // 4))
-    qn, gn = refine_features(nformer, q.feats, g.feats, mode="official", seed=seed, device=device)
-    results["NFormer (official)"] = score(qn, gn)
-    qp, gp = refine_features(nformer, q.feats, g.feats, mode="paper", seed=seed, device=device)
-    results["NFormer (paper)"] = score(qp, gp)
-    if rerank:
-        results["NFormer + re-ranking"] = score(qn, gn, True)
-
-    print("\nSynthetic Re-ID benchmark (test identities unseen in training):")
-    for name, res in results.items():
-        print("  " + format_result(name, res))
+    logger.info("synthetic benchmark: %d train features (%d ids), %d query / %d gallery (dim %d); "
+                "nformer_kernels backend: %s", bench.train.feats.shape[0], benchmark["num_train_ids"],
+                q.feats.shape[0], g.feats.shape[0], benchmark["dim"], nk.get_backend("cpu"))
+    nformer = nk.NFormer(dim=benchmark["dim"], num_classes=benchmark["num_train_ids"], **DEMO_NFORMER)
+    history = train_nformer(nformer, bench.train.feats, bench.train.pids, out_dir=config.out, steps=config.steps,
+                            seq_len=config.seq_len, batch_size=2, lr=config.lr, seed=config.seed, amp="none",
+                            device=config.device, log_period=max(1, config.steps // 4))
+    results = compare(q.feats, g.feats, (q.pids, g.pids, q.camids, g.camids), nformer=nformer,
+                      modes=("official", "paper"), rerank=not config.no_rerank, baseline="baseline",
+                      title="synthetic benchmark, test identities unseen in training", out_dir=config.out,
+                      seed=config.seed, device=config.device).results
     gain = results["NFormer (official)"]["mAP"] - results["baseline"]["mAP"]
-    print(f"  NFormer changes mAP by {gain:+.1%} over the input features")
-    plot_cmc({k: (v["cmc"], v["mAP"]) for k, v in results.items()}, os.path.join(out_dir, "cmc.png"),
-             title="CMC, synthetic benchmark")
-    plot_losses({"NFormer stage 2": history}, os.path.join(out_dir, "loss.png"))
-    elapsed = time.time() - start
-    summary = {name: {"mAP": r["mAP"], "R1": r["R1"], "R5": r["R5"], "R10": r["R10"]} for name, r in results.items()}
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
-        json.dump({"results": summary, "steps": steps, "seq_len": seq_len, "lr": lr, "seed": seed,
-                   "benchmark": config, "nformer": DEMO_NFORMER, "seconds": elapsed}, fh, indent=2)
-    print(f"  plots: {os.path.join(out_dir, 'cmc.png')}, {os.path.join(out_dir, 'loss.png')}; "
-          f"total {elapsed:.0f} s")
-    return summary
+    logger.info("NFormer changes mAP by %+.1f%% over the input features", 100 * gain)
+    plot_losses({"NFormer stage 2": history}, os.path.join(config.out, "loss.png"))
+    logger.info("plots: %s, %s; total %.0f s", os.path.join(config.out, "cmc.png"),
+                os.path.join(config.out, "loss.png"), time.time() - start)
+    return summarize(results)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nformer_reid.config import CENTER_WEIGHT, TRIPLET_MARGIN
+
 
 class CrossEntropyLabelSmooth(nn.Module):
     """CE with targets (1 - eps) * onehot + eps / num_classes (Szegedy et al. 2016)."""
@@ -27,7 +29,7 @@ class TripletLoss(nn.Module):
     same gradient as differentiating through the full distance matrix.
     """
 
-    def __init__(self, margin: float = 0.3, chunk_size: int = 2048):
+    def __init__(self, margin: float = TRIPLET_MARGIN, chunk_size: int = 2048):
         super().__init__()
         self.margin, self.chunk_size = margin, chunk_size
 
@@ -53,7 +55,7 @@ class CenterLoss(nn.Module):
     """Center loss (Wen et al. 2016): sum_i ||x_i - c_{y_i}||^2 / batch size.
 
     The centers are trained by their own SGD (lr 0.5 in the recipe) with gradients rescaled by
-    1 / loss weight, as reid-strong-baseline does (see engine.step_center_optimizer)."""
+    1 / loss weight, as reid-strong-baseline does (see solver.step_center_optimizer)."""
 
     def __init__(self, num_classes: int, feat_dim: int):
         super().__init__()
@@ -67,8 +69,8 @@ class CenterLoss(nn.Module):
 class ReIDLoss(nn.Module):
     """label-smoothed CE(logits) + triplet(feat) + center_weight * center(feat); returns (total, parts)."""
 
-    def __init__(self, num_classes: int, feat_dim: int, margin: float = 0.3, center_weight: float = 0.0005,
-                 label_smooth: float = 0.1):
+    def __init__(self, num_classes: int, feat_dim: int, margin: float = TRIPLET_MARGIN,
+                 center_weight: float = CENTER_WEIGHT, label_smooth: float = 0.1):
         super().__init__()
         self.xent = CrossEntropyLabelSmooth(num_classes, label_smooth)
         self.triplet = TripletLoss(margin)

@@ -1,4 +1,5 @@
-"""Re-ID retrieval metrics (torchreid / fast-reid protocol): CMC and mAP, distances, CMC plots.
+"""Re-ID retrieval metrics (torchreid / fast-reid protocol): CMC and mAP, distances
+(plot_cmc, from nformer_reid.plotting, is importable from here too).
 
 evaluate_rank never argsorts a gallery row. A true match's rank is 1 + the number of kept gallery
 entries before it, and only entries no farther than a query's farthest true match can precede
@@ -13,6 +14,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from nformer_reid.plotting import plot_cmc  # noqa: F401  (public name of this module)
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
@@ -187,30 +190,3 @@ def compute_distance_matrix(qf: torch.Tensor, gf: torch.Tensor, metric: str = "e
         else:
             out[s:s + chunk_size] = ((q * q).sum(1, keepdim=True) + g_sq[None] - 2 * sim).clamp_(min=0)
     return out
-
-
-def plot_cmc(curves, path, max_rank: int = 20, title: str = "CMC"):
-    """Save CMC curves {label: cmc array (or (cmc, mAP))} to path (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for label, curve in curves.items():
-        mAP = None
-        if isinstance(curve, tuple):
-            curve, mAP = curve
-        curve = np.asarray(curve)[:max_rank]
-        name = f"{label} (R1 {curve[0]:.1%}" + (f", mAP {mAP:.1%})" if mAP is not None else ")")
-        ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", markersize=3, label=name)
-    ax.set_xlabel("rank")
-    ax.set_ylabel("matching rate")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

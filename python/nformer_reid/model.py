@@ -1,16 +1,21 @@
 """Re-ID model: torchvision ResNet backbone (last stride 1, GAP, 2048->256 projection, BNNeck,
 classifier) with the NFormer of nformer_kernels on top, plus weight loading (local ImageNet
-file, the official nformer_model.pth)."""
+file, the official nformer_model.pth). Needs torchvision (the `[reid]` extra)."""
+import logging
 import os
 import re
 import warnings
 from typing import Optional
 
 import torch
-import torchvision
 from torch import nn
 
 import nformer_kernels as nk
+from nformer_reid.config import TrainConfig
+from nformer_reid.utils.deps import import_torchvision
+
+torchvision = import_torchvision()
+logger = logging.getLogger(__name__)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -41,8 +46,8 @@ class Backbone(nn.Module):
     evaluate its checkpoints); torchvision's network has it.
     """
 
-    def __init__(self, num_classes: int, arch: str = "resnet50", feat_dim: int = 256, last_stride: int = 1,
-                 pretrained: Optional[str] = None, stem_relu: bool = True, verbose: bool = True):
+    def __init__(self, num_classes: int, arch: str = TrainConfig.arch, feat_dim: int = TrainConfig.feat_dim,
+                 last_stride: int = 1, pretrained: Optional[str] = None, stem_relu: bool = True, verbose: bool = True):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -66,8 +71,8 @@ class Backbone(nn.Module):
         if pretrained:
             self.load_imagenet(pretrained, verbose=verbose)
         elif verbose:
-            print(f"[nformer-reid] {arch}: random initialisation (no ImageNet weights file given; "
-                  "expect far lower accuracy than published numbers)")
+            logger.warning("%s: random initialisation (no ImageNet weights file given; expect far lower accuracy "
+                           "than published numbers)", arch)
 
     def load_imagenet(self, path: str, verbose: bool = True) -> None:
         """Load torchvision-layout ImageNet weights (e.g. resnet50-19c8e357.pth) into the ResNet; fc is skipped."""
@@ -80,7 +85,7 @@ class Backbone(nn.Module):
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.base.load_state_dict(state)
         if verbose:
-            print(f"[nformer-reid] {self.arch}: loaded ImageNet weights from {path}")
+            logger.info("%s: loaded ImageNet weights from %s", self.arch, path)
 
     def feature_map(self, x):
         b = self.base
@@ -105,9 +110,10 @@ class ReIDModel(nn.Module):
     backbone.projection, backbone.bottleneck, backbone.classifier); the NFormer is nk.NFormer.
     """
 
-    def __init__(self, num_classes: int, arch: str = "resnet50", feat_dim: int = 256, last_stride: int = 1,
-                 pretrained: Optional[str] = None, stem_relu: bool = True, nformer_depth: int = 4,
-                 nformer_heads: int = 2, nformer_landmarks: int = 5, nformer_topk: int = 20,
+    def __init__(self, num_classes: int, arch: str = TrainConfig.arch, feat_dim: int = TrainConfig.feat_dim,
+                 last_stride: int = 1, pretrained: Optional[str] = None, stem_relu: bool = True,
+                 nformer_depth: int = TrainConfig.nformer_depth, nformer_heads: int = 2,
+                 nformer_landmarks: int = TrainConfig.nformer_landmarks, nformer_topk: int = TrainConfig.nformer_topk,
                  nformer_ffn_dim: Optional[int] = None, nformer_dropout: float = 0.1, verbose: bool = True):
         super().__init__()
         self.config = dict(num_classes=num_classes, arch=arch, feat_dim=feat_dim, last_stride=last_stride,
@@ -147,7 +153,8 @@ def _infer_arch(state, prefix):
     return known[blocks, bottleneck]
 
 
-def load_official_checkpoint(path_or_state, num_landmarks: int = 5, topk: int = 20, num_heads: int = 2,
+def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nformer_landmarks,
+                             topk: int = TrainConfig.nformer_topk, num_heads: int = 2,
                              strict: bool = True) -> ReIDModel:
     """ReIDModel from the official NFormer release (nformer_model.pth: backbone.* + nformer.*).
 

@@ -1,12 +1,14 @@
-"""Optimisers and the warm-up + step-decay schedule of reid-strong-baseline."""
+"""Optimisers, the warm-up + step-decay schedule and the optimisation step of reid-strong-baseline."""
 import bisect
 from typing import Sequence
 
 import torch
 
+from nformer_reid.config import WEIGHT_DECAY
 
-def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float = 5e-4, bias_lr_factor: float = 1.0,
-                   weight_decay_bias: float = 5e-4) -> torch.optim.Adam:
+
+def make_optimizer(module: torch.nn.Module, lr: float, weight_decay: float = WEIGHT_DECAY, bias_lr_factor: float = 1.0,
+                   weight_decay_bias: float = WEIGHT_DECAY) -> torch.optim.Adam:
     """Adam over the trainable parameters, biases in their own group (lr factor, weight decay)."""
     weights, biases = [], []
     for name, p in module.named_parameters():
@@ -31,3 +33,21 @@ def warmup_multistep(optimizer, milestones: Sequence[int], gamma: float = 0.1, w
         return warm * gamma ** bisect.bisect_right(milestones, epoch)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_center_optimizer(center_optimizer, criterion) -> None:
+    """Undo the loss weight on the center gradients before their own SGD step (reid-strong-baseline)."""
+    for p in criterion.center.parameters():
+        if p.grad is not None:
+            p.grad.mul_(1.0 / criterion.center_weight)
+    center_optimizer.step()
+
+
+def optimizer_step(loss, optimizer, center_optimizer, scaler, criterion) -> None:
+    """One (AMP-scaled) step of the model optimizer and of the center-loss centres."""
+    optimizer.zero_grad(set_to_none=True)
+    center_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    step_center_optimizer(center_optimizer, criterion)

@@ -6,12 +6,14 @@ dataset's ids, with -1 = junk and 0 = distractor reserved as in Market-1501 (eva
 never counts those as matches); datasets whose test ids start at 0 are shifted by +1.
 """
 import glob
+import logging
 import os
 import re
 from typing import Dict, List, Tuple
 
 Item = Tuple[str, int, int]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+logger = logging.getLogger(__name__)
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -48,8 +50,8 @@ class ReIDDataset:
         lines.append("  ----------------------------------------")
         return "\n".join(lines)
 
-    def print_statistics(self) -> None:
-        print(self.statistics_table())
+    def log_statistics(self) -> None:
+        logger.info("%s", self.statistics_table())
 
 
 def _relabel(items: List[Item]) -> List[Item]:
@@ -92,7 +94,7 @@ class _FolderDataset(ReIDDataset):
         gallery = self._parse(os.path.join(base, "bounding_box_test"))
         super().__init__(_relabel(train), query, gallery, base)
         if verbose:
-            self.print_statistics()
+            self.log_statistics()
 
     def _parse(self, folder: str) -> List[Item]:
         items = []
@@ -138,7 +140,7 @@ class DukeMTMCreID(_FolderDataset):
             self.query = [(f, p + 1, c) for f, p, c in self.query]
             self.gallery = [(f, p + 1, c) for f, p, c in self.gallery]
         if verbose:
-            self.print_statistics()
+            self.log_statistics()
 
 
 class MSMT17(ReIDDataset):
@@ -177,7 +179,7 @@ class MSMT17(ReIDDataset):
         gallery = [(f, p + 1, c) for f, p, c in self._parse(test_dir, lists["gallery"])]
         super().__init__(_relabel(train), query, gallery, base)
         if verbose:
-            self.print_statistics()
+            self.log_statistics()
 
     @staticmethod
     def _parse(folder: str, list_path: str) -> List[Item]:
@@ -239,7 +241,7 @@ class CUHK03(ReIDDataset):
                                      f"expected the layout\n{self.layout}")
         super().__init__(_relabel(train), query, gallery, base)
         if verbose:
-            self.print_statistics()
+            self.log_statistics()
 
 
 DATASETS: Dict[str, type] = {

@@ -1,18 +1,23 @@
-"""Image transforms, the PK identity sampler and data loaders (reid-strong-baseline recipe)."""
+"""Image transforms, the PK identity sampler and data loaders (reid-strong-baseline recipe).
+Needs torchvision (the `[reid]` extra)."""
 import random
 from collections import defaultdict
 from typing import List, Sequence, Tuple
 
 import torch
-import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from nformer_reid.config import DataOptions, TrainConfig
+from nformer_reid.utils.deps import import_torchvision
+
+T = import_torchvision().transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transforms(size: Tuple[int, int] = (256, 128), is_train: bool = True, flip_p: float = 0.5,
+def build_transforms(size: Tuple[int, int] = DataOptions.size, is_train: bool = True, flip_p: float = 0.5,
                      padding: int = 10, erase_p: float = 0.5):
     """Train: resize, flip, pad + random crop, normalise, random erasing; test: resize, normalise."""
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -42,8 +47,8 @@ class RandomIdentitySampler(Sampler):
     """PK sampling: batches of P identities x K instances (identities with < K images are
     sampled with replacement). One epoch uses each identity's images about once."""
 
-    def __init__(self, items: Sequence[Tuple[str, int, int]], batch_size: int = 64, num_instances: int = 4,
-                 seed: int = 0):
+    def __init__(self, items: Sequence[Tuple[str, int, int]], batch_size: int = TrainConfig.batch_size,
+                 num_instances: int = TrainConfig.num_instances, seed: int = 0):
         if batch_size % num_instances:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_instances ({num_instances})")
         self.num_instances, self.pids_per_batch = num_instances, batch_size // num_instances
@@ -75,13 +80,15 @@ class RandomIdentitySampler(Sampler):
         return self.length
 
 
-def build_train_loader(items, size=(256, 128), batch_size: int = 64, num_instances: int = 4, num_workers: int = 4,
+def build_train_loader(items, size=DataOptions.size, batch_size: int = TrainConfig.batch_size,
+                       num_instances: int = TrainConfig.num_instances, num_workers: int = DataOptions.workers,
                        seed: int = 0) -> DataLoader:
     sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
     return DataLoader(ImageDataset(items, build_transforms(size, True)), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
 
 
-def build_test_loader(items, size=(256, 128), batch_size: int = 128, num_workers: int = 4) -> DataLoader:
+def build_test_loader(items, size=DataOptions.size, batch_size: int = DataOptions.test_batch,
+                      num_workers: int = DataOptions.workers) -> DataLoader:
     return DataLoader(ImageDataset(items, build_transforms(size, False)), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())

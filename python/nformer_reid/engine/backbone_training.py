@@ -1,0 +1,67 @@
+"""Stage 1: the backbone with label-smoothed CE + batch-hard triplet + center loss (reid-strong-baseline)."""
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
+from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
+from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
+from nformer_reid.losses import ReIDLoss
+from nformer_reid.solver import make_optimizer, optimizer_step, warmup_multistep
+from nformer_reid.utils.logging import progress
+
+logger = logging.getLogger(__name__)
+
+
+def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epochs: int = TrainConfig.epochs,
+                   max_steps: Optional[int] = None, lr: float = TrainConfig.lr, weight_decay: float = WEIGHT_DECAY,
+                   milestones: Sequence[int] = TrainConfig.milestones,
+                   warmup_epochs: int = TrainConfig.warmup_epochs, center_lr: float = CENTER_LR,
+                   center_weight: float = CENTER_WEIGHT, margin: float = TRIPLET_MARGIN, amp: str = "auto",
+                   device=None, resume: Optional[str] = None, checkpoint_period: int = 10,
+                   log_period: int = 50) -> List[dict]:
+    """Train model.backbone on (images, pids, camids) batches: Adam with warm-up + step decay (per
+    epoch), checkpoint out_dir/stage1_last.pth every checkpoint_period epochs and at the end.
+    max_steps stops early (smoke runs). Returns the loss history (one dict per step)."""
+    device = resolve_device(device)
+    backbone = model.backbone.to(device)
+    criterion = ReIDLoss(num_classes, backbone.feat_dim, margin, center_weight).to(device)
+    optimizer = make_optimizer(backbone, lr, weight_decay)
+    center_optimizer = torch.optim.SGD(criterion.center.parameters(), lr=center_lr)
+    scheduler = warmup_multistep(optimizer, milestones, warmup_epochs=warmup_epochs)
+    scaler = grad_scaler(device, amp)
+    history, start_epoch = [], 0
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, criterion, center_optimizer, scheduler)
+        history, start_epoch = state["history"], state["epoch"]
+        logger.info("resumed stage 1 from %s at epoch %d", resume, start_epoch)
+    ckpt = os.path.join(out_dir, "stage1_last.pth")
+    step = 0
+    for epoch in range(start_epoch, epochs):
+        backbone.train()
+        bar = progress(train_loader, f"stage1 epoch {epoch + 1}/{epochs}")
+        for imgs, pids, _ in bar:
+            imgs, pids = imgs.to(device, non_blocking=True), pids.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits, feats = backbone(imgs)
+            loss, parts = criterion(logits.float(), feats.float(), pids)
+            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion)
+            acc = float((logits.argmax(1) == pids).float().mean())
+            value = float(loss.detach())
+            history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
+            bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
+            step += 1
+            if step % log_period == 0:
+                logger.info("stage1 epoch %d step %d: loss %.3f acc %.3f lr %.2e", epoch + 1, step, value, acc,
+                            optimizer.param_groups[0]["lr"])
+            if max_steps is not None and step >= max_steps:
+                break
+        scheduler.step()
+        if (epoch + 1) % checkpoint_period == 0 or epoch + 1 == epochs or (max_steps and step >= max_steps):
+            save_checkpoint(ckpt, model, 1, epoch + 1, optimizer, criterion, center_optimizer, scheduler, history)
+        if max_steps is not None and step >= max_steps:
+            break
+    logger.info("stage 1 done: %d steps, last loss %.3f; checkpoint %s", step, history[-1]["loss"], ckpt)
+    return history

@@ -1,0 +1,27 @@
+"""Device choice and mixed precision, shared by training and evaluation."""
+import contextlib
+
+import torch
+
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+def resolve_device(device=None) -> torch.device:
+    """None / "auto": cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """bf16/fp16 autocast on CUDA ("auto" = bf16); CPU runs in fp32."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'none', got {amp!r}")
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling, needed (and enabled) only for fp16 on CUDA."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")

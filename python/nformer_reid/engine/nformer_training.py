@@ -1,0 +1,79 @@
+"""Stage 2: the NFormer on frozen features of the training set (official NFormer recipe)."""
+import logging
+import os
+import time
+from typing import List, Optional
+
+import torch
+
+import nformer_kernels as nk
+from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
+from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
+from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
+from nformer_reid.losses import ReIDLoss
+from nformer_reid.neighborhood import NeighborhoodSampler
+from nformer_reid.solver import make_optimizer, optimizer_step
+from nformer_reid.utils.logging import progress
+
+logger = logging.getLogger(__name__)
+
+
+def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: str,
+                  epochs: int = TrainConfig.nformer_epochs, steps: Optional[int] = None,
+                  seq_len: int = TrainConfig.seq_len, batch_size: int = TrainConfig.nformer_batch,
+                  lr: float = TrainConfig.nformer_lr, weight_decay: float = WEIGHT_DECAY, center_lr: float = CENTER_LR,
+                  center_weight: float = CENTER_WEIGHT, margin: float = TRIPLET_MARGIN, amp: str = "auto",
+                  device=None, seed: int = 0, resume: Optional[str] = None, sampling: str = "centres",
+                  log_period: int = 50) -> List[dict]:
+    """Train an NFormer on features `feats` with labels `pids` (0..C-1).
+
+    model: an nk.NFormer, or a model holding one as `.nformer` (ReIDModel); the whole model is
+    what out_dir/stage2_last.pth saves and `resume` restores. Each step draws batch_size
+    neighbourhood sequences of seq_len features (NeighborhoodSampler) and applies CE + triplet +
+    center loss to all refined features; Adam (official lr 1e-5). `steps` overrides
+    epochs x (M // 30 // batch_size). Returns the loss history (one dict per step).
+    """
+    device = resolve_device(device)
+    nformer = (model if isinstance(model, nk.NFormer) else model.nformer).to(device)
+    if nformer.classifier is None:
+        raise ValueError("the NFormer needs a classifier (num_classes) for training")
+    num_classes, dim = nformer.classifier.out_features, nformer.classifier.in_features
+    if int(pids.max()) >= num_classes or int(pids.min()) < 0:
+        raise ValueError(f"training pids must lie in [0, {num_classes}), got [{int(pids.min())}, {int(pids.max())}]")
+    criterion = ReIDLoss(num_classes, dim, margin, center_weight).to(device)
+    optimizer = make_optimizer(nformer, lr, weight_decay)
+    center_optimizer = torch.optim.SGD(criterion.center.parameters(), lr=center_lr)
+    scaler = grad_scaler(device, amp)
+    generator = torch.Generator().manual_seed(seed)
+    sampler = NeighborhoodSampler(feats.to(device), pids.to(device), seq_len, batch_size, sampling,
+                                  generator=generator)
+    total = steps if steps is not None else epochs * len(sampler)
+    logger.info("stage 2: %d train features, sequences of %d x %d, %d steps, neighbour sampling '%s'",
+                feats.shape[0], sampler.seq_len, batch_size, total, sampler.strategy)
+    history, start = [], 0
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, criterion, center_optimizer)
+        history, start = state["history"], state["extra"].get("step", 0)
+        generator.manual_seed(seed + start)
+        logger.info("resumed stage 2 from %s at step %d", resume, start)
+    ckpt = os.path.join(out_dir, "stage2_last.pth")
+    started = time.time()
+    nformer.train()
+    bar = progress(range(start, total), "stage2")
+    for step in bar:
+        x, y = sampler.sample()
+        with autocast(device, amp):
+            logits, refined = nformer(x)
+        loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
+                                y.reshape(-1))
+        optimizer_step(loss, optimizer, center_optimizer, scaler, criterion)
+        value = float(loss.detach())
+        history.append({"step": step + 1, "loss": value, **parts})
+        bar.set_postfix(loss=f"{value:.3f}")
+        if (step + 1) % log_period == 0 or step + 1 == total:
+            logger.info("stage2 step %d/%d: loss %.3f (ce %.3f, triplet %.3f)", step + 1, total, value, parts["ce"],
+                        parts["triplet"])
+    save_checkpoint(ckpt, model, 2, epochs, optimizer, criterion, center_optimizer, history=history,
+                    extra={"step": total})
+    logger.info("stage 2 done: %d steps in %.0f s; checkpoint %s", total - start, time.time() - started, ckpt)
+    return history
