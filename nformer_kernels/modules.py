@@ -1,13 +1,12 @@
 """NFormerLayer and NFormer: the official NFormer model built on the fused ops."""
 import math
-import re
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from nformer_kernels import ops
+from nformer_kernels import official, ops
 
 
 def draw_landmarks(n: int, num_landmarks: int, generator: Optional[torch.Generator] = None,
@@ -190,49 +189,9 @@ class NFormer(nn.Module):
         return feat
 
     # ------------------------------------------------------------------ official checkpoints
-    _OFFICIAL_BLOCK = {  # official name -> (our name, transpose Conv1D (in,out) weight)
-        "attn.c_attn.w": ("qkv.weight", True), "attn.c_attn.b": ("qkv.bias", False),
-        "attn.c_proj.w": ("out_proj.weight", True), "attn.c_proj.b": ("out_proj.bias", False),
-        "ln_1.g": ("norm1.weight", False), "ln_1.b": ("norm1.bias", False),
-        "mlp.c_fc.w": ("fc1.weight", True), "mlp.c_fc.b": ("fc1.bias", False),
-        "mlp.c_proj.w": ("fc2.weight", True), "mlp.c_proj.b": ("fc2.bias", False),
-        "ln_2.g": ("norm2.weight", False), "ln_2.b": ("norm2.bias", False),
-    }
-    _OFFICIAL_HEAD = ("bottleneck.weight", "bottleneck.bias", "bottleneck.running_mean",
-                      "bottleneck.running_var", "bottleneck.num_batches_tracked", "classifier.weight")
-
-    @staticmethod
-    def _official_subset(state_dict):
-        sd = {re.sub(r"^module\.", "", key): val for key, val in state_dict.items()}
-        if any(key.startswith("nformer.") for key in sd):  # a full model: keep the NFormer part
-            sd = {key[len("nformer."):]: val for key, val in sd.items() if key.startswith("nformer.")}
-        return sd
-
     def convert_official(self, state_dict):
         """Official-layout state dict -> (our state dict, missing keys, unexpected keys) (official names)."""
-        sd = self._official_subset(state_dict)
-        ours, used = {}, set()
-        expected = [f"h.{i}.{name}" for i in range(self.depth) for name in self._OFFICIAL_BLOCK]
-        expected += [k for k in self._OFFICIAL_HEAD if k != "classifier.weight" or self.classifier is not None]
-        for key in expected:
-            if key not in sd:
-                continue
-            used.add(key)
-            tensor = sd[key]
-            m = re.match(r"h\.(\d+)\.(.+)", key)
-            if m:
-                name, transpose = self._OFFICIAL_BLOCK[m.group(2)]
-                ours[f"blocks.{m.group(1)}.{name}"] = tensor.t() if transpose else tensor
-            else:
-                ours[key] = tensor
-        missing = [k for k in expected if k not in used]
-        unexpected = [k for k in sd if k not in used]
-        own = self.state_dict()
-        for key, tensor in ours.items():
-            if tuple(tensor.shape) != tuple(own[key].shape):
-                raise ValueError(f"state_dict tensor for {key} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(own[key].shape)}")
-        return ours, missing, unexpected
+        return official.convert(state_dict, self.depth, self.classifier is not None, self.state_dict())
 
     def load_official(self, state_dict, strict: bool = True):
         """Load an official NFormer state dict into this model; returns (missing, unexpected) key lists."""
@@ -251,16 +210,11 @@ class NFormer(nn.Module):
         with Conv1D (in,out) weights, with or without the "nformer." prefix). dim, depth, ffn_dim and the
         number of classes are read from the tensors; num_heads/num_landmarks/topk come from kwargs
         (official defaults 2/5/20)."""
-        sd = cls._official_subset(state_dict)
-        if "h.0.attn.c_attn.w" not in sd:
-            raise ValueError("state_dict has no official NFormer block 'h.0.attn.c_attn.w' "
-                             "(with or without the 'nformer.' prefix)")
-        dim = sd["h.0.attn.c_attn.w"].shape[0]
-        depth = 1 + max(int(m.group(1)) for key in sd if (m := re.match(r"h\.(\d+)\.", key)))
-        if "h.0.mlp.c_fc.w" in sd:
-            kwargs.setdefault("ffn_dim", sd["h.0.mlp.c_fc.w"].shape[1])
-        if num_classes is None and "classifier.weight" in sd:
-            num_classes = sd["classifier.weight"].shape[0]
-        model = cls(dim=dim, depth=depth, num_classes=num_classes, **kwargs)
+        config = official.architecture(state_dict)
+        if "ffn_dim" in config:
+            kwargs.setdefault("ffn_dim", config["ffn_dim"])
+        if num_classes is None:
+            num_classes = config["num_classes"]
+        model = cls(dim=config["dim"], depth=config["depth"], num_classes=num_classes, **kwargs)
         model.load_official(state_dict, strict=strict)
         return model

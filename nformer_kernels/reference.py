@@ -1,6 +1,6 @@
 """Dense plain-PyTorch reference of every op: readable, O(N^2), the ground truth in tests.
 
-All functions take batched tensors (B, N, ...) and follow the semantics in DESIGN.md and
+All functions take batched tensors (B, N, ...) and follow the semantics in docs/design.md and
 csrc/ops.cpp. They are differentiable where the op is, through ordinary autograd.
 """
 import torch
@@ -55,6 +55,19 @@ def sparse_attention(P, R, v, idx, keep, scale):
     out = (probs @ vh).transpose(1, 2).reshape(b, n, h * dv).to(v.dtype)
     probs_k = torch.gather(probs, 3, idx.unsqueeze(1).expand(b, h, n, k)).permute(0, 2, 1, 3)
     return out, probs_k.contiguous()
+
+
+def sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale):
+    """(dP, dR, dv) of sparse_attention by autograd through the dense forward (rev is not needed).
+
+    keep is recovered as the entries with probability mass in some head: an entry kept with
+    probability exactly 0 in every head changes neither the forward nor any gradient.
+    """
+    keep = probs.detach().sum(dim=2) > 0
+    with torch.enable_grad():
+        P_, R_, v_ = (t.detach().requires_grad_() for t in (P, R, v))
+        out, _ = sparse_attention(P_, R_, v_, idx, keep, scale)
+        return torch.autograd.grad(out, (P_, R_, v_), grad_out.to(out.dtype))
 
 
 def landmark_factors(q, k, landmarks, num_heads):

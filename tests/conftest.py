@@ -1,33 +1,116 @@
+"""The `backend` fixture: every op test runs on each backend that can run here, and says why not.
+
+Backend cases (test ids):
+  reference           dense plain PyTorch (the spec)                    CPU
+  torch               plain PyTorch at O(N*k) memory                    CPU
+  cpu                 C++/OpenMP kernels (csrc/cpu)                     CPU
+  triton-interpreted  the Triton kernels under TRITON_INTERPRET=1       CPU  (no GPU: set below)
+  cuda-emulated       csrc/cuda kernels under the CPU emulation         CPU  (tests/cuda_emulation)
+  cuda                csrc/cuda kernels                                 GPU
+  triton              the Triton kernels, compiled                      GPU
+A test takes every case unless marked `@pytest.mark.backends("cpu", ...)`; `pytest -k cpu` selects
+by id. The interpreted and emulated cases are slow: tests give them small shapes only.
+"""
+import faulthandler
+import os
+from dataclasses import dataclass
+
 import pytest
 import torch
 
-import nformer_kernels as nk
-from nformer_kernels.ops import _backend_available
+# TRITON_INTERPRET is read when triton compiles a kernel's decorator, so it must be set before
+# nformer_kernels (which imports triton) is imported; with a GPU the kernels run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import nformer_kernels as nk  # noqa: E402
+from nformer_kernels import triton as nf_triton  # noqa: E402
+
+EMULATION_TIMEOUT_S = 600  # a divergent warp collective deadlocks the emulation: fail instead of hanging
 
 
-def cpu_backends():
-    """CPU-tensor backends; the compiled one skips with a reason when the extension is missing."""
-    return ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
-        not nk.extension_available(), reason="compiled extension not built (pip install --no-build-isolation .)"))]
+@dataclass(frozen=True)
+class BackendCase:
+    id: str
+    name: str  # the nformer_kernels backend name
+    device: str
+    float64: bool = True
+    slow: bool = False  # interpreted or emulated: small shapes only
+
+    def skip_reason(self) -> str:
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "needs a CUDA GPU"
+        if self.id == "triton-interpreted" and not nf_triton.interpreted:
+            return ("triton runs compiled in this session (a GPU is present or TRITON_INTERPRET=0): "
+                    "the `triton` case covers it")
+        if self.id == "cuda-emulated":
+            return ""  # registered (built) on first use
+        why = nk.backends._REGISTRY[self.name].available(torch.device(self.device))
+        return why
+
+    def skip_dtype(self, dtype) -> None:
+        if dtype == torch.float64 and not self.float64:
+            pytest.skip(f"the {self.name} backend rejects float64 by design")
+
+    def kernel(self, name):
+        """The batched kernel `name` of this backend (contract: csrc/ops.cpp)."""
+        return nk.backends.kernel(self.name, name)
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+
+CASES = [
+    BackendCase("reference", "reference", "cpu"),
+    BackendCase("torch", "torch", "cpu"),
+    BackendCase("cpu", "cpu", "cpu"),
+    BackendCase("triton-interpreted", "triton", "cpu", float64=False, slow=True),
+    BackendCase("cuda-emulated", "cuda-emulated", "cpu", slow=True),
+    BackendCase("cuda", "cuda", "cuda"),
+    BackendCase("triton", "triton", "cuda", float64=False),
+]
+CASE_BY_ID = {case.id: case for case in CASES}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backends(*ids): run the test on these backend cases only")
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" not in metafunc.fixturenames or any(
+            m.name == "parametrize" and "backend" in m.args[0] for m in metafunc.definition.iter_markers()):
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    ids = marker.args if marker else [case.id for case in CASES]
+    unknown = set(ids) - set(CASE_BY_ID)
+    if unknown:
+        raise ValueError(f"unknown backend cases {sorted(unknown)}; known: {list(CASE_BY_ID)}")
+    params = [pytest.param(i, marks=[pytest.mark.gpu] if CASE_BY_ID[i].device == "cuda" else []) for i in ids]
+    metafunc.parametrize("backend", params, indirect=True, ids=list(ids))
 
 
 @pytest.fixture
 def backend(request):
-    name = request.param
-    if not _backend_available(name, torch.device("cpu")):
-        pytest.skip(f"backend {name!r} not available on CPU")
-    nk.set_backend(name)
-    yield name
-    nk.set_backend(None)
+    """The backend case under test, selected for nformer_kernels' public API inside the test."""
+    case = CASE_BY_ID[request.param]
+    why = case.skip_reason()
+    if why:
+        pytest.skip(f"backend {case.id!r}: {why}")
+    if case.id == "cuda-emulated":
+        from tests.cuda_emulation.backend import register
+        register()
+        faulthandler.dump_traceback_later(EMULATION_TIMEOUT_S, exit=True)
+    try:
+        with nk.use_backend(case.name):
+            yield case
+    finally:
+        if case.id == "cuda-emulated":
+            faulthandler.cancel_dump_traceback_later()
 
 
-def assert_close_fp32(actual, expected):
-    """The project's fp32 tolerance: 1e-4 * max(1, max|ref|)."""
-    tol = 1e-4 * max(1.0, expected.abs().max().item() if expected.numel() else 1.0)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=tol)
+def cpu_backends():
+    """The CPU-tensor backends of the public API (module tests)."""
+    return ["reference", "cpu"]
 
 
-def ties_free(n, d, generator_seed=0, dtype=torch.float32, batch=None):
-    g = torch.Generator().manual_seed(generator_seed)
-    shape = (n, d) if batch is None else (batch, n, d)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+from tests.helpers import assert_close_fp32, ties_free  # noqa: E402,F401  (imported from here by module tests)

@@ -57,8 +57,8 @@ else:
     def on_cpu(monkeypatch, emu):
         """tests/test_gpu.py's checks on CPU tensors, with its ops served by the emulated kernels."""
         monkeypatch.setattr(gpu_suite, "DEV", "cpu")
-        ops = {"knn": lambda x, k: emu.knn(x, k, 0, 132), "reciprocal_mask": emu.reciprocal_mask,
-               "reverse_index": emu.reverse_index, "sparse_attention": emu.sparse_attention,
+        ops = {"knn": lambda x, k: emu.knn(x, k, 0, 132), "reciprocal_mask": lambda idx: emu.reciprocal_mask(idx, 132),
+               "reverse_index": lambda idx, keep: emu.reverse_index(idx, keep, 132), "sparse_attention": emu.sparse_attention,
                "sparse_attention_backward": emu.sparse_attention_backward}
         monkeypatch.setattr(gpu_suite, "op", lambda backend, name: ops[name])
         return emu

@@ -341,12 +341,8 @@ def api_backend(request):
 
 def on_reference(fn, *args, **kwargs):
     """Runs fn with the dense reference backend, then restores the backend under test."""
-    current = nk.ops._forced_backend
-    nk.set_backend("reference")
-    try:
+    with nk.use_backend("reference"):
         return fn(*args, **kwargs)
-    finally:
-        nk.set_backend(current)
 
 
 @pytest.mark.parametrize("api_backend", BACKENDS, indirect=True)

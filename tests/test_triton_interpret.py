@@ -72,18 +72,18 @@ else:
                                          (2, 70, 40, 20), (1, 37, 24, 37), (1, 70, 8, 64)])
     def test_knn_fp32_exact(b, n, d, k):
         x = features(b, n, d, torch.float32, seed=n + k)
-        idx = nt.knn(x, k)
+        idx = nt.knn.knn(x, k)
         assert torch.equal(idx, assert_knn_valid(idx, x, k))
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("b,n,k", [(2, 37, 5), (1, 70, 16), (1, 70, 33)])
     def test_knn_low_precision(dtype, b, n, k):
         x = features(b, n, 24, dtype, seed=k)
-        assert_knn_valid(nt.knn(x, k), x, k)
+        assert_knn_valid(nt.knn.knn(x, k), x, k)
 
     def test_knn_allow_tf32_runs():
         x = features(1, 37, 24, torch.float32, seed=3)
-        assert_knn_valid(nt.knn(x, 5, allow_tf32=True), x, 5)
+        assert_knn_valid(nt.knn.knn(x, 5, allow_tf32=True), x, 5)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
     def test_knn_ties_and_duplicate_rows(dtype):
@@ -93,10 +93,10 @@ else:
         base = torch.randint(-4, 5, (2, 9, 16), generator=g) / 8
         x = base[:, torch.arange(37) % 9].to(dtype)
         for k in (1, 5, 16, 37):
-            idx = nt.knn(x, k)
+            idx = nt.knn.knn(x, k)
             assert torch.equal(idx, assert_knn_valid(idx, x, k)), f"k={k}"
         same = torch.full((2, 20, 8), 0.5, dtype=dtype)  # all similarities equal
-        idx = nt.knn(same, 6)
+        idx = nt.knn.knn(same, 6)
         expected = torch.stack([torch.tensor([i] + [j for j in range(20) if j != i][:5])
                                 for i in range(20)])
         assert torch.equal(idx, expected.expand(2, 20, 6))
@@ -114,17 +114,17 @@ else:
         resident = dataclasses.replace(base, constexprs={**base.constexprs, "Q_RESIDENT": True, "BLOCK_D": 64})
         idx = torch.empty(2, 70, 5, dtype=torch.int64)
         resident.launch((triton.cdiv(70, resident.constexprs["BLOCK_M"]), 2), x, idx, 70, d, 5)
-        assert torch.equal(idx, nt.knn(x, 5))
+        assert torch.equal(idx, nt.knn.knn(x, 5))
         assert_knn_valid(idx, x, 5)
 
     def test_knn_rejects_bad_input():
         x = features(1, 70, 8, torch.float32, seed=0)
         with pytest.raises(ValueError):
-            nt.knn(x, 65)  # above the triton limit; the wrapper falls back
+            nt.knn.knn(x, 65)  # above the triton limit; the wrapper falls back
         with pytest.raises(ValueError):
-            nt.knn(x, 71)
+            nt.knn.knn(x, 71)
         with pytest.raises(TypeError):
-            nt.knn(x.double(), 5)
+            nt.knn.knn(x.double(), 5)
 
     # ------------------------------------------------------------------ reciprocal / reverse
     def neighbour_lists(b, n, k, seed):
@@ -139,11 +139,11 @@ else:
                                        (2, 37, 37), (1, 70, 70)])
     def test_reciprocal_mask_and_reverse_index(b, n, k):
         for idx in neighbour_lists(b, n, k, seed=n * k):
-            keep = nt.reciprocal_mask(idx)
+            keep = nt.reciprocal.reciprocal_mask(idx)
             assert torch.equal(keep, reference.reciprocal_mask(idx))
-            assert torch.equal(nt.reverse_index(idx, keep), reference.reverse_index(idx, keep))
+            assert torch.equal(nt.reciprocal.reverse_index(idx, keep), reference.reverse_index(idx, keep))
             some = keep & (torch.rand(keep.shape, generator=torch.Generator().manual_seed(k)) < 0.5)
-            assert torch.equal(nt.reverse_index(idx, some), reference.reverse_index(idx, some))
+            assert torch.equal(nt.reciprocal.reverse_index(idx, some), reference.reverse_index(idx, some))
 
     # ------------------------------------------------------------------ sparse attention
     def attention_inputs(b, n, h, l, dv, k, dtype, seed, magnitude=2.0):
@@ -166,7 +166,7 @@ else:
         b, n, h, l, dv, k = shape
         P, R, v, idx, keep, grad_out = attention_inputs(b, n, h, l, dv, k, dtype, seed=sum(shape))
         scale = (l * 4) ** -0.5
-        out, probs = nt.sparse_attention(P, R, v, idx, keep, scale)
+        out, probs = nt.sparse_attention.sparse_attention(P, R, v, idx, keep, scale)
 
         Pr, Rr, vr = (t.clone().requires_grad_(True) for t in (P, R, v))
         ref_out, ref_probs = reference.sparse_attention(Pr, Rr, vr, idx, keep, scale)
@@ -175,7 +175,7 @@ else:
 
         ref_out.backward(grad_out)
         rev = reference.reverse_index(idx, keep)
-        dP, dR, dv_ = nt.sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale)
+        dP, dR, dv_ = nt.sparse_attention.sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale)
         grad_tol = 1e-4 if dtype == torch.float32 else 1e-3
         assert_close(dP, Pr.grad, grad_tol, "dP")
         assert_close(dR, Rr.grad, grad_tol, "dR")
@@ -186,7 +186,7 @@ else:
         P, R, v, idx, keep, _ = attention_inputs(2, 37, 2, 5, 16, 8, torch.float16, seed=5,
                                                  magnitude=300.0)
         keep[:, ::3] = False
-        out, probs = nt.sparse_attention(P, R, v, idx, keep, 1.0)
+        out, probs = nt.sparse_attention.sparse_attention(P, R, v, idx, keep, 1.0)
         ref_out, ref_probs = reference.sparse_attention(P, R, v, idx, keep, 1.0)
         assert_close(out, ref_out, LOW_PRECISION_TOL[torch.float16], "out")
         assert_close(probs, ref_probs, 1e-4, "probs")
@@ -195,25 +195,25 @@ else:
     def test_sparse_attention_rejects_bad_input():
         P, R, v, idx, keep, grad_out = attention_inputs(1, 37, 2, 5, 8, 5, torch.float32, seed=0)
         with pytest.raises(TypeError):
-            nt.sparse_attention(P, R, v.double(), idx, keep, 1.0)
+            nt.sparse_attention.sparse_attention(P, R, v.double(), idx, keep, 1.0)
         with pytest.raises(TypeError):
-            nt.sparse_attention(P.half(), R, v, idx, keep, 1.0)
+            nt.sparse_attention.sparse_attention(P.half(), R, v, idx, keep, 1.0)
         with pytest.raises(ValueError):
-            nt.sparse_attention(P, R, v[..., :-1], idx, keep, 1.0)
+            nt.sparse_attention.sparse_attention(P, R, v[..., :-1], idx, keep, 1.0)
         with pytest.raises(ValueError):
-            nt.sparse_attention(P, R, v, idx[..., :4], keep, 1.0)
+            nt.sparse_attention.sparse_attention(P, R, v, idx[..., :4], keep, 1.0)
 
     # ------------------------------------------------------------------ custom ops
     def test_custom_ops_match_launchers_and_fake_kernels():
         P, R, v, idx, keep, grad_out = attention_inputs(2, 37, 2, 5, 8, 5, torch.float32, seed=1)
         x = features(2, 37, 12, torch.float32, seed=1)
         ops = torch.ops.nformer
-        assert torch.equal(ops.knn_triton(x, 5), nt.knn(x, 5))
+        assert torch.equal(ops.knn_triton(x, 5), nt.knn.knn(x, 5))
         assert torch.equal(ops.reciprocal_mask_triton(idx), keep)
         rev = ops.reverse_index_triton(idx, keep)
         assert torch.equal(rev, reference.reverse_index(idx, keep))
         out, probs = ops.sparse_attention_triton(P, R, v, idx, keep, 0.5)
-        assert torch.equal(out, nt.sparse_attention(P, R, v, idx, keep, 0.5)[0])
+        assert torch.equal(out, nt.sparse_attention.sparse_attention(P, R, v, idx, keep, 0.5)[0])
         grads = ops.sparse_attention_backward_triton(grad_out, P, R, v, idx, rev, probs, 0.5)
         assert [g.shape for g in grads] == [P.shape, R.shape, v.shape]
 
@@ -262,7 +262,7 @@ else:
     def test_bench_tune_harness(tmp_path):
         import json
 
-        from bench import tune
+        from nformer_bench import tune
 
         for kernel in ("knn", "attention"):
             path = tune.main(["--kernel", kernel, "--n", "40", "--d", "16", "--k", "5", "--dtype", "float32",

@@ -3,8 +3,6 @@
 #include "cuda/common.cuh"
 #include "cuda/reciprocal_kernels.cuh"
 
-#include <algorithm>
-
 namespace nformer {
 namespace cuda {
 namespace {
@@ -18,9 +16,7 @@ void check_idx(const at::Tensor& idx, const char* op) {
 }
 
 int grid_for(int64_t total) {
-  const int64_t wanted = (total + kThreads - 1) / kThreads;
-  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  return static_cast<int>(std::min(wanted, cap));
+  return lookup_grid(total, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
 }
 
 at::Tensor reciprocal_mask_cuda(const at::Tensor& idx) {

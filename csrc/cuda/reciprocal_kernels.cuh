@@ -8,6 +8,13 @@ namespace nformer {
 namespace cuda {
 namespace {
 
+// Launch choice shared by reciprocal.cu and the CPU emulation: grid-stride loops over `total`
+// (row, slot) entries, at most 32 blocks per SM.
+constexpr int lookup_grid(int64_t total, int sm_count) {
+  const int64_t wanted = (total + kThreads - 1) / kThreads, cap = int64_t(sm_count) * 32;
+  return static_cast<int>(wanted < cap ? wanted : cap);
+}
+
 __global__ void reciprocal_mask_kernel(const int64_t* __restrict__ idx, bool* __restrict__ keep, int64_t total,
                                        int64_t n, int k) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {

@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& P, co
   const int64_t rows = dm.B * dm.N;
   if (rows == 0) return {out, probs};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>((rows + kWarps - 1) / kWarps);
+  const int blocks = attention_blocks(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "nformer_sparse_attention_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   if (rows == 0) return {dP, dR, dv};
   at::Tensor ds = at::empty_like(probs);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>((rows + kWarps - 1) / kWarps);
+  const int blocks = attention_blocks(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "nformer_sparse_attention_bwd_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);

@@ -20,6 +20,9 @@ __device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T, VEC>*>(p);
 }
 
+// One warp per row, kWarps rows per block (every attention kernel).
+constexpr int attention_blocks(int64_t rows) { return static_cast<int>((rows + kWarps - 1) / kWarps); }
+
 // Per-warp shared-memory slice: k int64 ids, then `acc_arrays` arrays of H*k accumulators and
 // `extra_acc` more, then k bytes per `byte_arrays` (bool / int32 stored after, 4-byte aligned).
 constexpr size_t warp_slice_bytes(int k, int H, size_t acc_size, int acc_arrays, int extra_acc, int tail_bytes) {

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel variant the launchers can pick; no GPU needed.
 
     from nformer_kernels.triton.aot import compile_all, format_table
-    print(format_table(compile_all()))
+    print(format_table(compile_all()))      # or: python -m nformer_kernels.triton.aot [--json]
 
 Each variant is compiled with triton.compile(ASTSource(fn, signature, constexprs), target=...)
 in a fresh cache directory, so ptxas really runs, and its `ptxas -v` log gives registers and spills.
@@ -90,5 +90,9 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(format_table(compile_all()))
+if __name__ == "__main__":  # python -m nformer_kernels.triton.aot [--json]
+    import json
+    import sys
+
+    rows = compile_all()
+    print(json.dumps(rows) if "--json" in sys.argv[1:] else format_table(rows))

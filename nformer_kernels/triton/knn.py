@@ -158,3 +158,8 @@ def knn(x: torch.Tensor, k: int, allow_tf32: bool = False) -> torch.Tensor:
     if b:
         variant.launch((triton.cdiv(n, variant.constexprs["BLOCK_M"]), b), x, idx, n, d, k)
     return idx
+
+
+@torch.library.custom_op("nformer::knn_triton", mutates_args=())
+def knn_triton(x: torch.Tensor, k: int, allow_tf32: bool = False) -> torch.Tensor:
+    return knn(x, k, allow_tf32)

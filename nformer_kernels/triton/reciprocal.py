@@ -101,3 +101,13 @@ def reverse_index(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         variant = choose_variants(k)[1]
         variant.launch((triton.cdiv(n, _BLOCK_M), b), idx, keep.view(torch.uint8), rev, n, k)
     return rev
+
+
+@torch.library.custom_op("nformer::reciprocal_mask_triton", mutates_args=())
+def reciprocal_mask_triton(idx: torch.Tensor) -> torch.Tensor:
+    return reciprocal_mask(idx)
+
+
+@torch.library.custom_op("nformer::reverse_index_triton", mutates_args=())
+def reverse_index_triton(idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return reverse_index(idx, keep)

@@ -283,3 +283,18 @@ def sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale):
     cols_variant.launch(grid, grad_out, P, idx, rev, probs, ds, dR, dv_out,
                         n, h, l, dv, k, float(scale))
     return dP, dR, dv_out
+
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("nformer::sparse_attention_triton", mutates_args=())
+def sparse_attention_triton(P: Tensor, R: Tensor, v: Tensor, idx: Tensor, keep: Tensor,
+                            scale: float) -> tuple[Tensor, Tensor]:
+    return sparse_attention(P, R, v, idx, keep, scale)
+
+
+@torch.library.custom_op("nformer::sparse_attention_backward_triton", mutates_args=())
+def sparse_attention_backward_triton(grad_out: Tensor, P: Tensor, R: Tensor, v: Tensor, idx: Tensor,
+                                     rev: Tensor, probs: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale)

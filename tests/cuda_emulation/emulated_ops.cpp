@@ -1,5 +1,6 @@
 // Runs the kernels of csrc/cuda/*_kernels.cuh on the CPU (emu.h), launched with the grid, block,
-// shared-memory and tile choices of csrc/cuda/*.cu (keep the two in step), for tests/test_cuda_emulated.py.
+// shared-memory and tile choices of csrc/cuda/*.cu, which both take from the constexpr helpers of the
+// kernel headers; the device properties are an H100's (kOptin, the SM count the caller passes).
 // Dynamic shared memory: one static buffer, defined in the kernels' namespace so their
 // `extern __shared__ smem[]` declarations resolve to it (blocks run one at a time).
 #include <torch/extension.h>
@@ -49,21 +50,19 @@ torch::Tensor emu_knn(torch::Tensor x, int64_t k, int64_t force_bm, int64_t sm_c
   return out;
 }
 
-static int grid_for(int64_t total) { return int(std::min<int64_t>((total + kThreads - 1) / kThreads, 132 * 32)); }
-
-torch::Tensor emu_reciprocal_mask(torch::Tensor idx) {
+torch::Tensor emu_reciprocal_mask(torch::Tensor idx, int64_t sm_count) {
   auto keep = torch::empty(idx.sizes(), idx.options().dtype(torch::kBool));
   const int64_t total = idx.numel();
-  emu::launch(dim3(grid_for(total)), dim3(kThreads), [&] {
+  emu::launch(dim3(lookup_grid(total, int(sm_count))), dim3(kThreads), [&] {
     reciprocal_mask_kernel(idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), total, idx.size(1), int(idx.size(2)));
   });
   return keep;
 }
 
-torch::Tensor emu_reverse_index(torch::Tensor idx, torch::Tensor keep) {
+torch::Tensor emu_reverse_index(torch::Tensor idx, torch::Tensor keep, int64_t sm_count) {
   auto rev = torch::empty_like(idx);
   const int64_t total = idx.numel();
-  emu::launch(dim3(grid_for(total)), dim3(kThreads), [&] {
+  emu::launch(dim3(lookup_grid(total, int(sm_count))), dim3(kThreads), [&] {
     reverse_index_kernel(idx.data_ptr<int64_t>(), keep.data_ptr<bool>(), rev.data_ptr<int64_t>(), total, idx.size(1),
                          int(idx.size(2)));
   });
@@ -77,7 +76,7 @@ std::vector<torch::Tensor> emu_sparse_attention(torch::Tensor P, torch::Tensor R
   auto out = torch::empty_like(v);
   auto probs = torch::empty({B, N, H, k}, P.options());
   const int64_t rows = B * N;
-  const int blocks = (rows + kWarps - 1) / kWarps;
+  const int blocks = attention_blocks(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_fwd", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
@@ -104,7 +103,7 @@ std::vector<torch::Tensor> emu_sparse_attention_backward(torch::Tensor grad_out,
   const int H = P.size(2), l = P.size(3), k = idx.size(2), dv = v.size(2) / H;
   auto dP = torch::empty_like(P), dR = torch::empty_like(R), dv_out = torch::empty_like(v), ds = torch::empty_like(probs);
   const int64_t rows = B * N;
-  const int blocks = (rows + kWarps - 1) / kWarps;
+  const int blocks = attention_blocks(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "emu_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);

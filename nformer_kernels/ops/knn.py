@@ -1,0 +1,87 @@
+"""knn: fused cosine (or inner-product) top-k, the paper's query isolation, and affinity neighbours."""
+from typing import Optional
+
+import torch
+
+from nformer_kernels import _checks, backends, torch_ops
+from nformer_kernels.ops.attention import landmark_factors
+
+
+def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional[torch.Tensor] = None):
+    """Top-k neighbours of every row of x: (N,d) -> (N,k), (B,N,d) -> (B,N,k) int64.
+
+    Self first, then decreasing similarity (cosine, or raw inner product with metric="dot"),
+    ties broken by the smaller index. O(N*k) memory on every backend but `reference`.
+    query_mask (bool (N,) or (B,N)): rows flagged as queries never get another query as a
+    neighbour (the paper's test-time query-query isolation); other rows are unaffected.
+    """
+    _checks.check_float(x, "x")
+    if metric not in ("cosine", "dot"):
+        raise ValueError(f"metric must be 'cosine' or 'dot', got {metric!r}")
+    x, squeezed = _checks.batched(x, "x", 1)
+    if x.shape[1] == 0:
+        raise ValueError("x must have at least one row")
+    _checks.check_k(k, x.shape[1])
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1)
+    x = x.detach().contiguous()
+    idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
+    if query_mask is not None:
+        idx = _isolate_queries(x, idx, k, query_mask)
+    return idx[0] if squeezed else idx
+
+
+def _isolate_queries(x, idx, k, query_mask):
+    """Replace the rows of queries by self + top-(k-1) among non-queries."""
+    if query_mask.dtype != torch.bool:
+        raise TypeError(f"query_mask must be bool, got {query_mask.dtype}")
+    query_mask = query_mask.to(x.device).expand(x.shape[:2]) if query_mask.dim() == 1 else query_mask.to(x.device)
+    if query_mask.shape != x.shape[:2]:
+        raise ValueError(f"query_mask must have shape (N,) or (B,N) matching x, got {tuple(query_mask.shape)}")
+    idx = idx.clone()
+    for b in range(x.shape[0]):
+        queries = query_mask[b].nonzero().squeeze(1)
+        others = (~query_mask[b]).nonzero().squeeze(1)
+        if queries.numel() == 0:
+            continue
+        if others.numel() < k - 1:
+            raise ValueError(f"query_mask leaves {others.numel()} non-query rows, fewer than k-1={k - 1}")
+        rows = torch.empty(queries.numel(), k, dtype=torch.long, device=x.device)
+        rows[:, 0] = queries
+        if k > 1:
+            rows[:, 1:] = others[torch_ops.topk_rows(x[b, queries], x[b, others], k - 1)]
+        idx[b, queries] = rows
+    return idx
+
+
+def landmark_affinity_knn(P, R, topk):
+    """Top-`topk` of the landmark affinity sum_h P_h R_h^T (paper Eq. 6) per row, self first.
+
+    P, R: (N,H,l)|(B,N,H,l) landmark factors (landmark_factors). Returns (N,topk)|(B,N,topk) int64.
+    """
+    P, squeezed = _checks.batched(P, "P", 2)
+    R, _ = _checks.batched(R, "R", 2)
+    if P.shape != R.shape:
+        raise ValueError(f"P {tuple(P.shape)} and R {tuple(R.shape)} must have one shape")
+    _checks.check_k(topk, P.shape[1], "topk")
+    b, n = P.shape[:2]
+    P, R = P.detach().reshape(b, n, -1), R.detach().reshape(b, n, -1)
+    idx = torch.stack([torch_ops.topk_rows(P[i], R[i], topk, force_self=True) for i in range(b)])
+    return idx[0] if squeezed else idx
+
+
+def affinity_knn(q, k, landmarks, num_heads, topk):
+    """Neighbours from the landmark affinity of q, k themselves (paper Eq. 6), self first."""
+    q, squeezed = _checks.batched(q, "q", 1)
+    k, _ = _checks.batched(k, "k", 1)
+    P, R = landmark_factors(q, k, q[:, landmarks], k[:, landmarks], num_heads)
+    idx = landmark_affinity_knn(P, R, topk)
+    return idx[0] if squeezed else idx
+
+
+def _knn_fake(x, k, allow_tf32=False):
+    return x.new_empty((*x.shape[:2], k), dtype=torch.int64)
+
+
+for _op in backends.library_ops("knn"):
+    torch.library.register_fake(_op)(_knn_fake)
