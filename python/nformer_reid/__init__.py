@@ -6,7 +6,7 @@ backbone, the two-stage training recipe, evaluation (CMC/mAP), k-reciprocal re-r
 (backbone, loaders) needs torchvision: pip install nformer_kernels[reid].
 
 Layout: config (every default), data/, model, losses, solver, neighborhood, metrics, rerank,
-plotting, engine/ (training stages, evaluation, checkpoints), demo, cli, utils/ (logging,
+plotting, engine/ (training stages, evaluation, checkpoints), demo, commands, cli, utils/ (logging,
 optional dependencies). Library calls log to the "nformer_reid" logger and print nothing unless
 logging is configured (nformer_reid.utils.setup_logging, which the CLI calls).
 """
