@@ -71,8 +71,25 @@ def landmark_factors(q, k, q_landmarks, k_landmarks, num_heads: int):
     return (P[0], R[0]) if squeezed else (P, R)
 
 
-def _sparse_attention(P, R, v, idx, keep, scale):
+def _check_scores_bounded(P, R, scale, what):
+    """ValueError unless every score scale * <P_i, R_j> is finite in P's dtype, for any i, j.
+
+    |s| <= scale * max_i |P_i| * max_j |R_j| per head (Cauchy-Schwarz), an O(N*H*l) bound; the
+    kernels subtract each row's maximum before exponentiating, so finite scores give finite
+    probabilities."""
+    if not _checks.eager() or P.numel() == 0:
+        return
+    norms = [t.detach().double().norm(dim=-1).amax(dim=1) for t in (P, R)]  # (B,H) each
+    bound = float((abs(scale) * norms[0] * norms[1]).max())
+    limit = torch.finfo(P.dtype).max
+    if not bound <= limit:  # also catches NaN/Inf factors
+        raise ValueError(f"{what} are too large: the attention scores could reach {bound:.3g}, beyond "
+                         f"{P.dtype}'s range ({limit:.3g}); scale them down")
+
+
+def _sparse_attention(P, R, v, idx, keep, scale, what="P and R (the landmark factors of q and k)"):
     """Dispatch of validated batched inputs: P, R (B,N,H,l) acc dtype, v (B,N,H*dv), idx/keep (B,N,k)."""
+    _check_scores_bounded(P, R, scale, what)
     v = v.contiguous()
     backend = backends.resolve("attention", v.device, k=idx.shape[-1])
     if (backends.gathers_backward(backend) and _checks.eager() and torch.is_grad_enabled()
@@ -138,7 +155,7 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_i
     idx, keep = _checks.check_neighbors(idx, keep, q.shape[1], check_inputs)
     _checks.check_landmarks(landmarks, q.shape[1], check_values=check_inputs)
     P, R = _landmark_factors(q, k, q[:, landmarks], k[:, landmarks], num_heads)
-    out = _sparse_attention(P, R, v, idx, keep, 1.0 / math.sqrt(d // num_heads))
+    out = _sparse_attention(P, R, v, idx, keep, 1.0 / math.sqrt(d // num_heads), what="q and k")
     return out[0] if squeezed else out
 
 

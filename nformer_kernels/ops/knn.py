@@ -22,13 +22,32 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
     if x.shape[1] == 0:
         raise ValueError("x must have at least one row")
     _checks.check_k(k, x.shape[1])
-    if metric == "cosine":
-        x = torch.nn.functional.normalize(x, dim=-1)
-    x = x.detach().contiguous()
+    x = (_unit_rows(x) if metric == "cosine" else _power_of_two_scaled(x)).contiguous()
     idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
     if query_mask is not None:
         idx = _isolate_queries(x, idx, k, query_mask)
     return idx[0] if squeezed else idx
+
+
+def _unit_rows(x):
+    """Rows at unit L2 norm for any finite input: divided by their max-abs first, so the norm can
+    neither overflow nor underflow (in fp32 for fp16/bf16 input); zero rows stay zero."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.detach().to(acc)
+    peak = xa.abs().amax(dim=-1, keepdim=True)
+    xa = xa / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.nn.functional.normalize(xa, dim=-1).to(x.dtype)
+
+
+def _power_of_two_scaled(x):
+    """x times the power of two that brings each batch item's max-abs into [0.5, 1) (in fp32 for
+    fp16/bf16 input): inner products keep their order and cannot overflow (|<x_i, x_j>| <= d)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.detach().to(acc)
+    peak = xa.abs().amax(dim=(-2, -1), keepdim=True)
+    _, exponent = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
+    first = torch.div(-exponent, 2, rounding_mode="floor")  # two factors: 2^-exponent alone may overflow
+    return (xa * torch.exp2(first.to(acc)) * torch.exp2((-exponent - first).to(acc))).to(x.dtype)
 
 
 def _isolate_queries(x, idx, k, query_mask):
