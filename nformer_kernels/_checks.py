@@ -3,6 +3,7 @@
 Checks that read tensor values (and so sync a GPU) are skipped while torch.compile traces.
 """
 import math
+import numbers
 
 import torch
 
@@ -69,16 +70,31 @@ def same_device(**tensors):
         raise ValueError(f"all inputs must be on one device, got {devices}")
 
 
-def check_k(k, n, name="k"):
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+def as_int(value, name) -> int:
+    """value as a Python int: ints and numpy integer scalars, never bools or floats."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(value, name) -> int:
+    value = as_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_k(k, n, name="k") -> int:
+    k = as_int(k, name)
     if k < 1 or k > n:
         raise ValueError(f"{name} must be in [1, N={n}], got {k}")
+    return k
 
 
-def check_heads(num_heads):
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+def check_heads(num_heads) -> int:
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    return int(num_heads)
 
 
 def check_landmarks(landmarks, n: int, check_values: bool = True) -> None:

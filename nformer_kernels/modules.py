@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from nformer_kernels import official, ops
+from nformer_kernels import _checks, official, ops
 
 
 def draw_landmarks(n: int, num_landmarks: int, generator: Optional[torch.Generator] = None,
@@ -20,6 +20,11 @@ def draw_landmarks(n: int, num_landmarks: int, generator: Optional[torch.Generat
     pool = pool.cpu()
     perm = torch.randperm(pool.numel(), generator=generator)[: min(num_landmarks, pool.numel())]
     return pool[perm].to(device)
+
+
+def _check_dropout(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {p!r}")
 
 
 class NFormerLayer(nn.Module):
@@ -37,12 +42,13 @@ class NFormerLayer(nn.Module):
     def __init__(self, dim: int = 256, num_heads: int = 2, num_landmarks: int = 5, ffn_dim: int = 1024,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-5, inference_chunk_rows: Optional[int] = None):
         super().__init__()
+        dim, num_heads, num_landmarks, ffn_dim = (_checks.positive_int(v, name) for v, name in (
+            (dim, "dim"), (num_heads, "num_heads"), (num_landmarks, "num_landmarks"), (ffn_dim, "ffn_dim")))
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
-        if inference_chunk_rows is not None and inference_chunk_rows < 1:
-            raise ValueError(f"inference_chunk_rows must be >= 1 or None, got {inference_chunk_rows}")
+        if inference_chunk_rows is not None:
+            inference_chunk_rows = _checks.positive_int(inference_chunk_rows, "inference_chunk_rows")
+        _check_dropout(dropout)
         self.dim, self.num_heads, self.num_landmarks = dim, num_heads, num_landmarks
         self.inference_chunk_rows = inference_chunk_rows
         self.scale = 1.0 / math.sqrt(dim // num_heads)
@@ -139,8 +145,9 @@ class NFormer(nn.Module):
         super().__init__()
         if neighbor_source not in ("input", "affinity"):
             raise ValueError(f"neighbor_source must be 'input' or 'affinity', got {neighbor_source!r}")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        dim, depth, topk = (_checks.positive_int(v, name) for v, name in ((dim, "dim"), (depth, "depth"), (topk, "topk")))
+        if num_classes is not None:
+            num_classes = _checks.positive_int(num_classes, "num_classes")
         self.dim, self.depth, self.topk, self.num_landmarks = dim, depth, topk, num_landmarks
         self.neighbor_source = neighbor_source
         self.blocks = nn.ModuleList(

@@ -5,6 +5,7 @@ Official blocks are GPT-style: Conv1D weights stored (in, out) as `*.w`, LayerNo
 BatchNorm head and the classifier.
 """
 import re
+from collections.abc import Mapping
 from typing import Dict, List, Tuple
 
 import torch
@@ -23,7 +24,9 @@ HEAD = ("bottleneck.weight", "bottleneck.bias", "bottleneck.running_mean", "bott
 
 def nformer_subset(state_dict) -> Dict[str, torch.Tensor]:
     """The NFormer part of an official state dict, without `module.` / `nformer.` prefixes."""
-    sd = {re.sub(r"^module\.", "", key): val for key, val in state_dict.items()}
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    sd = {re.sub(r"^module\.", "", str(key)): val for key, val in state_dict.items()}
     if any(key.startswith("nformer.") for key in sd):  # a full model: keep the NFormer part
         sd = {key[len("nformer."):]: val for key, val in sd.items() if key.startswith("nformer.")}
     return sd
@@ -35,8 +38,11 @@ def architecture(state_dict) -> dict:
     if "h.0.attn.c_attn.w" not in sd:
         raise ValueError("state_dict has no official NFormer block 'h.0.attn.c_attn.w' "
                          "(with or without the 'nformer.' prefix)")
-    config = {"dim": sd["h.0.attn.c_attn.w"].shape[0],
-              "depth": 1 + max(int(m.group(1)) for key in sd if (m := re.match(r"h\.(\d+)\.", key)))}
+    blocks = sorted({int(m.group(1)) for key in sd if (m := re.match(r"h\.(\d+)\.", key))})
+    if blocks != list(range(len(blocks))):
+        missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
+        raise ValueError(f"state_dict has blocks {blocks} but not {missing}: a truncated or edited checkpoint")
+    config = {"dim": sd["h.0.attn.c_attn.w"].shape[0], "depth": len(blocks)}
     if "h.0.mlp.c_fc.w" in sd:
         config["ffn_dim"] = sd["h.0.mlp.c_fc.w"].shape[1]
     config["num_classes"] = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else None
@@ -56,6 +62,13 @@ def convert(state_dict, depth: int, with_classifier: bool,
             continue
         used.add(key)
         tensor = sd[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict entry {key} must be a tensor, got {type(tensor).__name__}")
+        if key != "bottleneck.num_batches_tracked":
+            if not tensor.is_floating_point():
+                raise TypeError(f"state_dict tensor {key} must be floating point, got {tensor.dtype}")
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"state_dict tensor {key} contains NaN or Inf")
         m = re.match(r"h\.(\d+)\.(.+)", key)
         if m:
             name, transpose = BLOCK[m.group(2)]

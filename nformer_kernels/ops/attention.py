@@ -51,10 +51,10 @@ def landmark_factors(q, k, q_landmarks, k_landmarks, num_heads: int):
     Returns P = Q_h K_{L,h}^T and R = K_h Q_{L,h}^T per head, (N,H,l)|(B,N,H,l) in fp32 (fp64 for
     fp64 input), with autograd. Lets a caller project q/k in row chunks and never hold all of them.
     """
-    _checks.check_heads(num_heads)
+    num_heads = _checks.check_heads(num_heads)
     named = {"q": q, "k": k, "q_landmarks": q_landmarks, "k_landmarks": k_landmarks}
     for name, t in named.items():
-        _checks.check_float(t, name, check_finite=False)
+        _checks.check_float(t, name)
     _checks.same_device(**named)
     q, squeezed = _checks.batched(q, "q", 1)
     k, _ = _checks.batched(k, "k", 1)
@@ -139,7 +139,7 @@ def neighbor_attention(q, k, v, idx, keep, landmarks, num_heads: int, *, check_i
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.check_float(t, name, check_finite=check_inputs)
-    _checks.check_heads(num_heads)
+    num_heads = _checks.check_heads(num_heads)
     _checks.same_device(q=q, k=k, v=v, idx=idx, keep=keep, landmarks=landmarks)
     q, squeezed = _checks.batched(q, "q", 1)
     k, _ = _checks.batched(k, "k", 1)

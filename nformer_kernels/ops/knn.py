@@ -21,7 +21,7 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
     x, squeezed = _checks.batched(x, "x", 1)
     if x.shape[1] == 0:
         raise ValueError("x must have at least one row")
-    _checks.check_k(k, x.shape[1])
+    k = _checks.check_k(k, x.shape[1])
     x = (_unit_rows(x) if metric == "cosine" else _power_of_two_scaled(x)).contiguous()
     idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
     if query_mask is not None:
@@ -52,11 +52,11 @@ def _power_of_two_scaled(x):
 
 def _isolate_queries(x, idx, k, query_mask):
     """Replace the rows of queries by self + top-(k-1) among non-queries."""
-    if query_mask.dtype != torch.bool:
-        raise TypeError(f"query_mask must be bool, got {query_mask.dtype}")
-    query_mask = query_mask.to(x.device).expand(x.shape[:2]) if query_mask.dim() == 1 else query_mask.to(x.device)
-    if query_mask.shape != x.shape[:2]:
+    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+        raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
+    if tuple(query_mask.shape) not in (tuple(x.shape[1:2]), tuple(x.shape[:2])):
         raise ValueError(f"query_mask must have shape (N,) or (B,N) matching x, got {tuple(query_mask.shape)}")
+    query_mask = query_mask.to(x.device).expand(x.shape[:2])
     idx = idx.clone()
     for b in range(x.shape[0]):
         queries = query_mask[b].nonzero().squeeze(1)
@@ -82,7 +82,7 @@ def landmark_affinity_knn(P, R, topk):
     R, _ = _checks.batched(R, "R", 2)
     if P.shape != R.shape:
         raise ValueError(f"P {tuple(P.shape)} and R {tuple(R.shape)} must have one shape")
-    _checks.check_k(topk, P.shape[1], "topk")
+    topk = _checks.check_k(topk, P.shape[1], "topk")
     b, n = P.shape[:2]
     P, R = P.detach().reshape(b, n, -1), R.detach().reshape(b, n, -1)
     idx = torch.stack([torch_ops.topk_rows(P[i], R[i], topk, force_self=True) for i in range(b)])
