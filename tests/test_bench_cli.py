@@ -87,3 +87,67 @@ def test_worker_agreement_protocol(capsys):
     assert line.startswith(cli.RESULT_MARK)
     check = json.loads(line[len(cli.RESULT_MARK):])
     assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_ref"]) and check["knn_index_match"] == 1.0
+
+
+COMMANDS = ("run", "knn", "tune", "check", "report")
+
+
+def test_no_arguments_prints_help_listing_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nformer-bench") and all(f"nformer-bench {c} " in out for c in COMMANDS)
+
+
+def test_help_lists_every_command_and_version_is_the_library_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "{" + ",".join(COMMANDS) + "}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"nformer-bench {nk.__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--help"])
+    assert "--kernel {knn,attention}" in capsys.readouterr().out
+
+
+def test_results_go_to_the_working_directory_not_the_package(tmp_path, monkeypatch):
+    import nformer_bench
+
+    package = Path(nformer_bench.__file__).parent
+    before = sorted(p for p in package.rglob("*") if "__pycache__" not in p.parts)
+    monkeypatch.chdir(tmp_path)
+    cli.main(["run", "--n-list", "64", "--methods", "knn-torch", "--device", "cpu", "--repeats", "1",
+              "--isolation", "none"])
+    (json_path,) = (tmp_path / "nformer_bench_results").glob("*/*.json")
+    assert json.loads(json_path.read_text())["rows"][0]["status"] == "ok"
+    assert sorted(p for p in package.rglob("*") if "__pycache__" not in p.parts) == before
+
+
+def test_knn_command_compares_methods_with_recall(capsys):
+    backend = nk.get_backend(torch.device("cpu"))
+    rows = cli.knn.run(cli._parser().parse_args(["knn", "--n", "300", "--d", "32", "--k", "10", "--device", "cpu",
+                                                 "--methods", "knn,knn-torch", "--backends", backend,
+                                                 "--repeats", "1"]))
+    assert [(r["method"], r["status"]) for r in rows] == [("knn", "ok"), ("knn-torch", "ok")]
+    assert rows[0]["recall"] == 1.0 and rows[1]["recall"] >= 0.999  # exact methods agree up to ties
+    assert all(r["mem_kind"] == "rss_growth" and r["recall_vs"] == f"knn ({backend})" for r in rows)
+    assert "knn-torch (torch)" in capsys.readouterr().out
+
+
+def test_parser_leaves_nformer_kernels_unimported():
+    """`check` rebuilds the extension from the CLI's process, which must not have loaded it."""
+    code = "import sys; from nformer_bench import cli; cli._parser(); print('nformer_kernels' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_report_command_takes_the_results_folder(sweep, tmp_path):
+    json_path, _ = sweep
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    cli.main(["report", str(json_path.parent.parent), "--readme", str(readme)])
+    assert f"{json_path.stem}-latency.png" in readme.read_text()

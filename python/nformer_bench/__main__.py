@@ -1,3 +1,5 @@
+import sys
+
 from nformer_bench.cli import main
 
-main()
+sys.exit(main())

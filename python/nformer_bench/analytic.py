@@ -9,6 +9,16 @@ k neighbours, f FFN hidden dim, depth blocks.
 # Paper Table 1 (Wang et al., CVPR 2022): GFLOPs per image of the attention model on Market-1501.
 PAPER_GFLOPS_PER_IMG = {"transformer": 0.088, "nformer": 0.0025}
 
+# The benchmarked methods. Fused ones run once per nformer_kernels backend ("attention" is
+# neighbor_attention forward + backward); each baseline has one implementation, named here.
+FUSED_METHODS = ("nformer", "nformer-layer", "knn", "attention")
+BASELINE_BACKEND = {"dense-official": "torch", "dense-transformer": "torch", "knn-torch": "torch",
+                    "knn-faiss": "faiss"}
+METHODS = FUSED_METHODS + tuple(BASELINE_BACKEND)
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# nformer_kernels backends that are plain PyTorch rather than kernels: benchmarked only when named.
+PLAIN_BACKENDS = ("torch", "reference")
+
 
 def linear_flops(n, d, f):
     """One block's dense layers: QKV (d -> 3d), output projection (d -> d), FFN (d -> f -> d)."""
@@ -81,9 +91,6 @@ def method_flops(method, n, d, heads, l, k, f, depth):
     raise ValueError(f"unknown method {method!r}")
 
 
-FUSED_ON_REFERENCE = ("nformer", "nformer-layer", "knn", "attention")
-
-
 def dense_memory_bytes(method, backend, n, heads, elem_size):
     """Estimated peak bytes of the n^2 tensors of a method (None when it has none).
 
@@ -92,13 +99,13 @@ def dense_memory_bytes(method, backend, n, heads, elem_size):
     nn_elems = n * n
     if method == "dense-official":
         # knn: the n x n cosine matrix; each block then holds the affinity w, the scattered
-        # neighbour mask and mask * mask^T at once, per head (bench/baselines.py).
+        # neighbour mask and mask * mask^T at once, per head (nformer_bench/baselines.py).
         return max(nn_elems * elem_size, 3 * heads * nn_elems * elem_size)
     if method == "dense-transformer":
         # At most the (H, n, n) scores and their softmax at once; measured on the CPU (torch 2.14):
         # 1.2-1.5x one score matrix.
         return 2 * heads * nn_elems * elem_size
-    if backend == "reference" and method in FUSED_ON_REFERENCE:
+    if backend == "reference" and method in FUSED_METHODS:
         # reference.knn: fp32 similarity + sort values + int64 sort indices; reference attention:
         # fp32 scores, softmax and masked copy per head plus a bool n x n mask.
         knn_bytes = nn_elems * (4 + 4 + 8)

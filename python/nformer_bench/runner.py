@@ -6,22 +6,28 @@ ends only that child; on CUDA it calls it in-process (peak stats reset, OOM is a
 `agreement` checks the fused model against the dense official one.
 """
 import functools
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import nformer_kernels as nk
-from nformer_bench import baselines
-from nformer_bench.analytic import attention_train_bytes, method_flops
+from nformer_bench import RESULT_MARK, baselines
+from nformer_bench.analytic import DTYPE_NAMES, FUSED_METHODS, PLAIN_BACKENDS, attention_train_bytes, method_flops
 
-# Run once per nformer_kernels backend; "attention" is neighbor_attention forward + backward.
-FUSED_METHODS = ("nformer", "nformer-layer", "knn", "attention")
-BASELINE_BACKEND = {"dense-official": "torch", "dense-transformer": "torch", "knn-torch": "torch",
-                    "knn-faiss": "faiss"}
-METHODS = FUSED_METHODS + tuple(BASELINE_BACKEND)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+
+def kernel_backends(device):
+    """The nformer_kernels backends with kernels of their own that run tensors on `device`."""
+    return [b for b in nk.available_backends(device) if b not in PLAIN_BACKENDS]
 
 
 def synthetic_features(n, d, device, dtype, seed=0):
@@ -43,7 +49,7 @@ def explicit_landmarks(n, depth, num_landmarks, seed=0):
     return torch.stack([torch.randperm(n, generator=gen)[:num_landmarks] for _ in range(depth)])
 
 
-def _setup(cfg, x):
+def _setup(cfg, x, neighbours=None):
     """A zero-argument callable running the method once on x (inputs and weights prepared here)."""
     method, p = cfg["method"], cfg["params"]
     d, heads, l, k, f, depth = p["d"], p["heads"], p["landmarks"], p["k"], p["ffn"], p["depth"]
@@ -65,7 +71,7 @@ def _setup(cfg, x):
     if method == "knn":
         return lambda: nk.knn(x, k)
     if method == "attention":
-        return _attention_step(x, heads, l, k)
+        return attention_step(x, heads, l, k, neighbours)
     if method == "dense-official":
         model = baselines.DenseOfficialNFormer(d, depth, heads, l, k, f).to(device=device, dtype=dtype).eval()
         lms = explicit_landmarks(n, depth, l).to(device)
@@ -84,11 +90,16 @@ def _setup(cfg, x):
     raise ValueError(f"unknown method {method!r}")
 
 
-def _attention_step(x, heads, l, k):
-    """neighbor_attention forward + backward on q, k, v = x (ordinary tensors, outside inference mode)."""
+def attention_step(x, heads, l, k, neighbours=None):
+    """neighbor_attention forward + backward on q, k, v = x (ordinary tensors, outside inference mode).
+
+    neighbours: (idx, keep) of x[0] when already known (nk.knn of x otherwise)."""
     with torch.inference_mode(False):
-        idx = nk.knn(x, k)[0].clone()
-        keep = nk.reciprocal_mask(idx).clone()
+        if neighbours is None:
+            idx = nk.knn(x, k)[0].clone()
+            keep = nk.reciprocal_mask(idx).clone()
+        else:
+            idx, keep = (t.clone() for t in neighbours)
         leaves = [x[0].clone().requires_grad_() for _ in range(3)]
         landmarks = explicit_landmarks(x.shape[1], 1, l)[0].to(x.device)
 
@@ -130,7 +141,7 @@ def _is_oom(exc):
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def measure(cfg, isolated=True):
+def measure(cfg, isolated=True, neighbours=None):
     """Time one configuration; returns the measured fields of a result row.
 
     cfg: method, backend, n, device, dtype, warmup, repeats, repeat_budget_s, params (d, heads,
@@ -140,17 +151,29 @@ def measure(cfg, isolated=True):
     Peak memory: growth of torch.cuda.max_memory_allocated over the state after setup (GPU), or
     growth of this process's peak RSS (CPU; only meaningful when `isolated`, i.e. this process ran
     nothing else).
+    neighbours: (idx, keep) for the "attention" method (else nk.knn of the inputs).
+    Optional: warmup_n runs the warm-up calls on the first warmup_n rows instead (compiles and
+    thread pools warm, without paying for full-size calls); save_output, a path, gets the last
+    timed call's output (torch.save, on the CPU).
     """
     device = torch.device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
     _set_threads(cfg)
-    if cfg["backend"] in nk.BACKENDS:
-        nk.set_backend(cfg["backend"])
     on_gpu = device.type == "cuda"
+    last = [None]
+    backend = cfg["backend"] if cfg["method"] in FUSED_METHODS else None
     try:
-        with torch.inference_mode():
+        with nk.use_backend(backend), torch.inference_mode():
             x = synthetic_features(cfg["n"], cfg["params"]["d"], device, dtype)
-            fn = _setup(cfg, x)
+            fn = _setup(cfg, x, neighbours)
+            warm = _setup(cfg, x[:, :cfg["warmup_n"]]) if cfg.get("warmup_n") else fn
+            if cfg.get("save_output"):
+                timed = fn
+
+                def fn():
+                    last[0] = None  # free the previous output first: peak memory stays one call's
+                    last[0] = timed()
+
             if on_gpu:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -158,7 +181,8 @@ def measure(cfg, isolated=True):
             else:
                 mem_before = _rss_bytes()
             for _ in range(cfg["warmup"]):
-                fn()
+                warm()
+            warm = None
             times_ms, cpu_ms = [], []
             while len(times_ms) < cfg["repeats"] and sum(times_ms) < 1e3 * cfg["repeat_budget_s"]:
                 wall, cpu = time_call_ms(fn, on_gpu)
@@ -174,8 +198,10 @@ def measure(cfg, isolated=True):
             raise
         return {"status": "OOM"}
     finally:
-        nk.set_backend(None)
-        x = fn = None  # free the inputs before empty_cache, so an OOM leaves the GPU clean
+        if cfg.get("save_output") and last[0] is not None:
+            out = last[0]
+            torch.save(torch.as_tensor(out).reshape(-1, out.shape[-1]).cpu(), cfg["save_output"])
+        x = fn = warm = last[0] = None  # free the inputs before empty_cache, so an OOM leaves the GPU clean
         if on_gpu:
             torch.cuda.empty_cache()
     q1, _, q3 = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else (times_ms[0],) * 3
@@ -212,15 +238,50 @@ def agreement(cfg):
     fused = fused.to(device=device, dtype=dtype).eval()
     x = synthetic_features(n, d, device, dtype, seed=1)
     lms = explicit_landmarks(n, depth, l, seed=1).to(device)
-    nk.set_backend(backend)
-    try:
-        with torch.inference_mode():
-            ref = dense(x, landmarks=lms).float()
-            out = fused(x, landmarks=lms).float()
-            idx = nk.knn(x[0], k)
-            idx_torch = baselines.knn_torch_chunked(x[0], k)
-    finally:
-        nk.set_backend(None)
+    with nk.use_backend(backend), torch.inference_mode():
+        ref = dense(x, landmarks=lms).float()
+        out = fused(x, landmarks=lms).float()
+        idx = nk.knn(x[0], k)
+        idx_torch = baselines.knn_torch_chunked(x[0], k)
     return {"backend": backend, "n": n, "dtype": str(dtype).replace("torch.", ""),
             "max_abs_diff": (out - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item(),
             "knn_index_match": (idx == idx_torch).float().mean().item()}
+
+
+# ----------------------------------------------------------------------------- where a configuration runs
+def import_roots():
+    """The folders holding nformer_bench and nformer_kernels, so a child imports the same copies."""
+    return list(dict.fromkeys(str(Path(m.__file__).resolve().parent.parent)
+                              for m in (sys.modules["nformer_bench"], nk)))
+
+
+def run_child(kind, cfg, timeout_s):
+    """Run `measure` or `agreement` in a fresh interpreter; its result dict (status OOM/timeout/error
+    on failure)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*import_roots(), env.get("PYTHONPATH")]))
+    env["PYTHONWARNINGS"] = "ignore"  # e.g. the missing-extension warning, once per child
+    cmd = [sys.executable, "-m", "nformer_bench", "_worker", kind, json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout (> {timeout_s:g} s)"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    if proc.returncode in (-9, 137):  # SIGKILL: almost always the kernel's OOM killer
+        return {"status": "OOM (killed)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"status": f"error: {tail[:300]}"}
+
+
+def launch(kind, cfg, timeout_s, isolated, neighbours=None):
+    """`measure` (kind "measure") or `agreement` of cfg, in a child process when isolated."""
+    if isolated:
+        return run_child(kind, cfg, timeout_s)
+    try:  # one failing backend must not end a sweep (a child process would just exit)
+        if kind == "measure":
+            return measure(cfg, isolated=False, neighbours=neighbours)
+        return agreement(cfg)
+    except Exception as exc:  # noqa: BLE001
+        return {"status": f"error: {type(exc).__name__}: {exc}"[:300]}

@@ -6,8 +6,9 @@ The launchers pick from fixed variant lists (nformer_kernels/triton/*.py, compil
 CI); this measures alternatives on the GPU at hand so those lists can be retuned from numbers:
 every configuration runs the same inputs, is timed (median of --repeats after one warm-up) and
 checked against the launcher's current choice. Configurations the GPU cannot run (shared memory,
-registers) are recorded with their error. Writes tune-<kernel>-<dtype>-<stamp>.json and .md.
-Also runs on CPU tensors under TRITON_INTERPRET=1 (tiny sizes; for testing the harness).
+registers) are recorded with their error. Writes tune-<kernel>-<dtype>-<stamp>.json and .md into
+--out (default ./nformer_bench_results). Also runs on CPU tensors under TRITON_INTERPRET=1 (tiny
+sizes; for testing the harness).
 """
 import argparse
 import dataclasses
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 
 from nformer_bench.analytic import attention_forward_bytes, knn_flops
-from nformer_bench.runner import time_call_ms
 
 # Grids around the launchers' current choices (knn: 64/64, attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps).
 # knn streams the query rows in BLOCK_D chunks with every key tile; Q_RESIDENT variants (fp16/bf16,
@@ -52,11 +52,14 @@ def _grid_variants(base, grids, limit):
 
 
 def _time_variant(fn, on_gpu, repeats):
+    from nformer_bench.runner import time_call_ms
+
     fn()  # warm-up (and compilation)
     return statistics.median(time_call_ms(fn, on_gpu)[0] for _ in range(repeats))
 
 
 def tune_knn(n, d, k, dtype, device, repeats, limit):
+    """Yields one row per knn launch configuration, the launcher's current choice first."""
     knn = importlib.import_module("nformer_kernels.triton.knn")
     import triton
 
@@ -68,7 +71,7 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
     else:
         d_pad = max(16, 1 << (d - 1).bit_length())
         grids = [KNN_GRID] + ([{**KNN_GRID_RESIDENT, "BLOCK_D": (d_pad,)}] if d_pad <= 256 else [])
-    on_gpu, rows, reference = device.type == "cuda", [], None
+    on_gpu, reference = device.type == "cuda", None
     for variant in _grid_variants(base, grids, limit):
         idx = torch.empty((1, n, k), dtype=torch.int64, device=device)
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
@@ -76,14 +79,15 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
         def call(variant=variant, idx=idx, blocks=blocks):
             variant.launch((blocks, 1), x, idx, n, d, k)
 
-        rows.append(_measure(variant, call, on_gpu, repeats, knn_flops(n, d), "TFLOP/s"))
+        row = _measure(variant, call, on_gpu, repeats, knn_flops(n, d), "TFLOP/s")
         if variant is base:
             reference = idx.clone()
-        rows[-1]["match"] = _match(idx, reference, rows[-1])
-    return rows
+        row["match"] = _match(idx, reference, row)
+        yield row
 
 
 def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
+    """Yields one row per sparse-attention forward launch configuration, the current choice first."""
     attn = importlib.import_module("nformer_kernels.triton.sparse_attention")
     import nformer_kernels as nk
     import triton
@@ -99,7 +103,7 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
     probs = torch.empty((1, n, heads, k), dtype=torch.float32, device=device)
     scalars = (n, heads, landmarks, dv, k, dv ** -0.5)
     bytes_fwd = attention_forward_bytes(n, d, heads, landmarks, k, v.element_size())
-    on_gpu, rows, reference = device.type == "cuda", [], None
+    on_gpu, reference = device.type == "cuda", None
     base = attn.choose_variants(dtype, k)[0]
     for variant in _grid_variants(base, [ATTENTION_GRID], limit):
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
@@ -107,11 +111,11 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
         def call(variant=variant, blocks=blocks):
             variant.launch((blocks, 1), P, R, v, idx, keep.view(torch.uint8), out, probs, *scalars)
 
-        rows.append(_measure(variant, call, on_gpu, repeats, bytes_fwd, "GB/s (analytic)"))
+        row = _measure(variant, call, on_gpu, repeats, bytes_fwd, "GB/s (analytic)")
         if variant is base:
             reference = out.clone()
-        rows[-1]["match"] = _match(out, reference, rows[-1])
-    return rows
+        row["match"] = _match(out, reference, row)
+        yield row
 
 
 def _measure(variant, call, on_gpu, repeats, work, unit):
@@ -160,8 +164,7 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="nformer-bench tune", description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
     parser.add_argument("--kernel", choices=("knn", "attention"), default="knn")
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--d", type=int, default=256)
@@ -171,34 +174,52 @@ def _parser():
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-configs", type=int, default=0, help="try at most this many (0: the whole grid)")
-    parser.add_argument("--out", type=Path, default=Path("."))
-    return parser
+    parser.add_argument("--out", type=Path, default=Path("nformer_bench_results"))
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
+def rows(args):
+    """The grid of args.kernel, one row at a time, on the GPU (CPU tensors under TRITON_INTERPRET=1)."""
+    import triton
+
+    device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
+    dtype = getattr(torch, args.dtype)
+    if args.kernel == "knn":
+        return tune_knn(args.n, args.d, args.k, dtype, device, args.repeats, args.max_configs)
+    return tune_attention(args.n, args.d, args.k, args.heads, args.landmarks, dtype, device, args.repeats,
+                          args.max_configs)
+
+
+def run(args):
+    """Time args.kernel's grid; the result (meta + rows) for `write`."""
     import triton
 
     from nformer_bench.environment import environment
 
-    device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
-    dtype = getattr(torch, args.dtype)
-    env = environment(device)
-    if args.kernel == "knn":
-        rows = tune_knn(args.n, args.d, args.k, dtype, device, args.repeats, args.max_configs)
-    else:
-        rows = tune_attention(args.n, args.d, args.k, args.heads, args.landmarks, dtype, device, args.repeats,
-                              args.max_configs)
+    env = environment(torch.device("cpu" if triton.knobs.runtime.interpret else "cuda"))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    result = {"meta": {"kernel": args.kernel, "device_name": env["device_name"], "dtype": args.dtype,
-                       "n": args.n, "d": args.d, "k": args.k, "torch": torch.__version__,
-                       "triton": triton.__version__, "commit": (env["git_commit"] or "unknown")[:12],
-                       "timestamp": stamp, "command": "nformer-bench tune " + " ".join(argv or [])},
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune-{args.kernel}-{args.dtype}-{stamp}"
+    return {"meta": {"kernel": args.kernel, "device_name": env["device_name"], "dtype": args.dtype,
+                     "n": args.n, "d": args.d, "k": args.k, "torch": torch.__version__,
+                     "triton": triton.__version__, "commit": (env["git_commit"] or "unknown")[:12],
+                     "timestamp": stamp, "command": "nformer-bench tune " + " ".join(getattr(args, "argv", [])[1:])},
+            "rows": list(rows(args))}
+
+
+def write(result, out):
+    """tune-<kernel>-<dtype>-<stamp>.json and .md in folder `out`; prints the table, returns the stem path."""
+    meta = result["meta"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"tune-{meta['kernel']}-{meta['dtype']}-{meta['timestamp']}"
     path.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
     path.with_suffix(".md").write_text(text)
     print(text)
     return path
+
+
+def main(argv=None):
+    """`nformer-bench tune ARGS` as a function: returns the path stem of the files written."""
+    parser = argparse.ArgumentParser(prog="nformer-bench tune", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = ["tune", *(argv or [])]
+    return write(run(args), args.out)

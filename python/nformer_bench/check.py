@@ -1,0 +1,664 @@
+"""nformer-bench check: validate nformer_kernels on a CUDA machine in one run, inside a time budget.
+
+  nformer-bench check OUT_DIR [--budget-s 480] [--dry-run]        (scripts/gpu_check.sh wraps it)
+
+Stages, in this order; results are written into OUT_DIR as they come, and a stage that would
+start after the budget is spent is recorded as skipped:
+
+  build      environment (nvidia-smi, versions, commit), then the extension compiled in place for
+             the visible GPU's arch only (in a source checkout; an installed package is used as is)
+  smoke      every backend on the GPU against the `reference` backend, a few seconds each: knn
+             (fp32, bf16), reciprocal_mask, neighbor_attention forward + backward, the NFormer eval
+             forward against the dense official model; a backend stops at its first failing case
+  knn        N=1,000,000, d=256, k=20, bf16 then fp32: nk.knn per backend vs chunked torch.mm + topk
+  attention  neighbor_attention forward + backward at N=1,000,000, d=256: achieved GB/s
+  nformer    NFormer eval at N=19,281 / 93,820 / 1,000,000 (Market-1501, MSMT17, 1M) vs the dense
+             official computation and a dense SDPA transformer, where they fit
+  tests      python -m pytest tests -m gpu (JUnit XML)
+  tune       the Triton launch-configuration grids (nformer-bench tune), with the time left
+
+Measurements use the backends whose smoke check passed. Each stage runs in a process of its own
+(a GPU fault ends that stage, not the run) and the measurement stages within a share of the
+budget, so the test suite keeps time. The result is a compact, flat folder: gpu_check.log,
+gpu_tests.xml, gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png;
+`nformer-bench report OUT_DIR` turns it into the README's GPU table.
+
+--dry-run runs every stage on the CPU at tiny sizes and leaves the same files, in about a minute:
+the build stage only checks that the extension is built, the tests stage runs a few CPU tests and
+tuning runs under TRITON_INTERPRET=1. It tests this command on a machine without a GPU.
+Exit status 1 when a stage or a test failed, else 0.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from nformer_bench import RESULT_MARK
+
+LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
+    "gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png", "nformer-memory.png")
+STAGES = ("build", "smoke", "knn", "attention", "nformer", "tests", "tune")
+# Budget shares of the measurement stages; the build, tests and tune stages get the time left.
+SHARE = {"smoke": 0.12, "knn": 0.2, "attention": 0.06, "nformer": 0.2}
+MIN_STAGE_S = 5.0  # a stage with less time left than this is skipped
+INTERRUPT_GRACE_S = 20.0  # after SIGINT at a stage's limit (pytest writes its JUnit XML), then SIGKILL
+
+SIZES = {  # per mode: (dry run?) -> stage -> parameters
+    False: {"smoke": {"n": 4096, "d": 256, "k": 20, "heads": 2, "landmarks": 5, "nformer_n": 512, "nformer_d": 64},
+            "knn": {"n": 1_000_000, "d": 256, "k": 20, "dtypes": ["bfloat16", "float32"], "repeats": 3,
+                    "repeat_budget_s": 5.0},
+            "attention": {"n": 1_000_000, "d": 256, "k": 20, "heads": 2, "landmarks": 5,
+                          "dtypes": ["bfloat16", "float32"], "repeats": 5, "repeat_budget_s": 3.0},
+            "nformer": {"n_list": [19281, 93820, 1_000_000], "d": 256, "ffn": 1024, "check_n": 1000, "repeats": 3,
+                        "repeat_budget_s": 10.0},
+            "tune": {"n": 100_000, "d": 256, "k": 20, "repeats": 3,
+                     # ~65 knn bf16 configurations (compiles dominate, ~4 s each), 37 attention ones, 12 fp32 knn.
+                     "specs": [["knn", "bfloat16", 0], ["attention", "bfloat16", 0], ["knn", "float32", 12]]}},
+    True: {"smoke": {"n": 256, "d": 32, "k": 8, "heads": 2, "landmarks": 5, "nformer_n": 120, "nformer_d": 32},
+           "knn": {"n": 2000, "d": 64, "k": 20, "dtypes": ["bfloat16", "float32"], "repeats": 2,
+                   "repeat_budget_s": 1.0},
+           "attention": {"n": 1000, "d": 64, "k": 20, "heads": 2, "landmarks": 5, "dtypes": ["bfloat16", "float32"],
+                         "repeats": 2, "repeat_budget_s": 1.0},
+           "nformer": {"n_list": [100, 200, 400], "d": 64, "ffn": 256, "check_n": 100, "repeats": 2,
+                       "repeat_budget_s": 1.0},
+           "tune": {"n": 40, "d": 16, "k": 5, "repeats": 1,
+                    "specs": [["knn", "float32", 3], ["attention", "float32", 3]]}},
+}
+# The GPU suite, and in a dry run a few CPU tests that exercise the same JUnit path.
+TEST_ARGS = {False: ["tests", "-m", "gpu"],
+             True: ["tests/test_modules.py", "-k", "from_official_matches", "-m", "not gpu"]}
+
+
+def add_arguments(p):
+    p.add_argument("out", type=Path, help="output folder (created; check files already in it are replaced)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="total wall-clock budget of all stages")
+    p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (no GPU needed)")
+
+
+def run(args):
+    return Check(args.out, args.budget_s, args.dry_run).run()
+
+
+def _source_root():
+    """The checkout holding nformer_kernels (setup.py, tests/), or None for an installed package."""
+    spec = importlib.util.find_spec("nformer_kernels")
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).resolve().parent.parent
+    return root if (root / "setup.py").exists() else None
+
+
+def _child_env(extra=None):
+    """This process's environment, with nformer_bench and nformer_kernels importable as they are here.
+    TRITON_INTERPRET is dropped unless extra sets it: only the dry run's tuning interprets Triton."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    roots = [str(Path(__file__).resolve().parent.parent)]
+    spec = importlib.util.find_spec("nformer_kernels")
+    if spec is not None and spec.origin:
+        roots.append(str(Path(spec.origin).resolve().parent.parent))
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [*roots, env.get("PYTHONPATH")])))
+    env.update(extra or {})
+    return env
+
+
+class Check:
+    """One validation run: stages in order, each recorded in result and saved as it goes."""
+
+    def __init__(self, out, budget_s, dry_run):
+        self.out, self.budget_s, self.dry_run = Path(out), budget_s, dry_run
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in FILES:  # a rerun into the same folder replaces the previous run
+            (self.out / name).unlink(missing_ok=True)
+        self.t0 = time.monotonic()
+        self.root = _source_root()
+        self.device = "cpu" if dry_run else "cuda"
+        self.sizes = SIZES[dry_run]
+        self.passed = []  # backends whose smoke check passed
+        self.abort = None  # why the remaining stages cannot run
+        self.result = {"meta": {"budget_s": budget_s, "dry_run": dry_run, "device": self.device,
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "command": f"nformer-bench check {out} --budget-s {budget_s:g}"
+                                           + (" --dry-run" if dry_run else ""),
+                                "complete": False},
+                       "stages": [], "build": {}, "smoke": [], "knn": [], "attention": [],
+                       "nformer": {"meta": {}, "agreement": [], "rows": []}, "tests": {}, "tune": []}
+        self._log = open(self.out / LOG, "a", buffering=1)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def left(self):
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    def log(self, text):
+        self._log.write(text + "\n")
+        print(text, flush=True)
+
+    def save(self):
+        from nformer_bench import report
+
+        (self.out / JSON).write_text(json.dumps(self.result, indent=1) + "\n")
+        (self.out / MD).write_text(report.check_markdown(self.result))
+
+    def _plots(self):
+        from nformer_bench import report
+
+        nf = self.result["nformer"]
+        meta = {"device_name": nf["meta"].get("device_name") or self.result["meta"].get("device_name", self.device),
+                "dtype": nf["meta"].get("dtype", "float32")}
+        report.plot_run({"meta": meta, "rows": nf["rows"]}, self.out / LATENCY_PNG, self.out / MEMORY_PNG)
+
+    def run(self):
+        mode = "dry run on the CPU" if self.dry_run else "CUDA"
+        self.log(f"nformer-bench check ({mode}), budget {self.budget_s:g} s, output {self.out}")
+        try:
+            for name in STAGES:
+                self._stage(name)
+        finally:
+            self._plots()
+            if self.result["tests"].get("status") is None:  # the tests stage never ran
+                self._junit_placeholder("the run ended before the tests stage")
+            # complete: every stage ran to its end (none cut short or skipped for lack of time)
+            self.result["meta"]["complete"] = len(self.result["stages"]) == len(STAGES) and not any(
+                s["status"].startswith(("timeout", "skipped (budget")) for s in self.result["stages"])
+            self.result["meta"]["wall_s"] = round(time.monotonic() - self.t0, 1)
+            self.save()
+            self._log.close()
+        failed = [s for s in self.result["stages"] if s["status"].startswith("failed")]
+        print(f"\n{len(self.result['stages'])} stages in {self.result['meta']['wall_s']:.0f} s"
+              + (f"; failed: {', '.join(s['name'] for s in failed)}" if failed else "; none failed")
+              + f". Files in {self.out}: {', '.join(sorted(p.name for p in self.out.iterdir()))}")
+        return 1 if failed else 0
+
+    def _stage(self, name):
+        limit = self.left() if name not in SHARE else min(self.left(), SHARE[name] * self.budget_s)
+        record = {"name": name, "status": "", "seconds": 0.0, "limit_s": round(limit, 1)}
+        self.result["stages"].append(record)
+        if self.abort:
+            record["status"] = f"skipped ({self.abort})"
+        elif limit < MIN_STAGE_S:
+            record["status"] = f"skipped (budget spent: {max(self.left(), 0):.0f} s left)"
+        else:
+            self.log(f"\n=== {name} (up to {limit:.0f} s, {self.left():.0f} s of the budget left)")
+            start = time.monotonic()
+            try:
+                record["status"] = getattr(self, "_" + name)(limit)
+            except Exception as exc:  # noqa: BLE001 - one stage's bug must not lose the others
+                record["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            record["seconds"] = round(time.monotonic() - start, 1)
+        self.log(f"--- {name}: {record['status']} ({record['seconds']:.0f} s)")
+        if name == "tests" and record["status"].startswith("skipped"):
+            self._junit_placeholder(record["status"])
+        self.save()
+
+    # ------------------------------------------------------------------ processes
+    def _stream(self, cmd, limit_s, on_item=None, env=None):
+        """Run cmd with its output in the log; result lines go to on_item. At limit_s the process group
+        gets SIGINT, then SIGKILL. Returns "ok", "timeout (> N s)" or "failed (exit N)"."""
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env or _child_env(), cwd=self.root or Path.cwd(), start_new_session=True)
+        timed_out = threading.Event()
+
+        def signal_group(sig):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        def stop():
+            timed_out.set()
+            signal_group(signal.SIGINT)
+            try:
+                proc.wait(INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                signal_group(signal.SIGKILL)
+
+        timer = threading.Timer(limit_s, stop)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(RESULT_MARK):
+                    if on_item is not None:
+                        on_item(json.loads(line[len(RESULT_MARK):]))
+                        self.save()
+                else:
+                    self.log(line.rstrip("\n"))
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:  # this process is being interrupted: take the stage down with it
+                signal_group(signal.SIGKILL)
+        if timed_out.is_set():
+            return f"timeout (> {limit_s:.0f} s)"
+        return "ok" if returncode == 0 else f"failed (exit {returncode})"
+
+    def _worker(self, stage, limit_s, on_item, extra_env=None, **cfg):
+        cmd = [sys.executable, "-m", "nformer_bench", "_worker", "check",
+               json.dumps({"stage": stage, "device": self.device, "limit_s": limit_s, **cfg})]
+        return self._stream(cmd, limit_s, on_item, env=_child_env(extra_env))
+
+    # ------------------------------------------------------------------ stages
+    def _build(self, limit):
+        deadline = time.monotonic() + limit
+        build, meta = self.result["build"], self.result["meta"]
+        status = self._worker("probe", min(limit, 120), lambda item: build.update(item))
+        meta.update({key: build.get(key) for key in ("device_name", "capability", "versions", "git_commit")})
+        if status != "ok":
+            self.abort = "the environment probe failed"
+            return f"failed: environment probe {status}"
+        if shutil.which("nvidia-smi") and not self.dry_run:
+            self._stream(["nvidia-smi"], 30)
+        if self.dry_run:
+            build["compile"] = "skipped (dry run)"
+        elif self.root is None:
+            build["compile"] = "skipped (an installed package, not a source checkout)"
+        elif not build.get("capability"):
+            self.abort = "no CUDA device; --dry-run checks this command on the CPU"
+            return "failed: no CUDA device visible to torch"
+        else:
+            arch = build["capability"]
+            extra = {"TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 4))}
+            if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
+                extra["CUDA_HOME"] = "/usr/local/cuda"
+            self.log(f"compiling the extension for sm_{arch.replace('.', '')} only: setup.py build_ext --inplace")
+            site = Path(sysconfig.get_paths()["purelib"])
+            headers = [str(p) for p in sorted(site.glob("nvidia/cu*/include"))]  # pip CUDA headers (cusparse.h, ...)
+            if headers:
+                extra["CPATH"] = os.pathsep.join(filter(None, [*headers, os.environ.get("CPATH")]))
+            t = time.monotonic()
+            status = self._stream([sys.executable, "setup.py", "build_ext", "--inplace"],
+                                  max(deadline - time.monotonic(), MIN_STAGE_S), env=_child_env(extra))
+            build["compile"] = f"{status} ({time.monotonic() - t:.0f} s, TORCH_CUDA_ARCH_LIST={arch})"
+            if status != "ok":
+                return f"failed: compile {status}"
+        status = self._worker("extension", max(min(deadline - time.monotonic(), 120), MIN_STAGE_S),
+                              lambda item: build.update(item))
+        meta.update({key: build.get(key) for key in ("device_name", "device_slug", "git_commit", "git_dirty")
+                     if build.get(key) is not None})
+        if status != "ok":
+            return f"failed: importing nformer_kernels {status}"
+        if not build.get("extension"):
+            return "failed: the compiled extension does not load"
+        if not self.dry_run and not build.get("extension_cuda"):
+            return "failed: the extension has no CUDA kernels"
+        return "ok"
+
+    def _smoke(self, limit):
+        status = self._worker("smoke", limit, self.result["smoke"].append, **self.sizes["smoke"])
+        by_backend = {}
+        for case in self.result["smoke"]:
+            by_backend.setdefault(case["backend"], []).append(case)
+        self.passed = [b for b, cases in by_backend.items() if all(c["ok"] for c in cases)
+                       and len(cases) == len(SMOKE_CASES)]
+        failed = [f"{b}: {cases[-1]['case']}" for b, cases in by_backend.items() if not cases[-1]["ok"]]
+        if failed:
+            return "failed: " + "; ".join(failed)
+        if status != "ok":
+            return status
+        return "ok" if by_backend else "failed: no backend ran"
+
+    def _kernel_backends(self):
+        from nformer_bench.analytic import PLAIN_BACKENDS
+
+        return [b for b in self.passed if b not in PLAIN_BACKENDS]
+
+    def _knn(self, limit):
+        return self._worker("knn", limit, self.result["knn"].append, backends=self._kernel_backends(),
+                            **self.sizes["knn"])
+
+    def _attention(self, limit):
+        if not self._kernel_backends():
+            return "skipped (no kernel backend passed the smoke check)"
+        return self._worker("attention", limit, self.result["attention"].append,
+                            backends=self._kernel_backends(), **self.sizes["attention"])
+
+    def _nformer(self, limit):
+        nf = self.result["nformer"]
+
+        def on_item(item):
+            kind = item.pop("kind")
+            if kind == "meta":
+                nf["meta"] = item
+            else:
+                nf[kind].append(item)
+
+        return self._worker("nformer", limit, on_item, backends=self._kernel_backends(), **self.sizes["nformer"])
+
+    def _tests(self, limit):
+        tests = self.result["tests"]
+        if self.root is None or not (self.root / "tests").is_dir():
+            tests["status"] = "skipped (no tests folder: not a source checkout)"
+            return tests["status"]
+        junit = self.out / JUNIT
+        cmd = [sys.executable, "-m", "pytest", *TEST_ARGS[self.dry_run], "-q", "-rfE", "-p", "no:cacheprovider",
+               f"--junitxml={junit}"]
+        tests["command"] = " ".join(["pytest", *TEST_ARGS[self.dry_run]])
+        status = self._stream(cmd, limit)
+        tests.update(_junit_counts(junit))
+        if not junit.exists():
+            self._junit_placeholder(f"pytest left no JUnit XML ({status})")
+        tests["status"] = status
+        if status.startswith("timeout"):
+            return status
+        if tests.get("failures") or tests.get("errors"):
+            return f"failed: {tests.get('failures', 0)} failed, {tests.get('errors', 0)} errors"
+        # pytest exits 5 when nothing was collected (e.g. no GPU test selected): not a failure of the code
+        return "ok" if status in ("ok", "failed (exit 5)") else status
+
+    def _tune(self, limit):
+        extra = {"TRITON_INTERPRET": "1"} if self.dry_run else None
+        return self._worker("tune", limit, self.result["tune"].append, extra_env=extra, **self.sizes["tune"])
+
+    def _junit_placeholder(self, reason):
+        """A JUnit XML naming why there are no test results, so the folder always has the same files."""
+        path = self.out / JUNIT
+        if path.exists():
+            return
+        suite = ET.Element("testsuite", name="nformer-bench check", tests="1", errors="0", failures="0", skipped="1")
+        case = ET.SubElement(suite, "testcase", classname="nformer_bench.check", name="tests stage")
+        ET.SubElement(case, "skipped", message=reason)
+        root = ET.Element("testsuites")
+        root.append(suite)
+        ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+        self.result["tests"].setdefault("status", reason)
+
+
+def _junit_counts(path):
+    """tests/failures/errors/skipped/time summed over a JUnit XML's suites, and the failing cases."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    counts = {key: sum(int(float(s.get(key, 0))) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    counts["time_s"] = round(sum(float(s.get("time", 0)) for s in suites), 1)
+    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}"
+                        for s in suites for case in s.iter("testcase")
+                        if case.find("failure") is not None or case.find("error") is not None][:30]
+    return counts
+
+
+# ============================================================================== stage workers (child processes)
+def stage_worker(cfg):
+    """Runs one stage in this (child) process, printing a RESULT_MARK line per result."""
+    def emit(item):
+        print(RESULT_MARK + json.dumps(item), flush=True)
+
+    {"probe": _probe, "extension": _extension, "smoke": _smoke, "knn": _knn, "attention": _attention,
+     "nformer": _nformer, "tune": _tune}[cfg["stage"]](cfg, emit)
+
+
+def _probe(cfg, emit):
+    """Software and device, without importing nformer_kernels (whose extension may be rebuilt next)."""
+    import platform
+
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    info = {"versions": versions, "capability": None, "device_name": None}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info.update(capability=f"{major}.{minor}", device_name=torch.cuda.get_device_name())
+    root = _source_root()
+    commit = None
+    if root is not None:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+        commit = proc.stdout.strip() if proc.returncode == 0 else None
+    info["git_commit"] = commit or os.environ.get("NFORMER_GIT_COMMIT")
+    print(f"torch {versions['torch']} (CUDA {versions['cuda']}), triton {versions['triton']}, python "
+          f"{versions['python']}; device: {info['device_name'] or 'no CUDA device'} "
+          f"(capability {info['capability']}); commit {info['git_commit']}")
+    emit(info)
+
+
+def _extension(cfg, emit):
+    import torch
+
+    import nformer_kernels as nk
+    from nformer_bench.environment import environment
+
+    device = torch.device(cfg["device"])
+    env = environment(device)
+    info = {"extension": nk.extension_available(), "extension_cuda": nk.extension_has_cuda(),
+            "backends": nk.available_backends(device), "automatic_backend": nk.get_backend(device),
+            **{key: env[key] for key in ("device_name", "device_slug", "git_commit", "git_dirty")}}
+    print(f"nformer_kernels {nk.__version__}: extension {info['extension']}, CUDA kernels {info['extension_cuda']}; "
+          f"backends on {device.type}: {info['backends']} (automatic: {info['automatic_backend']})")
+    emit(info)
+
+
+# ------------------------------------------------------------------ smoke cases
+def _randn(*shape, seed, device):
+    """Seeded normal values, drawn in fp64 (no ties at fp32 precision)."""
+    import torch
+
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float().to(device)
+
+
+def _rel_err(got, want):
+    """max |got - want| / max(1, max |want|): the project's tolerance scale."""
+    return ((got.float() - want.float()).abs().max() / max(1.0, want.float().abs().max().item())).item()
+
+
+def _knn_case(dtype, tol):
+    def case(backend, p, device):
+        import torch
+
+        import nformer_kernels as nk
+
+        x = _randn(p["n"], p["d"], seed=0, device=device).to(getattr(torch, dtype))
+        with nk.use_backend(backend):
+            idx = nk.knn(x, p["k"])
+        with nk.use_backend("reference"):
+            ref = nk.knn(x, p["k"])
+        if idx.shape != ref.shape:
+            raise AssertionError(f"shape {tuple(idx.shape)}, expected {tuple(ref.shape)}")
+        rows = torch.arange(p["n"], device=device)
+        if not torch.equal(idx[:, 0], rows):
+            bad = (idx[:, 0] != rows).nonzero()[0].item()
+            raise AssertionError(f"row {bad}: first neighbour {idx[bad, 0].item()}, not itself")
+        xn = torch.nn.functional.normalize(x.double(), dim=1)
+
+        def sims(ix):  # similarity of each returned neighbour, sorted: equal sets up to ties
+            return torch.einsum("nd,nkd->nk", xn, xn[ix]).sort(dim=1, descending=True).values
+
+        return (sims(idx) - sims(ref)).abs().max().item(), tol
+    return case
+
+
+def _reciprocal_case(backend, p, device):
+    import nformer_kernels as nk
+
+    with nk.use_backend("reference"):
+        idx = nk.knn(_randn(p["n"], p["d"], seed=1, device=device), p["k"])
+        ref = nk.reciprocal_mask(idx)
+    with nk.use_backend(backend):
+        keep = nk.reciprocal_mask(idx)
+    return (keep != ref).sum().item(), 0
+
+
+def _attention_inputs(p, device, dtype):
+    import torch
+
+    import nformer_kernels as nk
+
+    with nk.use_backend("reference"):
+        idx = nk.knn(_randn(p["n"], p["d"], seed=2, device=device), p["k"])
+        keep = nk.reciprocal_mask(idx)
+    q, k, v = (_randn(p["n"], p["d"], seed=s, device=device).to(dtype) for s in (3, 4, 5))
+    landmarks = torch.randperm(p["n"], generator=torch.Generator().manual_seed(6))[:p["landmarks"]].to(device)
+    return q, k, v, idx, keep, landmarks
+
+
+def _attention_train_case(backend, p, device):
+    import torch
+
+    import nformer_kernels as nk
+
+    q, k, v, idx, keep, landmarks = _attention_inputs(p, device, torch.float32)
+    grad_out = _randn(p["n"], p["d"], seed=7, device=device)
+
+    def forward_backward(name):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with nk.use_backend(name):
+            out = nk.neighbor_attention(*leaves, idx, keep, landmarks, p["heads"])
+            grads = torch.autograd.grad(out, leaves, grad_out)
+        return [out.detach(), *grads]
+
+    return max(_rel_err(a, b) for a, b in zip(forward_backward(backend), forward_backward("reference"))), 1e-4
+
+
+def _attention_half_case(backend, p, device):
+    import torch
+
+    import nformer_kernels as nk
+
+    inputs = _attention_inputs(p, device, torch.bfloat16)
+    with torch.no_grad():
+        with nk.use_backend(backend):
+            out = nk.neighbor_attention(*inputs, p["heads"])
+        with nk.use_backend("reference"):
+            ref = nk.neighbor_attention(*inputs, p["heads"])
+    return _rel_err(out, ref), 2e-2
+
+
+def _nformer_case(backend, p, device):
+    import torch
+
+    import nformer_kernels as nk
+    from nformer_bench.baselines import DenseOfficialNFormer, random_official_state_dict
+
+    n, d, k = p["nformer_n"], p["nformer_d"], p["k"]
+    sd = random_official_state_dict(dim=d, depth=2, classes=None, prefix="", std=0.1)
+    dense = DenseOfficialNFormer.from_official(sd, heads=2, topk=k).to(device).eval()
+    fused = nk.NFormer.from_official(sd, topk=k).to(device).eval()
+    x = _randn(1, n, d, seed=8, device=device)
+    gen = torch.Generator().manual_seed(9)
+    landmarks = torch.stack([torch.randperm(n, generator=gen)[:5] for _ in range(2)]).to(device)
+    with torch.no_grad():
+        ref = dense(x, landmarks=landmarks)
+        with nk.use_backend(backend):
+            out = fused(x, landmarks=landmarks)
+    return _rel_err(out, ref), 1e-4
+
+
+SMOKE_CASES = {"knn fp32": _knn_case("float32", 1e-4), "knn bf16": _knn_case("bfloat16", 2e-2),
+               "reciprocal_mask": _reciprocal_case, "neighbor_attention fp32 fwd+bwd": _attention_train_case,
+               "neighbor_attention bf16 fwd": _attention_half_case,
+               "NFormer eval fp32 vs dense official": _nformer_case}
+
+
+def _smoke(cfg, emit):
+    import traceback
+
+    import torch
+
+    import nformer_kernels as nk
+
+    device = torch.device(cfg["device"])
+    backends = [b for b in nk.available_backends(device) if b != "reference"]
+    print(f"backends on {device.type} checked against 'reference': {backends}")
+    for backend in backends:
+        for name, case in SMOKE_CASES.items():
+            start = time.monotonic()
+            row = {"backend": backend, "case": name, "ok": False, "max_err": None, "tol": None, "error": None}
+            try:
+                row["max_err"], row["tol"] = case(backend, cfg, device)
+                row["ok"] = row["max_err"] <= row["tol"]
+            except Exception as exc:  # noqa: BLE001 - the failing case is the result
+                traceback.print_exc(file=sys.stdout)
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            row["seconds"] = round(time.monotonic() - start, 2)
+            print(f"{backend:>10} {name:<38} {'ok' if row['ok'] else 'FAILED'}  err {row['max_err']} "
+                  f"tol {row['tol']} {row['error'] or ''} ({row['seconds']} s)", flush=True)
+            emit(row)
+            if not row["ok"]:
+                break  # fail fast: the rest of this backend's cases would only repeat it
+
+
+# ------------------------------------------------------------------ measurements
+def _knn(cfg, emit):
+    from nformer_bench.knn import compare
+
+    for dtype in cfg["dtypes"]:
+        methods = ["knn", "knn-torch"] if cfg["backends"] else ["knn-torch"]
+        for row in compare(cfg["n"], cfg["d"], cfg["k"], cfg["device"], dtype, methods, cfg["backends"],
+                           repeats=cfg["repeats"], repeat_budget_s=cfg["repeat_budget_s"], isolated=False):
+            print(f"knn {dtype} {row['method']} ({row['backend']}): {row['status']} "
+                  f"{row.get('latency_ms')} ms, recall {row.get('recall')}", flush=True)
+            emit(row)
+
+
+def _attention(cfg, emit):
+    import torch
+
+    import nformer_kernels as nk
+    from nformer_bench import runner
+
+    device = torch.device(cfg["device"])
+    n, d, k = cfg["n"], cfg["d"], cfg["k"]
+    params = {"d": d, "heads": cfg["heads"], "landmarks": cfg["landmarks"], "k": k, "ffn": 1, "depth": 1}
+    # One neighbour list for every configuration: the bf16 knn of the features (seconds at N=1M).
+    with nk.use_backend(cfg["backends"][0]), torch.inference_mode():
+        idx = nk.knn(runner.synthetic_features(n, d, device, torch.bfloat16)[0], k)
+        keep = nk.reciprocal_mask(idx)
+    for dtype in cfg["dtypes"]:
+        for backend in cfg["backends"]:
+            mcfg = {"method": "attention", "backend": backend, "n": n, "device": str(device), "dtype": dtype,
+                    "warmup": 1, "repeats": cfg["repeats"], "repeat_budget_s": cfg["repeat_budget_s"],
+                    "threads": None, "params": params}
+            row = {"method": "attention", "backend": backend, "n": n, "dtype": dtype, **params,
+                   **runner.launch("measure", mcfg, None, isolated=False, neighbours=(idx, keep))}
+            print(f"attention {dtype} ({backend}): {row['status']} {row.get('latency_ms')} ms, "
+                  f"{row.get('gbytes_per_s')} GB/s", flush=True)
+            emit(row)
+
+
+def _nformer(cfg, emit):
+    from nformer_bench import report, sweep
+    from nformer_bench.cli import _parser
+
+    methods = (["nformer"] if cfg["backends"] else []) + ["dense-official", "dense-transformer"]
+    margin = 0.1 * cfg["limit_s"]  # the last configuration started must end before the stage's limit
+    argv = ["run", "--device", cfg["device"], "--dtype", "float32", "--methods", ",".join(methods),
+            "--n-list", ",".join(map(str, cfg["n_list"])), "--d", str(cfg["d"]), "--ffn", str(cfg["ffn"]),
+            "--repeats", str(cfg["repeats"]), "--warmup", "1",
+            "--repeat-budget-s", str(cfg["repeat_budget_s"]), "--timeout-s", str(cfg["limit_s"] - margin),
+            "--time-budget-s", str(cfg["limit_s"] - margin), "--isolation", "none", "--check-n", str(cfg["check_n"])]
+    if cfg["backends"]:
+        argv += ["--backends", ",".join(cfg["backends"])]
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    runs = sweep.Sweep(args)
+    emit({"kind": "meta", **runs.meta()})
+    for kind, item in runs:
+        print(report.row_line(item) if kind == "rows" else f"agreement: {item}", flush=True)
+        emit({"kind": kind, **item})
+
+
+def _tune(cfg, emit):
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("triton is not importable: no tuning")
+        return
+    from nformer_bench import tune
+
+    for kernel, dtype, most in cfg["specs"]:
+        args = argparse.Namespace(kernel=kernel, n=cfg["n"], d=cfg["d"], k=cfg["k"], heads=2, landmarks=5,
+                                  dtype=dtype, repeats=cfg["repeats"], max_configs=most)
+        for row in tune.rows(args):
+            print(f"tune {kernel} {dtype} {row['variant']}: {row['ms']} ms {row['error'] or ''}", flush=True)
+            emit({"kernel": kernel, "dtype": dtype, **row})
