@@ -212,12 +212,17 @@ class NFormer(nn.Module):
         return missing, unexpected
 
     @classmethod
-    def from_official(cls, state_dict, num_classes: Optional[int] = None, strict: bool = True, **kwargs):
+    def from_official(cls, state_dict, num_classes: Optional[int] = None, strict: bool = True, *,
+                      dim: Optional[int] = None, depth: Optional[int] = None, **kwargs):
         """Build an NFormer from the official nformer_model.pth layout (keys nformer.h.{i}.attn.c_attn.w
         with Conv1D (in,out) weights, with or without the "nformer." prefix). dim, depth, ffn_dim and the
-        number of classes are read from the tensors; num_heads/num_landmarks/topk come from kwargs
-        (official defaults 2/5/20)."""
+        number of classes are read from the tensors; pass dim/depth to have them checked (ValueError
+        if the checkpoint differs). num_heads/num_landmarks/topk come from kwargs (official defaults 2/5/20)."""
         config = official.architecture(state_dict)
+        for name, expected in (("dim", dim), ("depth", depth)):
+            if expected is not None and _checks.positive_int(expected, name) != config[name]:
+                raise ValueError(f"state_dict holds an NFormer with {name}={config[name]}, but {name}={expected} "
+                                 "was asked for")
         if "ffn_dim" in config:
             kwargs.setdefault("ffn_dim", config["ffn_dim"])
         if num_classes is None:

@@ -64,3 +64,12 @@ def test_official_checkpoint_refusals():
     without_middle = {key: val for key, val in sd4.items() if not key.startswith("nformer.h.2.")}
     with pytest.raises(ValueError, match=r"blocks \[0, 1, 3\] but not \[2\]"):
         nk.NFormer.from_official(without_middle)
+
+
+def test_official_checkpoint_expected_size():
+    sd = random_official_state_dict(dim=32, depth=2)
+    assert nk.NFormer.from_official(sd, dim=32, depth=np.int64(2)).depth == 2
+    with pytest.raises(ValueError, match="depth=2, but depth=4 was asked for"):
+        nk.NFormer.from_official(sd, depth=4)
+    with pytest.raises(ValueError, match="dim=32, but dim=256 was asked for"):
+        nk.NFormer.from_official(sd, dim=256)
