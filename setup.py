@@ -1,12 +1,14 @@
 """Build nformer_kernels and its C++/CUDA extension.
 
-`pip install --no-build-isolation .` in an environment that already has torch.
+`pip install --no-build-isolation .` in an environment that already has torch
+(`".[reid]"` adds torchvision for nformer_reid, `".[bench]"` faiss for nformer-bench).
 CUDA sources (csrc/cuda) are compiled when torch has CUDA and a toolkit is found
 (CUDA_HOME); NFORMER_BUILD_CUDA=0 forces a CPU-only build. TORCH_CUDA_ARCH_LIST
 overrides the target archs (default: the visible GPU's arch, else 8.0;8.6;8.9;9.0).
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -19,6 +21,17 @@ except ImportError:  # pragma: no cover - build-time message
              "pip install --no-build-isolation .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+URL = "https://github.com/nformer-kernels/nformer_kernels"
+
+
+def _read(*parts):
+    with open(os.path.join(ROOT, *parts), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _version():
+    """nformer_kernels.__version__, the one place the version is written."""
+    return re.search(r'^__version__ = "([^"]+)"', _read("nformer_kernels", "__init__.py"), re.M).group(1)
 
 
 def _want_cuda():
@@ -62,14 +75,41 @@ def extensions():
 
 setup(
     name="nformer_kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused O(N*k) kernels and modules for NFormer (CVPR 2022) person re-identification",
+    long_description=_read("README.md"),
+    long_description_content_type="text/markdown",
+    author="nformer_kernels contributors",
+    maintainer="nformer_kernels contributors",
+    url=URL,
+    project_urls={"Source": URL, "Issues": f"{URL}/issues", "Changelog": f"{URL}/blob/main/CHANGELOG.md",
+                  "Design": f"{URL}/blob/main/docs/design.md",
+                  "Paper": "https://openaccess.thecvf.com/content/CVPR2022/html/Wang_NFormer_Robust_Person_"
+                           "Re-Identification_With_Neighbor_Transformer_CVPR_2022_paper.html"},
+    license="MIT",
+    license_files=["LICENSE"],
+    keywords=["person re-identification", "NFormer", "transformer", "k-nearest neighbours", "sparse attention",
+              "pytorch", "triton", "cuda"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+    # One top-level package each: the library, the Re-ID application and the benchmarks.
     packages=find_packages(include=["nformer_kernels", "nformer_kernels.*"])
     + find_packages("python", include=["nformer_reid", "nformer_reid.*", "nformer_bench", "nformer_bench.*"]),
     package_dir={"nformer_reid": "python/nformer_reid", "nformer_bench": "python/nformer_bench"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pyyaml"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "scipy"], "bench": ["faiss-cpu", "pytest-benchmark"]},
+    extras_require={"reid": ["torchvision"],  # nformer_reid's backbone and image pipeline
+                    "bench": ["faiss-cpu", "pytest-benchmark"],
+                    "test": ["pytest", "pytest-benchmark", "scipy"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=nformer_bench.cli:main"]},

@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-# pip, without its warnings about this machine's local wheel folders; pipefail keeps its exit status.
+# pip, without its warnings about local wheel folders (--find-links); pipefail keeps its exit status.
 pip_quiet() { { python -m pip -q "$@" 2>&1; } | { grep -v -e "^WARNING: Location" -e "^\s*$" || true; }; }
 if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps-installed" ]; then
   pip_quiet install --upgrade pip setuptools wheel
@@ -19,11 +19,11 @@ if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps
     tqdm matplotlib pyyaml
   touch "$VENV/.deps-installed"
 fi
-# The lent GPU machines run triton 3.6.0 (the venv gets PyPI's latest with torch): scripts/test.sh
-# compiles every Triton kernel with both, from a side folder put first on PYTHONPATH.
-export NFORMER_GPU_TRITON_VERSION=3.6.0 NFORMER_GPU_TRITON="$VENV/triton-3.6.0"
-if [ ! -f "$NFORMER_GPU_TRITON/triton/__init__.py" ]; then
-  pip_quiet install --no-deps --target "$NFORMER_GPU_TRITON" "triton==$NFORMER_GPU_TRITON_VERSION"
+# triton 3.6.0 is the oldest supported version (the venv gets PyPI's latest with torch): scripts/test.sh
+# compiles every Triton kernel with both, the old one from a side folder put first on PYTHONPATH.
+export NFORMER_OLDEST_TRITON_VERSION=3.6.0 NFORMER_OLDEST_TRITON="$VENV/triton-3.6.0"
+if [ ! -f "$NFORMER_OLDEST_TRITON/triton/__init__.py" ]; then
+  pip_quiet install --no-deps --target "$NFORMER_OLDEST_TRITON" "triton==$NFORMER_OLDEST_TRITON_VERSION"
 fi
 # Compile csrc/cuda too when a CUDA toolkit is present (the GPU itself is not needed to compile).
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
