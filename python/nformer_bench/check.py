@@ -531,7 +531,7 @@ def _attention_half_case(backend, p, device):
             out = nk.neighbor_attention(*inputs, p["heads"])
         with nk.use_backend("reference"):
             ref = nk.neighbor_attention(*inputs, p["heads"])
-    return _rel_err(out, ref), 2e-2
+    return _rel_err(out, ref), 1.6e-2
 
 
 def _nformer_case(backend, p, device):
@@ -554,7 +554,9 @@ def _nformer_case(backend, p, device):
     return _rel_err(out, ref), 1e-4
 
 
-SMOKE_CASES = {"knn fp32": _knn_case("float32", 1e-4), "knn bf16": _knn_case("bfloat16", 2e-2),
+# Tolerances: docs/design.md, "Numerics" (knn: similarities of the chosen neighbours; the rest:
+# max |error| / max(1, max |ref|) in the output dtype).
+SMOKE_CASES = {"knn fp32": _knn_case("float32", 3e-5), "knn bf16": _knn_case("bfloat16", 3e-5),
                "reciprocal_mask": _reciprocal_case, "neighbor_attention fp32 fwd+bwd": _attention_train_case,
                "neighbor_attention bf16 fwd": _attention_half_case,
                "NFormer eval fp32 vs dense official": _nformer_case}
