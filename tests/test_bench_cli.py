@@ -1,4 +1,4 @@
-"""Smoke test of the nformer-bench CLI at tiny N (in-process sweep, one subprocess run, report)."""
+"""The nformer-bench CLI: a tiny sweep (in-process and as a subprocess), report, knn, help, --version, where results go."""
 import json
 import os
 import subprocess
