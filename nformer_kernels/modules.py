@@ -85,6 +85,12 @@ class NFormerLayer(nn.Module):
             idx = ops.landmark_affinity_knn(P, R, min(topk, n))
             keep = ops.reciprocal_mask(idx)
         attn = ops.sparse_attention(P, R, v, idx, keep, self.scale, check_inputs=check_inputs)
+        return self._output(x, attn, chunk)
+
+    def _output(self, x, attn, chunk):
+        """The row-wise rest of the block (projection, residuals, LayerNorms, FFN) of x and its
+        attention output, `chunk` rows at a time."""
+        n = x.shape[-2]
         if chunk >= n:
             return self._residual_ffn(x, attn)
         out = None
@@ -112,6 +118,12 @@ class NFormerLayer(nn.Module):
             q, k, v = self.qkv(x).split(self.dim, dim=-1)
             return (*ops.landmark_factors(q, k, q[..., landmarks, :], k[..., landmarks, :], self.num_heads), v)
         q_land, k_land, _ = self.qkv(x[..., landmarks, :]).split(self.dim, dim=-1)
+        return self._landmark_inputs(x, q_land, k_land, chunk)
+
+    def _landmark_inputs(self, x, q_land, k_land, chunk):
+        """P, R and v of the rows x against landmark rows q_land, k_land (the q and k projections
+        of the landmarks, which need not be rows of x), projecting `chunk` rows at a time."""
+        n = x.shape[-2]
         Ps, Rs, v = [], [], None
         for start in range(0, n, chunk):
             q, k, v_rows = self.qkv(x[..., start:start + chunk, :]).split(self.dim, dim=-1)
@@ -133,7 +145,8 @@ class NFormer(nn.Module):
 
     Neighbours (top-`topk` by cosine of the *input* features, reciprocal mask) are computed once per
     forward, as in the official code; neighbor_source="affinity" recomputes them per block from the
-    landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. Eval returns the
+    landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. knn_precision: the
+    `precision` of the neighbour search (nk.knn; "exact" restores the full-precision scan). Eval returns the
     BatchNorm'd refined features (x's shape); training returns (logits, refined features) with
     logits None when num_classes is None.
     """
@@ -141,11 +154,14 @@ class NFormer(nn.Module):
     def __init__(self, dim: int = 256, depth: int = 4, num_heads: int = 2, num_landmarks: int = 5,
                  topk: int = 20, ffn_dim: Optional[int] = None, dropout: float = 0.1,
                  num_classes: Optional[int] = None, neighbor_source: str = "input",
-                 inference_chunk_rows: Optional[int] = None):
+                 inference_chunk_rows: Optional[int] = None, knn_precision: str = "auto"):
         super().__init__()
         if neighbor_source not in ("input", "affinity"):
             raise ValueError(f"neighbor_source must be 'input' or 'affinity', got {neighbor_source!r}")
         dim, depth, topk = (_checks.positive_int(v, name) for v, name in ((dim, "dim"), (depth, "depth"), (topk, "topk")))
+        if knn_precision not in ops.PRECISIONS:
+            raise ValueError(f"knn_precision must be one of {ops.PRECISIONS}, got {knn_precision!r}")
+        self.knn_precision = knn_precision
         if num_classes is not None:
             num_classes = _checks.positive_int(num_classes, "num_classes")
         self.dim, self.depth, self.topk, self.num_landmarks = dim, depth, topk, num_landmarks
@@ -183,7 +199,7 @@ class NFormer(nn.Module):
                 raise ValueError("query_mask flags every position; landmarks need non-query positions")
         idx = keep = None
         if self.neighbor_source == "input":
-            idx = ops.knn(x, k, query_mask=query_mask)
+            idx = ops.knn(x, k, query_mask=query_mask, precision=self.knn_precision)
             keep = ops.reciprocal_mask(idx)
         for i, block in enumerate(self.blocks):
             lm = None if landmarks is None else landmarks[i]

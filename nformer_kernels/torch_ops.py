@@ -4,30 +4,39 @@ Runs on any device and any k, and its sparse_attention is differentiable through
 autograd for any keep mask. It is the path of every call a kernel backend cannot take
 (nformer_kernels.backends.resolve), and can be forced like any backend.
 """
+from typing import Optional
+
 import torch
 
 _ROW_CHUNK = 4096  # query rows per similarity block: O(chunk * N) memory
 _LOOKUP_CHUNK = 1 << 16  # rows per (chunk, k, k) neighbour-of-neighbour block
 
 
-def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: bool = False) -> torch.Tensor:
+def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: bool = False,
+              self_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(M,k) int64 top-k of queries (M,d) @ keys (N,d)^T, in fp32 (fp64 for fp64 input).
 
-    force_self: row r of queries and row r of keys are the same item, which is forced first in row r.
-    Selected entries are ordered by (similarity desc, index asc); which of several exactly tied
-    candidates at the k-th place gets selected is left to torch.topk.
+    Entries are ordered by (similarity desc, index asc), and of several candidates tied at the
+    k-th place the smaller indices are kept, as every knn kernel does. force_self: row r of
+    queries is item r of keys (self_ids: item self_ids[r]), forced first in row r.
     """
     acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
     keys_a = keys.to(acc)
+    if force_self and self_ids is None:
+        self_ids = torch.arange(queries.shape[0], device=queries.device)
     out = []
     for start in range(0, queries.shape[0], _ROW_CHUNK):
         sim = queries[start:start + _ROW_CHUNK].to(acc) @ keys_a.T
-        if force_self:
+        if self_ids is not None:
             rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + start] = float("inf")
-        vals, ids = sim.topk(k, dim=1)
-        by_id = torch.argsort(ids, dim=1)
-        vals, ids = torch.gather(vals, 1, by_id), torch.gather(ids, 1, by_id)
+            sim[rows, self_ids[start:start + _ROW_CHUNK]] = float("inf")
+        kth = sim.topk(k, dim=1).values[:, -1:]
+        above = sim > kth
+        tied = sim == kth
+        # Keep the smaller indices among the candidates tied at the k-th place.
+        chosen = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+        ids = chosen.nonzero()[:, 1].view(-1, k)  # per row, in index order
+        vals = torch.gather(sim, 1, ids)
         out.append(torch.gather(ids, 1, torch.sort(-vals, dim=1, stable=True).indices))
     return torch.cat(out)
 
@@ -96,3 +105,33 @@ def sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale):
     dv = torch.zeros(b * n, h, dv_h, dtype=acc, device=P.device)
     dv.index_add_(0, flat, torch.einsum("bnhk,bnhc->bnkhc", probs, go).reshape(-1, h, dv_h))
     return dP, dR.view(b, n, h, l), dv.view(b, n, h * dv_h).to(v.dtype)
+
+
+def rescore_candidates(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
+    """Stage 2 of the certified knn: exact re-scoring of each row's candidates, and its certificate.
+
+    x (B,N,d) rows in the exact dtype; candidates (B,N,K') from the reduced-precision stage 1 in
+    its order (self first, then decreasing approximate score); margin (B,N): twice the bound on
+    |approximate - exact| score per row. Returns idx (B,N,k) (exact score desc, index asc among
+    the candidates) and certified (B,N) bool: the exact score of the last candidate plus margin is
+    below the k-th exact score, so no row outside the candidates can enter the top k
+    (docs/design.md, "Certified knn").
+    """
+    b, n, kc = candidates.shape
+    idx = torch.empty((b, n, k), dtype=torch.int64, device=x.device)
+    certified = torch.empty((b, n), dtype=torch.bool, device=x.device)
+    chunk = max(1, (1 << 22) // max(1, kc * x.shape[-1]))  # rows per gathered (chunk, K', d) block
+    for bi in range(b):
+        for start in range(0, n, chunk):
+            cand = candidates[bi, start:start + chunk]
+            rows = torch.arange(start, start + cand.shape[0], device=x.device)
+            s = torch.einsum("rd,rcd->rc", x[bi, start:start + chunk], x[bi][cand])
+            last = s[:, -1].clone()
+            s = torch.where(cand == rows[:, None], float("inf"), s)  # self first, as in the exact path
+            by_id = torch.argsort(cand, dim=1)
+            cand_sorted, s_sorted = torch.gather(cand, 1, by_id), torch.gather(s, 1, by_id)
+            order = torch.sort(-s_sorted, dim=1, stable=True).indices[:, :k]
+            idx[bi, start:start + chunk] = torch.gather(cand_sorted, 1, order)
+            kth = torch.gather(s_sorted, 1, order[:, -1:]).squeeze(1)
+            certified[bi, start:start + chunk] = (kc >= n) | (last + margin[bi, start:start + chunk] < kth)
+    return idx, certified

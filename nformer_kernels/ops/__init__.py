@@ -5,8 +5,8 @@ through nformer_kernels/backends.py) and the fake kernels and autograd of its li
 """
 from nformer_kernels._checks import check_landmarks
 from nformer_kernels.ops.attention import landmark_factors, neighbor_attention, sparse_attention
-from nformer_kernels.ops.knn import affinity_knn, knn, landmark_affinity_knn
+from nformer_kernels.ops.knn import PRECISIONS, KnnStats, affinity_knn, knn, landmark_affinity_knn
 from nformer_kernels.ops.reciprocal import reciprocal_mask
 
-__all__ = ["affinity_knn", "check_landmarks", "knn", "landmark_affinity_knn", "landmark_factors",
+__all__ = ["PRECISIONS", "KnnStats", "affinity_knn", "check_landmarks", "knn", "landmark_affinity_knn", "landmark_factors",
            "neighbor_attention", "reciprocal_mask", "sparse_attention"]

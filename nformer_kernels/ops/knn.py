@@ -1,4 +1,7 @@
-"""knn: fused cosine (or inner-product) top-k, the paper's query isolation, and affinity neighbours."""
+"""knn: fused cosine (or inner-product) top-k, its certified reduced-precision form, the paper's
+query isolation, and affinity neighbours."""
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -7,26 +10,102 @@ from nformer_kernels import _checks, backends, torch_ops
 from nformer_kernels.ops.attention import landmark_factors
 
 
-def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional[torch.Tensor] = None):
+PRECISIONS = ("auto", "exact", "certified")
+# Extra stage-1 candidates per row: for k = 20, K' = 32 fills one 32-slot tile of the GPU kernels,
+# and certified every row of Gaussian and Re-ID-like features at N = 19,281 (docs/design.md).
+DEFAULT_MARGIN = 12
+
+
+@dataclass(frozen=True)
+class KnnStats:
+    """What a knn call did: rows, and for precision="certified" the rows certified by stage 1, the
+    candidates re-scored exactly and the rows recomputed by an exact scan."""
+
+    precision: str
+    rows: int
+    certified_rows: int = 0
+    candidates_rescored: int = 0
+    rows_recomputed: int = 0
+
+
+def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional[torch.Tensor] = None,
+        precision: str = "auto", margin: Optional[int] = None, return_stats: bool = False):
     """Top-k neighbours of every row of x: (N,d) -> (N,k), (B,N,d) -> (B,N,k) int64.
 
     Self first, then decreasing similarity (cosine, or raw inner product with metric="dot"),
     ties broken by the smaller index. O(N*k) memory on every backend but `reference`.
     query_mask (bool (N,) or (B,N)): rows flagged as queries never get another query as a
     neighbour (the paper's test-time query-query isolation); other rows are unaffected.
+    precision: "exact" scans in x's precision; "certified" (fp32/fp64 input) scans fp16-rounded
+    rows for k + margin candidates, re-scores them exactly and proves per row that no other row
+    can enter the top k, recomputing exactly the rows it cannot prove: the exact answer, faster
+    where reduced-precision matmul is (GPU tensor cores); "auto" is "certified" for fp32 on CUDA
+    and "exact" otherwise. return_stats=True returns (idx, KnnStats).
     """
     _checks.check_float(x, "x")
     if metric not in ("cosine", "dot"):
         raise ValueError(f"metric must be 'cosine' or 'dot', got {metric!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     x, squeezed = _checks.batched(x, "x", 1)
     if x.shape[1] == 0:
         raise ValueError("x must have at least one row")
     k = _checks.check_k(k, x.shape[1])
+    margin = DEFAULT_MARGIN if margin is None else _checks.as_int(margin, "margin")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     x = (_unit_rows(x) if metric == "cosine" else _power_of_two_scaled(x)).contiguous()
-    idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
+    if precision == "auto":
+        precision = "certified" if x.dtype == torch.float32 and x.device.type == "cuda" else "exact"
+    if precision == "certified" and x.dtype in (torch.float32, torch.float64):
+        idx, stats = _certified_knn(x, k, margin)
+    else:  # fp16/bf16 input: already the reduced precision, the exact scan is the answer
+        idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
+        stats = KnnStats(precision, x.shape[0] * x.shape[1])
     if query_mask is not None:
         idx = _isolate_queries(x, idx, k, query_mask)
-    return idx[0] if squeezed else idx
+    idx = idx[0] if squeezed else idx
+    return (idx, stats) if return_stats else idx
+
+
+def _score_error_bound(x: torch.Tensor) -> torch.Tensor:
+    """(B,N): per row i, a bound on |approximate - exact| score against any row j (fp16 operands,
+    fp32 accumulation, both sides' rounding), from ||x_i|| and max_j ||x_j||.
+
+    fp16 rounding: |x~ - x| <= u|x| + 2^-25 per component (u = 2^-11; 2^-25 covers the subnormal
+    range), so |<x~_i,x~_j> - <x_i,x_j>| <= (2u+u^2)|x_i||x_j| + 2^-25(1+u)sqrt(d)(|x_i|+|x_j|)
+    + d*2^-50. Accumulating d products: gamma_d = d*v/(1-d*v) times sum|p| <= (1+u)^2|x_i||x_j|,
+    with v = 2^-24 (fp32; counted twice for tensor-core accumulation) plus the exact dtype's own
+    gamma_d for stage 2. docs/design.md derives it.
+    """
+    d = x.shape[-1]
+    u = 2.0 ** -11
+    sub = 2.0 ** -25
+
+    def gamma(v):
+        return d * v / (1 - d * v)
+
+    exact_v = 2.0 ** -53 if x.dtype == torch.float64 else 2.0 ** -24
+    norms = x.double().norm(dim=-1)  # (B,N)
+    top = norms.amax(dim=-1, keepdim=True)
+    product = norms * top
+    bound = ((2 * u + u * u) + (2 * gamma(2.0 ** -24) + gamma(exact_v)) * (1 + u) ** 2) * product \
+        + sub * (1 + u) * math.sqrt(d) * (norms + top) + d * sub * sub
+    return (bound * 1.01).to(x.dtype)  # 1% headroom for the rounding of the bound itself
+
+
+def _certified_knn(x, k, margin):
+    b, n, _ = x.shape
+    kc = min(n, k + margin)
+    low = x.to(torch.float16)
+    candidates = backends.kernel(backends.resolve("knn", x.device, k=kc), "knn")(low, kc)
+    idx, certified = torch_ops.rescore_candidates(x, candidates, k, 2 * _score_error_bound(x))
+    misses = (~certified).nonzero()
+    for bi in misses[:, 0].unique().tolist():  # exact scans of the rows stage 1 could not prove
+        rows = misses[misses[:, 0] == bi, 1]
+        idx[bi, rows] = torch_ops.topk_rows(x[bi, rows], x[bi], k, self_ids=rows)
+    stats = KnnStats("certified", b * n, int(certified.sum()), b * n * kc, int(misses.shape[0]))
+    return idx, stats
 
 
 def _unit_rows(x):
