@@ -120,7 +120,8 @@ def rescore_candidates(x: torch.Tensor, candidates: torch.Tensor, k: int, margin
     b, n, kc = candidates.shape
     idx = torch.empty((b, n, k), dtype=torch.int64, device=x.device)
     certified = torch.empty((b, n), dtype=torch.bool, device=x.device)
-    chunk = max(1, (1 << 22) // max(1, kc * x.shape[-1]))  # rows per gathered (chunk, K', d) block
+    # Rows per gathered (chunk, K', d) block: cache-sized on a CPU, 256 MB of fp32 on a GPU.
+    chunk = max(1, (1 << (26 if x.is_cuda else 22)) // max(1, kc * x.shape[-1]))
     for bi in range(b):
         for start in range(0, n, chunk):
             cand = candidates[bi, start:start + chunk]
