@@ -15,7 +15,7 @@ import nformer_reid
 from nformer_reid.cli import main, parse_config
 from nformer_reid.config import COMMANDS, SYNTHETIC, DemoConfig, TrainConfig, make_config
 from nformer_reid.engine import load_checkpoint, load_model, refine_features, save_checkpoint
-from nformer_reid.utils import reset_logging, setup_logging
+from nformer_reid.utils import ReIDInputError, reset_logging, setup_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"features": ["--query", "q.pt", "--gallery", "g.pt"], "datasets": ["--root", "data"]}
@@ -128,7 +128,7 @@ def test_defaults_come_from_the_config_dataclasses(tmp_path):
     for bad, message in (("size: [32]", "size must be a list"), ("rerank: 1", "rerank must be true or false"),
                          ("workers: many", "workers must be one value of type int")):
         cfg_file.write_text(bad + "\n")
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ReIDInputError, match=message):
             parse_config(["train", "--config", str(cfg_file)])
     # ... the library functions take theirs from the same dataclasses ...
     from nformer_reid.data.loader import build_test_loader, build_train_loader

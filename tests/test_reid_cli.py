@@ -1,6 +1,7 @@
 """End-to-end on the synthetic image set (tiny images, resnet18) and CLI smoke tests."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,17 @@ from nformer_reid.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--size", "32", "16", "--workers", "0"]
+
+
+def user_error(capsys, argv, match):
+    """main(argv) is refused as a user error: exit status 2, one stderr line matching `match`, no traceback."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(match, err), err
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +48,22 @@ def test_eval_checkpoint_paper_mode_with_flip(trained, tmp_path, capsys):
     assert set(json.load(open(tmp_path / "results.json"))) == {"backbone", "NFormer (paper)"}
 
 
-def test_eval_needs_exactly_one_weights_source(trained):
-    with pytest.raises(SystemExit, match="exactly one"):
-        main(["eval", "--data", "synthetic", "--out", trained, *TINY])
+def test_eval_needs_exactly_one_weights_source(trained, capsys):
+    user_error(capsys, ["eval", "--data", "synthetic", "--out", trained, *TINY], "exactly one")
 
 
-def test_yaml_config_sets_options_and_rejects_unknown(tmp_path):
+def test_yaml_config_sets_options_and_rejects_unknown(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("stage: 1\nmax-steps: 1\nsize: [32, 16]\nworkers: 0\n")
     main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)])
     assert os.path.isfile(tmp_path / "run" / "stage1_last.pth")
     assert not os.path.exists(tmp_path / "run" / "stage2_last.pth")
     cfg.write_text("mode: joint\n")
-    with pytest.raises(SystemExit, match="mode must be one of"):
-        main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)])
+    user_error(capsys, ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)],
+               "mode must be one of")
     cfg.write_text("epochz: 3\n")
-    with pytest.raises(SystemExit, match="epochz"):
-        main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)])
+    user_error(capsys, ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)],
+               "epochz")
 
 
 def test_example_configs_parse():
@@ -68,10 +79,8 @@ def test_example_configs_parse():
 def test_datasets_command(trained, capsys, tmp_path):
     main(["datasets", "--root", os.path.join(trained, "synthetic_market")])
     assert "=> Loaded Market1501" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no known dataset layout"):
-        main(["datasets", "--root", str(tmp_path)])
-    with pytest.raises(SystemExit, match="bounding_box_train"):
-        main(["datasets", "--root", str(tmp_path), "--name", "market1501"])
+    user_error(capsys, ["datasets", "--root", str(tmp_path)], "no known dataset layout")
+    user_error(capsys, ["datasets", "--root", str(tmp_path), "--name", "market1501"], "bounding_box_train")
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -123,18 +132,14 @@ def main_results(out, argv):
     return json.load(open(out / "results.json"))
 
 
-def test_features_bad_input(tmp_path):
+def test_features_bad_input(tmp_path, capsys):
     import torch
 
     paths = _feature_files(tmp_path, "pt")
     common = ["--query", paths["query"], "--gallery", paths["gallery"], "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match="exactly one"):
-        main(["features", *common])
-    with pytest.raises(SystemExit, match="exactly one"):
-        main(["features", *common, "--train", paths["train"], "--weights", paths["train"]])
+    user_error(capsys, ["features", *common], "exactly one")
+    user_error(capsys, ["features", *common, "--train", paths["train"], "--weights", paths["train"]], "exactly one")
     torch.save({"feats": torch.randn(5, 32), "pids": torch.arange(5)}, tmp_path / "bad.pt")
-    with pytest.raises(SystemExit, match="query file .*missing \\['camids'\\]"):
-        main(["features", "--query", str(tmp_path / "bad.pt"), "--gallery", paths["gallery"], "--train",
-              paths["train"], "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="not an NFormer saved by this command"):
-        main(["features", *common, "--weights", paths["train"]])
+    user_error(capsys, ["features", "--query", str(tmp_path / "bad.pt"), "--gallery", paths["gallery"], "--train",
+                        paths["train"], "--out", str(tmp_path / "o")], "query file .*missing \\['camids'\\]")
+    user_error(capsys, ["features", *common, "--weights", paths["train"]], "not an NFormer saved by this command")

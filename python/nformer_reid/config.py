@@ -5,8 +5,14 @@ and argparse settings from the field metadata); a YAML file given with --config 
 names; the library functions (training stages, model, demo) take their defaults from here too.
 Precedence: command line > YAML > the `--data synthetic` recipe (SYNTHETIC) > the field default.
 """
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from nformer_reid.utils.errors import ReIDInputError
 
 # Recipe constants that are not command options (reid-strong-baseline values, both stages).
 WEIGHT_DECAY = 5e-4
@@ -15,47 +21,90 @@ CENTER_WEIGHT = 5e-4
 TRIPLET_MARGIN = 0.3
 
 
-def option(default, help: str, **argparse_kwargs):
-    """A command option: default, help text and argparse settings (type, nargs, choices, ...)."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DATA_NAMES = ("market1501", "dukemtmcreid", "msmt17", "cuhk03_labeled", "cuhk03_detected", "synthetic")
+MAX_SEED = 2 ** 63 - 1
+
+
+def at_least(low):
+    """Value check: a number >= low (each element of a tuple)."""
+    def check(value):
+        return None if value >= low else f"must be >= {low}, got {value}"
+    check.__doc__ = f">= {low}"
+    return check
+
+
+def positive_finite(value):
+    """Value check: a finite number > 0."""
+    return None if math.isfinite(value) and value > 0 else f"must be a finite number > 0, got {value}"
+
+
+def one_of(names):
+    def check(value):
+        return None if value in names else f"must be one of {list(names)}, got {value!r}"
+    return check
+
+
+def seed_range(value):
+    return None if 0 <= value <= MAX_SEED else f"must be in [0, 2**63 - 1], got {value}"
+
+
+def option(default, help: str, check=None, **argparse_kwargs):
+    """A command option: default, help text, an optional value check (value -> error text or None;
+    applied to each element of a tuple, never to None) and argparse settings (type, nargs, choices, ...)."""
+    return field(default=default, metadata={"help": help, "check": check, **argparse_kwargs})
 
 
 def flag(help: str):
     """An on/off option (`--rerank`), off by default."""
-    return field(default=False, metadata={"help": help, "action": "store_true"})
+    return field(default=False, metadata={"help": help, "check": None, "action": "store_true"})
+
+
+class Validated:
+    """Checks every field at construction (types as the CLI would coerce them, value checks,
+    then the class's cross-field `_check`): ReIDInputError (a ValueError) naming the option."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name), None, _flag(f.name)))
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks of the command (none by default)."""
 
 
 @dataclass(frozen=True)
 class DataOptions:
     data: str = option("market1501", "market1501 | dukemtmcreid | msmt17 | cuhk03_labeled | cuhk03_detected | "
-                                     "synthetic")
+                                     "synthetic", check=one_of(DATA_NAMES))
     root: Optional[str] = option(None, "dataset folder or its parent (synthetic: where to generate; default "
                                        "<out>/synthetic_market)", type=str)
-    size: Tuple[int, int] = option((256, 128), "input size", type=int, nargs=2, metavar=("H", "W"))
-    workers: int = option(4, "data loader workers")
-    test_batch: int = option(128, "images per feature-extraction batch")
+    size: Tuple[int, int] = option((256, 128), "input size", at_least(1), type=int, nargs=2, metavar=("H", "W"))
+    workers: int = option(4, "data loader workers", at_least(0))
+    test_batch: int = option(128, "images per feature-extraction batch", at_least(1))
 
 
 @dataclass(frozen=True)
 class BackboneOptions:
-    arch: str = option("resnet50", "resnet18 | resnet34 | resnet50 | resnet101 | resnet152")
-    feat_dim: int = option(256, "feature dimension (projection after the ResNet)")
+    arch: str = option("resnet50", "resnet18 | resnet34 | resnet50 | resnet101 | resnet152", one_of(ARCHS))
+    feat_dim: int = option(256, "feature dimension (projection after the ResNet; even: 2 NFormer heads)", at_least(2))
     pretrained: Optional[str] = option(None, "local torchvision ImageNet weights file (else random init)", type=str)
 
 
 @dataclass(frozen=True)
 class NFormerOptions:
-    nformer_depth: int = option(4, "NFormer blocks")
-    nformer_landmarks: int = option(5, "landmarks of the landmark-agent attention")
-    nformer_topk: int = option(20, "neighbours each feature attends to")
+    nformer_depth: int = option(4, "NFormer blocks", at_least(1))
+    nformer_landmarks: int = option(5, "landmarks of the landmark-agent attention", at_least(1))
+    nformer_topk: int = option(20, "neighbours each feature attends to", at_least(1))
 
 
 @dataclass(frozen=True)
 class NFormerTrainingOptions:
-    nformer_steps: Optional[int] = option(None, "total stage-2 steps (overrides --nformer-epochs)", type=int)
-    seq_len: int = option(7000, "NFormer training sequence length (official 7000)")
-    nformer_batch: int = option(2, "sequences per NFormer training step")
-    nformer_lr: float = option(1e-5, "NFormer learning rate (Adam)")
+    nformer_steps: Optional[int] = option(None, "total stage-2 steps (overrides --nformer-epochs)", at_least(1),
+                                          type=int)
+    seq_len: int = option(7000, "NFormer training sequence length (official 7000)", at_least(2))
+    nformer_batch: int = option(2, "sequences per NFormer training step", at_least(1))
+    nformer_lr: float = option(1e-5, "NFormer learning rate (Adam)", positive_finite)
 
 
 @dataclass(frozen=True)
@@ -63,7 +112,8 @@ class RunOptions:
     out: str = option("runs/nformer_reid", "output folder (checkpoints, logs, plots)")
     device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
     amp: str = option("auto", "autocast on GPU (auto = bf16); CPU runs fp32", choices=("auto", "bf16", "fp16", "none"))
-    seed: int = option(0, "seed of data order, sampling and landmark draws")
+    seed: int = option(0, "seed of data order, sampling and landmark draws", seed_range)
+    overwrite: bool = flag("replace the outputs of an earlier run in --out (refused without it)")
 
 
 @dataclass(frozen=True)
@@ -75,26 +125,37 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
-class TrainConfig(EvalOptions, NFormerTrainingOptions, NFormerOptions, BackboneOptions, RunOptions, DataOptions):
+class TrainConfig(Validated, EvalOptions, NFormerTrainingOptions, NFormerOptions, BackboneOptions, RunOptions,
+                  DataOptions):
     command: ClassVar[str] = "train"
     summary: ClassVar[str] = "train stage 1 (backbone) and/or stage 2 (NFormer)"
 
     stage: str = option("both", "which stages to train", choices=("1", "2", "both"))
     weights: Optional[str] = option(None, "checkpoint to start from (e.g. stage 1 weights for --stage 2)", type=str)
     resume: Optional[str] = option(None, "resume a stage from its *_last.pth checkpoint", type=str)
-    epochs: int = option(120, "stage-1 epochs")
-    max_steps: Optional[int] = option(None, "stop stage 1 after this many steps (smoke runs)", type=int)
-    batch_size: int = option(64, "P x K images per stage-1 batch (64 = 16 identities x 4)")
-    num_instances: int = option(4, "K: images per identity in a batch")
-    lr: float = option(3.5e-4, "stage-1 learning rate (Adam)")
-    milestones: Tuple[int, ...] = option((40, 70), "stage-1 epochs at which the lr drops 10x", type=int, nargs="+")
-    warmup_epochs: int = option(10, "stage-1 linear warm-up epochs")
-    nformer_epochs: int = option(20, "stage-2 epochs (of M // 30 sequences)")
+    epochs: int = option(120, "stage-1 epochs", at_least(1))
+    max_steps: Optional[int] = option(None, "stop stage 1 after this many steps (smoke runs)", at_least(1), type=int)
+    batch_size: int = option(64, "P x K images per stage-1 batch (64 = 16 identities x 4)", at_least(1))
+    num_instances: int = option(4, "K: images per identity in a batch", at_least(1))
+    lr: float = option(3.5e-4, "stage-1 learning rate (Adam)", positive_finite)
+    milestones: Tuple[int, ...] = option((40, 70), "stage-1 epochs at which the lr drops 10x", at_least(1), type=int,
+                                         nargs="+")
+    warmup_epochs: int = option(10, "stage-1 linear warm-up epochs", at_least(0))
+    nformer_epochs: int = option(20, "stage-2 epochs (of M // 30 sequences)", at_least(1))
     eval: bool = flag("evaluate at the end")
+
+    def _check(self):
+        if self.batch_size % self.num_instances:
+            raise ReIDInputError(f"--batch-size {self.batch_size} must be a multiple of --num-instances "
+                                 f"{self.num_instances}")
+        if self.resume and self.stage == "both":
+            raise ReIDInputError("--resume continues one stage: give --stage 1 or --stage 2 with it")
+        if self.resume and self.weights:
+            raise ReIDInputError("give --resume (continue a stage) or --weights (start from a checkpoint), not both")
 
 
 @dataclass(frozen=True)
-class EvalConfig(EvalOptions, RunOptions, DataOptions):
+class EvalConfig(Validated, EvalOptions, RunOptions, DataOptions):
     command: ClassVar[str] = "eval"
     summary: ClassVar[str] = "evaluate a checkpoint (ours or the official nformer_model.pth)"
 
@@ -103,7 +164,7 @@ class EvalConfig(EvalOptions, RunOptions, DataOptions):
 
 
 @dataclass(frozen=True)
-class FeaturesConfig(RunOptions, NFormerTrainingOptions, NFormerOptions):
+class FeaturesConfig(Validated, RunOptions, NFormerTrainingOptions, NFormerOptions):
     command: ClassVar[str] = "features"
     summary: ClassVar[str] = ("NFormer on precomputed features (e.g. dumped from torchreid or fast-reid): train it "
                               "on --train and/or evaluate query/gallery")
@@ -115,8 +176,14 @@ class FeaturesConfig(RunOptions, NFormerTrainingOptions, NFormerOptions):
     weights: Optional[str] = option(None, "an NFormer saved by 'nformer-reid features' (nformer.pth)", type=str)
     official: Optional[str] = option(None, "official NFormer release file nformer_model.pth (256-d features)",
                                      type=str)
-    nformer_steps: Optional[int] = option(2000, "training steps on --train", type=int)
-    nformer_lr: float = option(3e-4, "NFormer learning rate (Adam)")
+    nformer_depth: Optional[int] = option(None, "NFormer blocks (default: 4 for --train; that of --weights / "
+                                                "--official, checked if given)", at_least(1), type=int)
+    nformer_landmarks: Optional[int] = option(None, "landmarks of the landmark-agent attention (default: 5; that of "
+                                                    "--weights)", at_least(1), type=int)
+    nformer_topk: Optional[int] = option(None, "neighbours each feature attends to (default: 20; that of --weights)",
+                                         at_least(1), type=int)
+    nformer_steps: Optional[int] = option(2000, "training steps on --train", at_least(1), type=int)
+    nformer_lr: float = option(3e-4, "NFormer learning rate (Adam)", positive_finite)
     out: str = option("runs/nformer_features", "output folder (nformer.pth, refined features, logs, plots)")
     mode: str = option("official", "official (joint query+gallery sequence) or paper (query-query isolation)",
                        choices=("official", "paper"))
@@ -124,27 +191,29 @@ class FeaturesConfig(RunOptions, NFormerTrainingOptions, NFormerOptions):
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Validated):
     command: ClassVar[str] = "demo"
     summary: ClassVar[str] = "synthetic end-to-end NFormer demo (CPU, seconds)"
 
     out: str = option("nformer_demo_out", "output folder (plots, results.json, log.txt)")
-    steps: int = option(100, "NFormer training steps")
-    seq_len: int = option(512, "NFormer training sequence length")
-    lr: float = option(3e-4, "NFormer learning rate (Adam)")
-    seed: int = option(0, "seed of the benchmark, the training and the landmark draws")
+    steps: int = option(100, "NFormer training steps", at_least(1))
+    seq_len: int = option(512, "NFormer training sequence length", at_least(2))
+    lr: float = option(3e-4, "NFormer learning rate (Adam)", positive_finite)
+    seed: int = option(0, "seed of the benchmark, the training and the landmark draws", seed_range)
     no_rerank: bool = flag("skip k-reciprocal re-ranking")
     quick: bool = flag("seconds-long smoke run on a tiny benchmark")
     device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    overwrite: bool = flag("replace the outputs of an earlier run in --out (refused without it)")
 
 
 @dataclass(frozen=True)
-class DatasetsConfig:
+class DatasetsConfig(Validated):
     command: ClassVar[str] = "datasets"
     summary: ClassVar[str] = "print statistics of the datasets found under --root"
 
     root: Optional[str] = option(None, "folder holding the datasets", type=str, required=True)
-    name: Optional[str] = option(None, "only this dataset (synthetic: generate one at --root)", type=str)
+    name: Optional[str] = option(None, "only this dataset (synthetic: generate one at --root)", one_of(DATA_NAMES),
+                                 type=str)
 
 
 COMMANDS: Dict[str, type] = {cls.command: cls for cls in (TrainConfig, EvalConfig, FeaturesConfig, DemoConfig,
@@ -156,45 +225,86 @@ SYNTHETIC = dict(arch="resnet18", size=(64, 32), batch_size=16, epochs=1, max_st
                  nformer_steps=2, seq_len=64, nformer_lr=1e-4, test_batch=32)
 
 
-def _coerce(f, value, source: str):
-    """value as the field's type (YAML gives lists and plain scalars); ValueError naming the option."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(convert, value):
+    """One value as the option's type, strictly: no float -> int truncation, no bool as a number."""
+    if convert is int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, str)):
+            raise ValueError
+        return int(value)
+    if convert is float:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, str)):
+            raise ValueError
+        return float(value)
+    if convert is str and (isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, numbers.Real))):
+        raise ValueError  # YAML `stage: 1` is the string "1"; lists, mappings, booleans are not
+    return convert(value)
+
+
+def _coerce(f, value, source: Optional[str], label: Optional[str] = None):
+    """value as the field's type (YAML gives lists and plain scalars), then its value check;
+    ReIDInputError naming the option (`label`, default its field name) and `source`."""
     meta = f.metadata
+    label = label or f.name
+    where = f"{source}: " if source else ""
     if value is None:
         if f.default is not None:
-            raise ValueError(f"{source}: {f.name} cannot be null")
+            raise ReIDInputError(f"{where}{label} cannot be null")
         return None
     if meta.get("action") == "store_true":
-        if not isinstance(value, bool):
-            raise ValueError(f"{source}: {f.name} must be true or false, got {value!r}")
-        return value
+        if not isinstance(value, (bool, np.bool_)):
+            raise ReIDInputError(f"{where}{label} must be true or false, got {value!r}")
+        return bool(value)
     convert = meta.get("type", type(f.default))
     try:
         if "nargs" in meta:
             if not isinstance(value, (list, tuple)) or not value or (meta["nargs"] != "+" and
                                                                      len(value) != meta["nargs"]):
                 raise ValueError
-            value = tuple(convert(v) for v in value)
+            value = tuple(_convert(convert, v) for v in value)
         else:
-            value = convert(value)
+            value = _convert(convert, value)
     except (TypeError, ValueError):
         count = "a list" if "nargs" in meta else "one value"
-        raise ValueError(f"{source}: {f.name} must be {count} of type {convert.__name__}, got {value!r}") from None
+        raise ReIDInputError(f"{where}{label} must be {count} of type {convert.__name__}, got {value!r}") from None
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ValueError(f"{source}: {f.name} must be one of {list(meta['choices'])}, got {value!r}")
+        raise ReIDInputError(f"{where}{label} must be one of {list(meta['choices'])}, got {value!r}")
+    check = meta.get("check")
+    if check is not None:
+        for v in value if isinstance(value, tuple) else (value,):
+            problem = check(v)
+            if problem:
+                raise ReIDInputError(f"{where}{label} {problem}")
     return value
 
 
-def make_config(cls, values: Mapping[str, Any], source: str = "options"):
-    """An instance of the command dataclass `cls` from option values (dashes or underscores in the
-    names); `--data synthetic` swaps in SYNTHETIC for what `values` leaves unset. ValueError
-    (naming `source`) for unknown names, wrong types and values outside the choices."""
+def check_values(cls, values: Mapping[str, Any], source: Optional[str] = None, flags: bool = False) -> Dict[str, Any]:
+    """The option values (dashes or underscores in the names) coerced and checked one by one;
+    ReIDInputError naming `source` and the option (as --flag with flags, else as written)."""
     by_name = {f.name: f for f in fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(k for k in values if k not in by_name)
+    out = {}
+    unknown = []
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name:
+            unknown.append(str(key))
+            continue
+        out[name] = _coerce(by_name[name], value, source, _flag(name) if flags else str(key))
     if unknown:
-        raise ValueError(f"{source}: unknown option(s) for '{cls.command}': {unknown}")
-    values = {k: _coerce(by_name[k], v, source) for k, v in values.items()}
-    if "data" in by_name and values.get("data", cls.data) == "synthetic":
-        values = {**{k: v for k, v in SYNTHETIC.items() if k in by_name}, **values}
-    return cls(**values)
+        where = f"{source}: " if source else ""
+        raise ReIDInputError(f"{where}unknown option(s) for '{cls.command}': {sorted(unknown)}")
+    return out
 
+
+def make_config(cls, values: Mapping[str, Any], source: str = "options", flags: bool = False):
+    """An instance of the command dataclass `cls` from option values (dashes or underscores in the
+    names); `--data synthetic` swaps in SYNTHETIC for what `values` leaves unset. ReIDInputError
+    (a ValueError, naming `source`) for unknown names, wrong types, values outside the choices or
+    their checks, and options that do not go together."""
+    values = check_values(cls, values, source, flags)
+    if "data" in {f.name for f in fields(cls)} and values.get("data", cls.data) == "synthetic":
+        values = {**{k: v for k, v in SYNTHETIC.items() if k in {f.name for f in fields(cls)}}, **values}
+    return cls(**values)

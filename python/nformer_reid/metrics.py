@@ -16,22 +16,12 @@ import numpy as np
 import torch
 
 from nformer_reid.plotting import plot_cmc  # noqa: F401  (public name of this module)
+from nformer_reid.utils.checks import as_device, as_features, as_int, as_tensor, ldexp, pow2_row_scale, pow2_scale
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
 # Gallery identities that never count as a match (Market-1501 convention): -1 junk, 0 distractor.
 NON_MATCH_PIDS = (-1, 0)
-
-
-def _as_tensor(x, name):
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}") from exc
 
 
 def _default_device(distmat):
@@ -45,6 +35,26 @@ def _row_key(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     bits = (values + 0.0).view(torch.int32).to(torch.int64)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # sign-magnitude -> ordered
     return bits.add_(rows << 32)
+
+
+def _row_keys(rows_a, values_a, rows_b, values_b):
+    """_row_key of two lists at once, for float32 values or (any other dtype) their dense ranks
+    among both lists: equal values get equal keys, order is exact in the values' own dtype."""
+    if values_a.dtype == torch.float32:
+        return _row_key(rows_a, values_a), _row_key(rows_b, values_b)
+    both = torch.cat([values_a, values_b])
+    if both.is_floating_point():
+        both = both + 0.0  # -0.0 == +0.0
+    rank = torch.unique(both, return_inverse=True)[1]
+    return rank[:values_a.numel()].add(rows_a << 32), rank[values_a.numel():].add(rows_b << 32)
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32 and narrower floats (compared exactly), float64 for float64, int64 for
+    integers: distances are compared exactly in their own precision."""
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    return torch.float64 if dtype.is_floating_point else torch.int64
 
 
 def _same_pid_entries(q_pids, q_cams, g_pids, g_cams):
@@ -67,6 +77,24 @@ def _same_pid_entries(q_pids, q_cams, g_pids, g_cams):
     return rows, cols, ~dropped & valid_pid, dropped
 
 
+def count_valid_queries(q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike) -> int:
+    """How many queries have a valid match in the gallery (same pid in another camera, pid not
+    -1/0): the queries evaluate_rank scores (it raises ValueError when there are none)."""
+    ids = []
+    for name, arr in (("q_pids", q_pids), ("g_pids", g_pids), ("q_camids", q_camids), ("g_camids", g_camids)):
+        t = as_tensor(arr, name).reshape(-1)
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must hold integers, got {t.dtype}")
+        ids.append(t.to(torch.int64))
+    q_p, g_p, q_c, g_c = ids
+    if q_p.numel() != q_c.numel() or g_p.numel() != g_c.numel():
+        raise ValueError("q_pids / q_camids and g_pids / g_camids must have matching lengths")
+    if q_p.numel() == 0 or g_p.numel() == 0:
+        return 0
+    rows, _, is_match, _ = _same_pid_entries(q_p, q_c, g_p, g_c)
+    return int(torch.unique(rows[is_match]).numel())
+
+
 def _segment_cumsum(flags: torch.Tensor, seg_start: torch.Tensor, seg_id: torch.Tensor) -> torch.Tensor:
     """Inclusive running count of flags within segments of a grouped 1-D list."""
     total = torch.cumsum(flags, 0)
@@ -83,15 +111,18 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
     camera are dropped; gallery pids -1 (junk) and 0 (distractors) never match; queries left with
     no valid match are skipped (one warning; ValueError if no query has one). CMC is first-match
     (cmc[r] = fraction of queries whose first match is within the top r+1); AP is averaged over
-    the kept list. Distances are compared in float32; equal distances rank by gallery index
-    (as a stable argsort would).
+    the kept list. Distances are compared exactly in their own precision (float16 / bfloat16 /
+    float32 as float32, float64 as float64, integers as int64); equal distances rank by gallery
+    index (as a stable argsort would). Any strides (transposed, sliced, broadcast) are accepted.
 
-    distmat: (Q, G) numpy array or torch tensor; pids/camids: integer arrays of length Q and G.
+    distmat: (Q, G) numpy array or torch tensor of real numbers, all finite (else ValueError);
+    pids/camids: integer arrays of length Q and G. max_rank and chunk_size (queries per pass,
+    default ~16M distances) are positive ints (numpy integers accepted).
     Runs on distmat's device for tensors, else on CUDA when available (or on `device`).
     Returns (cmc, mAP): cmc float32 numpy array of length min(max_rank, G), mAP a float, in [0, 1].
     """
-    device = torch.device(device) if device is not None else _default_device(distmat)
-    dist = _as_tensor(distmat, "distmat")
+    device = as_device(device) if device is not None else _default_device(distmat)
+    dist = as_tensor(distmat, "distmat")
     if dist.dim() != 2:
         raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(dist.shape)}")
     if dist.dtype == torch.bool or dist.is_complex():
@@ -99,26 +130,32 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
     num_q, num_g = dist.shape
     if num_q == 0 or num_g == 0:
         raise ValueError(f"distmat must be non-empty, got shape {tuple(dist.shape)}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    max_rank = as_int(max_rank, "max_rank", minimum=1)
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     ids = {}
     for name, arr, n in (("q_pids", q_pids, num_q), ("g_pids", g_pids, num_g),
                          ("q_camids", q_camids, num_q), ("g_camids", g_camids, num_g)):
-        t = _as_tensor(arr, name).reshape(-1)
+        t = as_tensor(arr, name).reshape(-1)
         if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name} must hold integers, got {t.dtype}")
         if t.numel() != n:
             raise ValueError(f"{name} has {t.numel()} entries, distmat implies {n}")
         ids[name] = t.to(device=device, dtype=torch.int64)
     max_rank = min(max_rank, num_g)
+    work = _working_dtype(dist.dtype)
 
     # Same-identity entries, sorted by (query, distance, gallery index): k-th match and drops before it.
     s_row, s_col, s_match, s_drop = _same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
                                                       ids["g_camids"])
-    s_dist = dist[s_row.to(dist.device), s_col.to(dist.device)].to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(s_dist).all()):
+    s_dist = dist[s_row.to(dist.device), s_col.to(dist.device)].to(device=device, dtype=work)
+    if s_dist.is_floating_point() and not bool(torch.isfinite(s_dist).all()):
         raise ValueError("distmat contains NaN or Inf")
-    order = torch.sort(_row_key(s_row, s_dist), stable=True).indices
+    if work == torch.float32:
+        order = torch.sort(_row_key(s_row, s_dist), stable=True).indices
+    else:  # by distance, then (stable) by query
+        order = torch.sort(s_dist, stable=True).indices
+        order = order[torch.sort(s_row[order], stable=True).indices]
     s_row, s_col, s_match, s_drop, s_dist = (t[order] for t in (s_row, s_col, s_match, s_drop, s_dist))
     s_count = torch.bincount(s_row, minlength=num_q)
     s_start = torch.cumsum(s_count, 0) - s_count
@@ -127,7 +164,8 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
     keep = s_match.nonzero().squeeze(1)
     m_row, m_col, m_dist, kth, drops_before = (t[keep] for t in (s_row, s_col, s_dist, kth, drops_before))
     num_pos = torch.bincount(m_row, minlength=num_q)
-    far = torch.full((num_q,), float("-inf"), device=device).scatter_reduce_(0, m_row, m_dist, reduce="amax")
+    lowest = torch.finfo(work).min if work.is_floating_point else torch.iinfo(work).min
+    far = torch.full((num_q,), lowest, dtype=work, device=device).scatter_reduce_(0, m_row, m_dist, reduce="amax")
     num_valid = int((num_pos > 0).sum())
     if num_valid == 0:
         raise ValueError("no query has a valid match in the gallery (same pid in another camera, "
@@ -139,18 +177,23 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
         chunk_size = max(1, (1 << 24) // num_g)
 
     # before[j] = number of gallery entries (any identity) ranked before match j.
-    before = torch.empty_like(m_row)
+    before = torch.zeros_like(m_row)
     m_start = torch.cumsum(num_pos, 0) - num_pos  # matches are grouped by query
+    has_match = num_pos > 0
     for start in range(0, num_q, chunk_size):
         stop = min(start + chunk_size, num_q)
-        d = dist[start:stop].to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(d.sum())) and not bool(torch.isfinite(d).all()):
+        d = dist[start:stop].to(device=device, dtype=work).contiguous()
+        if d.is_floating_point() and not bool(torch.isfinite(d.sum())) and not bool(torch.isfinite(d).all()):
             raise ValueError("distmat contains NaN or Inf")
-        flat = (d <= far[start:stop, None]).view(-1).nonzero().squeeze(1)  # queries w/o a match: none
-        keys = torch.sort(_row_key(flat // num_g, d.view(-1)[flat])).values
+        if not bool(has_match[start:stop].any()):
+            continue
+        # entries no farther than the query's farthest match (queries without a match: none)
+        sel = (d <= far[start:stop, None]) & has_match[start:stop, None]
+        flat = sel.view(-1).nonzero().squeeze(1)
         lo, hi = int(m_start[start]), int(m_start[stop - 1] + num_pos[stop - 1])
         q_local = m_row[lo:hi] - start
-        m_keys = _row_key(q_local, m_dist[lo:hi])
+        keys, m_keys = _row_keys(flat // num_g, d.view(-1)[flat], q_local, m_dist[lo:hi])
+        keys = torch.sort(keys).values
         row_begin = torch.searchsorted(keys, q_local << 32)
         less = torch.searchsorted(keys, m_keys) - row_begin
         ties = torch.searchsorted(keys, m_keys, right=True) - row_begin - less > 1
@@ -168,25 +211,50 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
     return cmc, mAP
 
 
-def compute_distance_matrix(qf: torch.Tensor, gf: torch.Tensor, metric: str = "euclidean",
+def compute_distance_matrix(qf: ArrayLike, gf: ArrayLike, metric: str = "euclidean",
                             normalize: bool = True, chunk_size: int = 4096) -> torch.Tensor:
-    """Query x gallery distances: "euclidean" = squared Euclidean (torchreid's convention),
-    "cosine" = 1 - cosine similarity. normalize L2-normalises both sides first (the Re-ID default)."""
+    """Query x gallery distances as a float32 tensor: "euclidean" = squared Euclidean (torchreid's
+    convention), "cosine" = 1 - cosine similarity. normalize L2-normalises both sides first (the
+    Re-ID default).
+
+    qf (Q, d) and gf (G, d): finite real numbers (numpy or torch, any dtype and strides; ValueError
+    for NaN/Inf). Normalisation is scale-free (rows are divided by a power of two near their largest
+    magnitude first, so 1e-30 and 1e30 features normalise like 1); a zero row normalises to the zero
+    vector (cosine distance 1, squared Euclidean distance 1 to every unit vector). Without normalize,
+    ValueError if a squared distance exceeds the float32 range. Results are >= 0 ("euclidean") and
+    within [0, 2] ("cosine"); Q or G may be 0.
+    """
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    qf, gf = _as_tensor(qf, "qf").float(), _as_tensor(gf, "gf").float()
-    if qf.dim() != 2 or gf.dim() != 2 or qf.shape[1] != gf.shape[1]:
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
+    qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
+    if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"qf and gf must be (Q,d) and (G,d), got {tuple(qf.shape)} and {tuple(gf.shape)}")
-    if normalize or metric == "cosine":
-        qf = torch.nn.functional.normalize(qf, dim=1)
-        gf = torch.nn.functional.normalize(gf, dim=1)
+    if qf.device != gf.device:
+        raise ValueError(f"qf and gf must be on one device, got {qf.device} and {gf.device}")
+    work = torch.float64 if torch.float64 in (qf.dtype, gf.dtype) else torch.float32
+    qf, gf = qf.to(work), gf.to(work)
+    exponent = 0
+    if normalize or metric == "cosine":  # exact power-of-two row scaling, then float32 as always
+        qf = torch.nn.functional.normalize(pow2_row_scale(qf).float(), dim=1)
+        gf = torch.nn.functional.normalize(pow2_row_scale(gf).float(), dim=1)
+    else:  # one common power-of-two scale: the squared distances scale by its square
+        exponent = max(pow2_scale(qf), pow2_scale(gf))
+        qf, gf = ldexp(qf, -exponent).float(), ldexp(gf, -exponent).float()
     out = torch.empty(qf.shape[0], gf.shape[0], dtype=torch.float32, device=qf.device)
     g_sq = (gf * gf).sum(1)
     for s in range(0, qf.shape[0], chunk_size):
         q = qf[s:s + chunk_size]
         sim = q @ gf.T
         if metric == "cosine":
-            out[s:s + chunk_size] = 1 - sim
+            out[s:s + chunk_size] = (1 - sim).clamp_(0, 2)
         else:
             out[s:s + chunk_size] = ((q * q).sum(1, keepdim=True) + g_sq[None] - 2 * sim).clamp_(min=0)
+    if exponent:
+        out = ldexp(out.double(), min(2 * exponent, 1000)).float()  # 2**1000: any non-zero entry overflows
+        if out.numel() and not bool(torch.isfinite(out).all()):
+            raise ValueError("squared distances between qf and gf exceed the float32 range; rescale the features "
+                             "or use normalize=True")
     return out

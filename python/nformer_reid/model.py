@@ -11,20 +11,25 @@ import torch
 from torch import nn
 
 import nformer_kernels as nk
-from nformer_reid.config import TrainConfig
+from nformer_reid.config import ARCHS, TrainConfig
+from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.deps import import_torchvision
+from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.io import load_torch
 
 torchvision = import_torchvision()
 logger = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def _load_state_dict(path_or_state):
+def _load_state_dict(path_or_state, what: str = "weights file"):
+    """A state dict from a file (a state dict, a pickled module, or a dict holding one under
+    "state_dict" / "model") or given directly; ReIDInputError naming the file when it is unreadable
+    or holds something else (TypeError for a non-mapping given directly)."""
+    source = None
     if isinstance(path_or_state, (str, os.PathLike)):
-        if not os.path.isfile(path_or_state):
-            raise FileNotFoundError(f"weights file not found: {path_or_state}")
-        state = torch.load(path_or_state, map_location="cpu", weights_only=False)
+        source = os.fspath(path_or_state)
+        state = load_torch(source, what, weights_only=False)  # may hold a pickled nn.Module
     else:
         state = path_or_state
     if hasattr(state, "state_dict") and not isinstance(state, dict):  # a pickled nn.Module
@@ -33,7 +38,13 @@ def _load_state_dict(path_or_state):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
+        if source is not None:
+            raise ReIDInputError(f"{what} {source}: expected a state dict, got {type(state).__name__}")
         raise TypeError(f"expected a state dict, got {type(state).__name__}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        where = f"{what} {source}: " if source else ""
+        raise ReIDInputError(f"{where}entry {bad[0]!r} of the state dict is not a named tensor")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
@@ -49,6 +60,9 @@ class Backbone(nn.Module):
     def __init__(self, num_classes: int, arch: str = TrainConfig.arch, feat_dim: int = TrainConfig.feat_dim,
                  last_stride: int = 1, pretrained: Optional[str] = None, stem_relu: bool = True, verbose: bool = True):
         super().__init__()
+        num_classes = as_int(num_classes, "num_classes", minimum=1)
+        feat_dim = as_int(feat_dim, "feat_dim", minimum=1)
+        last_stride = as_int(last_stride, "last_stride")
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if last_stride not in (1, 2):
@@ -76,12 +90,15 @@ class Backbone(nn.Module):
 
     def load_imagenet(self, path: str, verbose: bool = True) -> None:
         """Load torchvision-layout ImageNet weights (e.g. resnet50-19c8e357.pth) into the ResNet; fc is skipped."""
-        state = {k: v for k, v in _load_state_dict(path).items() if not k.startswith("fc.")}
+        state = {k: v for k, v in _load_state_dict(path, "--pretrained").items() if not k.startswith("fc.")}
         own = self.base.state_dict()
         wrong = sorted(k for k in state.keys() & own.keys() if state[k].shape != own[k].shape)
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if not wrong:
+            wrong = sorted(k for k in state if state[k].is_floating_point() != own[k].is_floating_point()
+                           or (state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())))
         if wrong or missing or unexpected:
-            raise ValueError(f"{path} does not fit {self.arch}: {len(wrong)} shape mismatches (e.g. {wrong[:3]}), "
+            raise ReIDInputError(f"{path} does not fit {self.arch}: {len(wrong)} shape mismatches / dtype / NaN-Inf problems (e.g. {wrong[:3]}), "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.base.load_state_dict(state)
         if verbose:
@@ -162,24 +179,39 @@ def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nfo
     read by nk.NFormer.from_official (Conv1D (in,out) weights transposed, BatchNorm head included).
     num_landmarks / topk / num_heads are not stored in the file: the official defaults are 5/20/2.
     """
-    state = _load_state_dict(path_or_state)
+    where = f"{os.fspath(path_or_state)}: " if isinstance(path_or_state, (str, os.PathLike)) else ""
+    state = _load_state_dict(path_or_state, "--official")
     for key in ("backbone.classifier.weight", "nformer.h.0.mlp.c_fc.w"):
         if key not in state:
-            raise ValueError(f"not an official nformer_model.pth: no {key!r} key")
+            raise ReIDInputError(f"{where}not an official nformer_model.pth: no {key!r} key")
+    for key, value in state.items():
+        if key.startswith("backbone.") and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ReIDInputError(f"{where}weight {key!r} holds NaN or Inf")
+    if state["backbone.classifier.weight"].dim() != 2 or state["nformer.h.0.mlp.c_fc.w"].dim() != 2:
+        raise ReIDInputError(f"{where}backbone.classifier.weight and nformer.h.0.mlp.c_fc.w must be 2-D")
     num_classes, feat_dim = state["backbone.classifier.weight"].shape
     depth = sum(1 for k in state if k.startswith("nformer.h.") and k.endswith(".attn.c_attn.w"))
-    arch = _infer_arch(state, "backbone.base.")
-    nformer = nk.NFormer.from_official(state, num_classes=num_classes, strict=strict, num_heads=num_heads,
-                                       num_landmarks=num_landmarks, topk=topk)
+    try:
+        arch = _infer_arch(state, "backbone.base.")
+        nformer = nk.NFormer.from_official(state, num_classes=num_classes, strict=strict, num_heads=num_heads,
+                                           num_landmarks=num_landmarks, topk=topk)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        if not where:
+            raise
+        raise ReIDInputError(f"{where}{' '.join(str(exc).split())[:300]}") from exc
     model = ReIDModel(num_classes, arch=arch, feat_dim=feat_dim, stem_relu=False, nformer_depth=depth,
                       nformer_heads=num_heads, nformer_landmarks=num_landmarks, nformer_topk=topk,
                       nformer_ffn_dim=state["nformer.h.0.mlp.c_fc.w"].shape[1], verbose=False)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = model.backbone.state_dict()
+    wrong = sorted(k for k in backbone_state.keys() & own.keys() if backbone_state[k].shape != own[k].shape)
+    if wrong:
+        raise ReIDInputError(f"{where}official backbone: shape mismatches {wrong[:3]}")
     missing, unexpected = model.backbone.load_state_dict(backbone_state, strict=False)
     if missing or unexpected:
-        msg = f"official backbone: missing keys {missing}, unexpected keys {unexpected}"
+        msg = f"{where}official backbone: missing keys {missing}, unexpected keys {unexpected}"
         if strict:
-            raise ValueError(msg)
+            raise ReIDInputError(msg)
         warnings.warn(msg, stacklevel=2)
     model.nformer = nformer
     return model

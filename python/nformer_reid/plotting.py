@@ -3,6 +3,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from nformer_reid.utils.io import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -33,8 +35,10 @@ def plot_cmc(curves, path, max_rank: int = 20, title: str = "CMC"):
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -55,6 +59,8 @@ def plot_losses(histories: Dict[str, List[dict]], path: str, key: str = "loss") 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -3,7 +3,8 @@ Encoding", CVPR 2017): the dense algorithm and an O(N*k1)-memory version built o
 
 Algorithm (N = Q + G probe+gallery items, d = Euclidean distance):
   od[i, j]  = d(i, j)^2 / max_k d(k, j)^2, transposed (rows i; column maxima; for symmetric d this
-              is row i divided by its own maximum)
+              is row i divided by its own maximum); 0 where the column maximum is 0 (an item at
+              distance 0 from everything, e.g. all features identical)
   N(i, k)   = the k+1 items nearest to i (self first), ranked by od[i]
   R(i)      = k1-reciprocal neighbours: j in N(i, k1) with i in N(j, k1)
   R*(i)     = R(i) united with R_half(c) for every c in R(i) whose R_half(c) (the same with
@@ -13,30 +14,44 @@ Algorithm (N = Q + G probe+gallery items, d = Euclidean distance):
   jaccard[i, j] = 1 - s / (2 - s), s = sum_m min(V[i, m], V[j, m])
   final     = (1 - lambda) * jaccard + lambda * od, query rows x gallery columns.
 """
+import math
+
 import numpy as np
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.utils.checks import as_device, as_float, as_int, as_tensor, pow2_row_scale
 
 
 def _to_numpy(x, name):
+    """A 2-D array of finite real distances as numpy (any strides; float16/integers accepted)."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
+        if x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    elif not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
+    if x.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {x.shape}")
+    if x.size and not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
     return x
 
 
 def _check_params(k1, k2, lambda_value, n):
+    k1, k2 = as_int(k1, "k1"), as_int(k2, "k2")
     for name, k in (("k1", k1), ("k2", k2)):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if k < 1:
             raise ValueError(f"{name} must be a positive int, got {k!r}")
+    lambda_value = as_float(lambda_value, "lambda_value")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value}")
     if max(k1 + 1, k2) > n:
         raise ValueError(f"k1 + 1 = {k1 + 1} and k2 = {k2} must not exceed the number of items N = {n}")
+    return k1, k2, lambda_value
 
 
 def _half_k(k1):
@@ -52,18 +67,30 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     squared Euclidean distances to its copy; pass those to reproduce its numbers, or their square
     roots for the paper's definition. Neighbour ranks break distance ties by index (stable sort).
     dtype: working precision (float32 as the reference code; float64 for tighter comparisons).
+    Inputs: numpy arrays or tensors of finite real numbers (ValueError for NaN/Inf), any strides;
+    the result is scale-free (distances are divided by a power of two near their largest
+    magnitude first) and finite; all-zero distances (identical items) give od = 0 and a result in
+    [0, 1 - lambda_value]. k1, k2: positive ints, lambda_value in [0, 1] (numpy scalars accepted).
     Returns the re-ranked (Q, G) distances as a numpy array of `dtype`.
     """
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
     q_g, q_q, g_g = (_to_numpy(x, n) for x, n in ((q_g_dist, "q_g_dist"), (q_q_dist, "q_q_dist"),
                                                   (g_g_dist, "g_g_dist")))
     num_q, num_g = q_g.shape
     if q_q.shape != (num_q, num_q) or g_g.shape != (num_g, num_g):
         raise ValueError(f"shapes do not fit: q_g {q_g.shape}, q_q {q_q.shape}, g_g {g_g.shape}")
     n = num_q + num_g
-    _check_params(k1, k2, lambda_value, n)
-    od = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(dtype)
+    k1, k2, lambda_value = _check_params(k1, k2, lambda_value, n)
+    blocks = [q_q, q_g, q_g.T, g_g]
+    peak = max(float(np.abs(b).max()) if b.size else 0.0 for b in blocks)
+    shift = -math.frexp(peak)[1] if peak > 0 else 0  # exact power-of-two scaling: squares stay in range
+    od = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64 if shift else dtype)
+    if shift:
+        od = (od * 2.0 ** shift).astype(dtype)
     np.square(od, out=od)
-    od = np.ascontiguousarray((od / od.max(axis=0)).T)
+    col_max = od.max(axis=0)
+    od = np.ascontiguousarray((od / np.where(col_max > 0, col_max, 1)).T)
     kk = max(k1 + 1, k2)
     rank = np.concatenate([np.argsort(od[s:s + 1024], axis=1, kind="stable")[:, :kk]
                            for s in range(0, n, 1024)])
@@ -118,19 +145,31 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     time, O(chunk*N) memory). V and its query expansion are sparse (about N*k1*k2 entries); the
     Jaccard term is computed per chunk of queries through an inverted index over gallery items,
     at most `pair_budget` (query entry, gallery entry) pairs at a time.
+    Features: numpy arrays or tensors, floating point (any precision and strides), finite
+    (ValueError for NaN/Inf); normalisation is scale-free (1e-30 and 1e30 rows normalise like 1), a
+    zero row stays zero. Identical features give od = 0 and a finite result in [0, 1 - lambda_value]
+    (their neighbour order is then by index). pair_budget: a positive int.
     Returns the re-ranked (Q, G) distances as a float32 numpy array.
     """
-    q = q_feat if isinstance(q_feat, torch.Tensor) else torch.as_tensor(np.asarray(q_feat))
-    g = g_feat if isinstance(g_feat, torch.Tensor) else torch.as_tensor(np.asarray(g_feat))
+    q, g = as_tensor(q_feat, "q_feat"), as_tensor(g_feat, "g_feat")
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"q_feat and g_feat must be (Q,d) and (G,d), got {tuple(q.shape)} and {tuple(g.shape)}")
     if not (q.is_floating_point() and g.is_floating_point()):
-        raise TypeError("q_feat and g_feat must be floating point")
-    device = torch.device(device) if device is not None else q.device
+        raise TypeError(f"q_feat and g_feat must be floating point, got {q.dtype} and {g.dtype}")
+    pair_budget = as_int(pair_budget, "pair_budget", minimum=1)
+    device = as_device(device) if device is not None else q.device
+    if q.device != g.device:
+        raise ValueError(f"q_feat and g_feat must be on one device, got {q.device} and {g.device}")
     num_q, num_g = q.shape[0], g.shape[0]
     n = num_q + num_g
-    _check_params(k1, k2, lambda_value, n)
-    x = torch.nn.functional.normalize(torch.cat([q.detach(), g.detach()]).to(device, torch.float32), dim=1)
+    k1, k2, lambda_value = _check_params(k1, k2, lambda_value, n)
+    x = torch.cat([q.to(torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32),
+                   g.to(torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32)])
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("q_feat or g_feat contains NaN or Inf")
+    x = torch.nn.functional.normalize(pow2_row_scale(x).to(device, torch.float32), dim=1)
+    if num_q == 0 or num_g == 0:
+        return np.zeros((num_q, num_g), dtype=np.float32)
 
     kk = max(k1 + 1, k2)
     rank = nk.knn(x, kk)
@@ -143,7 +182,8 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     col_max, od_qg = _column_max_and_query_dist(x, sq_norm, num_q)
     rows, cols = _expansion(fwd, keep, half, keep_half)
     d2 = _pair_sq_dist(x, sq_norm, rows, cols)
-    w = torch.exp(-d2 / col_max[rows])
+    safe_max = torch.where(col_max > 0, col_max, torch.ones_like(col_max))  # all-zero column: od = 0
+    w = torch.exp(-d2 / safe_max[rows])
     w_sum = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, rows, w)
     vals = w / w_sum[rows]
     if k2 != 1:
@@ -168,7 +208,8 @@ def _column_max_and_query_dist(x, sq_norm, num_q, chunk_elems=1 << 25):
         if s < num_q:
             q = min(e, num_q) - s
             od = part[:q, num_q:].add_(sq[s:s + q, None]).clamp_(min=0)
-            od_qg[s:s + q] = od.div_(col_max[s:s + q, None].float())
+            top = col_max[s:s + q, None].float()
+            od_qg[s:s + q] = od.div_(torch.where(top > 0, top, torch.ones_like(top)))
     return col_max, od_qg
 
 

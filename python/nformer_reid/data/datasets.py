@@ -4,20 +4,26 @@ Every dataset exposes train / query / gallery lists of (image_path, pid, camid) 
 camids. Train pids are relabelled to 0..C-1 (classifier targets). Query/gallery pids keep the
 dataset's ids, with -1 = junk and 0 = distractor reserved as in Market-1501 (evaluate_rank
 never counts those as matches); datasets whose test ids start at 0 are shifted by +1.
+
+Checks, the same for every dataset: only regular files (symlinks followed; folders, broken links
+and other names skipped) with an image extension count as images; a file name or list line that
+does not parse, a pid or camera id outside the dataset's range, and a listed image that is not a
+regular file are errors (DatasetLayoutError naming the file, and the line for list files).
 """
-import glob
 import logging
 import os
 import re
 from typing import Dict, List, Tuple
+
+from nformer_reid.utils.errors import ReIDInputError
 
 Item = Tuple[str, int, int]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 logger = logging.getLogger(__name__)
 
 
-class DatasetLayoutError(FileNotFoundError):
-    """The folder does not have the layout the dataset parser expects."""
+class DatasetLayoutError(FileNotFoundError, ReIDInputError):
+    """The folder does not have the layout the dataset parser expects (or a file in it is malformed)."""
 
 
 class ReIDDataset:
@@ -72,7 +78,20 @@ def _resolve_dir(root: str, candidates: Tuple[str, ...], required: Tuple[str, ..
 
 
 def _images(folder: str) -> List[str]:
-    return sorted(p for p in glob.glob(os.path.join(folder, "*")) if p.lower().endswith(IMAGE_EXTS))
+    """The regular files (symlinks followed) of folder with an image extension, sorted."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DatasetLayoutError(f"cannot list {folder}: {exc.strerror or exc}") from None
+    return sorted(e.path for e in entries if e.name.lower().endswith(IMAGE_EXTS) and os.path.isfile(e.path))
+
+
+def _check_listed_images(name: str, items: List[Item], source: str) -> None:
+    """DatasetLayoutError naming the first listed image that is not a regular image file."""
+    bad = [p for p, _, _ in items if not (p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p))]
+    if bad:
+        raise DatasetLayoutError(f"{name}: image {bad[0]} listed in {source} is missing or not a regular image file"
+                                 f"{f' ({len(bad)} such entries)' if len(bad) > 1 else ''}")
 
 
 class _FolderDataset(ReIDDataset):
@@ -101,6 +120,8 @@ class _FolderDataset(ReIDDataset):
         paths = _images(folder)
         for path in paths:
             m = self.pattern.search(os.path.basename(path))
+            if m is not None and not re.fullmatch(r"-?\d+", m.group(1)):
+                m = None
             if m is None:
                 raise DatasetLayoutError(f"{self.name}: file name {os.path.basename(path)!r} in {folder} does "
                                          f"not match '<pid>_c<cam>...'; expected the layout\n{self.layout}")
@@ -181,21 +202,33 @@ class MSMT17(ReIDDataset):
         if verbose:
             self.log_statistics()
 
-    @staticmethod
-    def _parse(folder: str, list_path: str) -> List[Item]:
+    num_cams = 15
+
+    @classmethod
+    def _parse(cls, folder: str, list_path: str) -> List[Item]:
         items = []
-        with open(list_path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                try:
-                    rel, pid = parts[0], int(parts[1])
-                    cam = int(os.path.basename(rel).split("_")[2])
-                except (IndexError, ValueError) as exc:
-                    raise DatasetLayoutError(f"MSMT17: {list_path}:{lineno}: expected '<pid>/<pid>_<n>_<cam>_....jpg "
-                                             f"<pid>', got {line.strip()!r}") from exc
-                items.append((os.path.join(folder, rel), pid, cam - 1))
+        try:
+            with open(list_path, encoding="utf-8") as fh:
+                lines = list(fh)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetLayoutError(f"MSMT17: cannot read {list_path}: {exc}") from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                rel, pid = parts[0], int(parts[1])
+                cam = int(os.path.basename(rel).split("_")[2])
+            except (IndexError, ValueError) as exc:
+                raise DatasetLayoutError(f"MSMT17: {list_path}:{lineno}: expected '<pid>/<pid>_<n>_<cam>_....jpg "
+                                         f"<pid>', got {line.strip()!r}") from exc
+            if pid < 0 or not 1 <= cam <= cls.num_cams:
+                raise DatasetLayoutError(f"MSMT17: {list_path}:{lineno}: {rel} has pid {pid} / camera {cam} outside "
+                                         f"[0, ...) / [1, {cls.num_cams}]")
+            items.append((os.path.join(folder, rel), pid, cam - 1))
+        _check_listed_images("MSMT17", items, list_path)
         return items
 
 
@@ -217,9 +250,18 @@ class CUHK03(ReIDDataset):
         split_name = f"cuhk03_new_protocol_config_{subset}.mat"
         base = _resolve_dir(root, ("cuhk03", "CUHK03", "cuhk03_release"), (f"images_{subset}", split_name),
                             self.name, self.layout)
-        from scipy.io import loadmat
+        try:
+            from scipy.io import loadmat
+        except ImportError as exc:
+            from nformer_reid.utils.deps import MissingDependency
 
-        split = loadmat(os.path.join(base, split_name))
+            raise MissingDependency("scipy is not installed; reading the CUHK03 split files needs it: pip install "
+                                    "scipy") from exc
+        try:
+            split = loadmat(os.path.join(base, split_name))
+        except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+            raise DatasetLayoutError(f"{self.name}: {os.path.join(base, split_name)} is not a readable .mat file: "
+                                     f"{' '.join(str(exc).split())[:160]}") from None
         missing = [k for k in ("train_idx", "query_idx", "gallery_idx", "labels", "filelist") if k not in split]
         if missing:
             raise DatasetLayoutError(f"{self.name}: {split_name} lacks {missing}; is it the new-protocol config?")
@@ -227,18 +269,32 @@ class CUHK03(ReIDDataset):
         labels = split["labels"].flatten()
         names = [str(entry[0]) if not isinstance(entry, str) else entry for entry in split["filelist"].flatten()]
 
+        if len(labels) != len(names):
+            raise DatasetLayoutError(f"{self.name}: {split_name} has {len(labels)} labels for {len(names)} files")
+
         def items(key):
             out = []
-            for i in split[key].flatten() - 1:  # MATLAB indices are 1-based
-                name = names[i]
-                out.append((os.path.join(img_dir, name), int(labels[i]), int(name.split("_")[2]) - 1))
+            for i in split[key].flatten():
+                if not 1 <= int(i) <= len(names):  # MATLAB indices are 1-based
+                    raise DatasetLayoutError(f"{self.name}: {split_name}: {key} holds index {int(i)} outside "
+                                             f"[1, {len(names)}]")
+                name = names[int(i) - 1]
+                try:
+                    cam = int(name.split("_")[2])
+                except (IndexError, ValueError):
+                    raise DatasetLayoutError(f"{self.name}: {split_name}: file name {name!r} does not match "
+                                             "'<campair>_<pid>_<cam>_<n>.png'") from None
+                if cam not in (1, 2):
+                    raise DatasetLayoutError(f"{self.name}: {split_name}: {name!r} has camera {cam} outside [1, 2]")
+                out.append((os.path.join(img_dir, name), int(labels[int(i) - 1]), cam - 1))
             return out
 
         train, query, gallery = items("train_idx"), items("query_idx"), items("gallery_idx")
-        absent = [p for p, _, _ in train[:1] + query[:1] + gallery[:1] if not os.path.isfile(p)]
-        if absent:
-            raise DatasetLayoutError(f"{self.name}: image {absent[0]} listed in {split_name} is missing; "
-                                     f"expected the layout\n{self.layout}")
+        for part in (train, query, gallery):
+            _check_listed_images(self.name, part, split_name)
+        if not (train and query and gallery):
+            raise DatasetLayoutError(f"{self.name}: {split_name} leaves a split empty (train {len(train)}, query "
+                                     f"{len(query)}, gallery {len(gallery)})")
         super().__init__(_relabel(train), query, gallery, base)
         if verbose:
             self.log_statistics()

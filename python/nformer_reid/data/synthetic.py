@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from nformer_reid.data.features import FeatureSet
+from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.io import atomic_write
 
 
 def _person_image(rng, identity: Dict, tint: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -45,15 +47,24 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
     Train ids 1..num_train_ids, test ids after them; each test identity has one query image in
     each of two cameras and images_per_cam gallery images per camera; the gallery also holds
     distractors (pid 0) and junk (pid -1, dropped by the parser). Returns root.
-    Existing files are kept unless overwrite (a marker records the arguments).
+    Existing files are kept unless overwrite (a marker records the arguments); folders holding
+    images without that marker (a real dataset) are never cleared: ReIDInputError.
     """
     from PIL import Image
 
     height, width = size
     marker = os.path.join(root, "SYNTHETIC")
     signature = repr((num_train_ids, num_test_ids, num_cams, images_per_cam, num_distractors, num_junk, size, seed))
-    if not overwrite and os.path.isfile(marker) and open(marker).read() == signature:
-        return root
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ReIDInputError(f"synthetic dataset root {root} exists and is not a folder")
+    if os.path.isfile(marker):
+        with open(marker) as fh:
+            if not overwrite and fh.read() == signature:
+                return root
+    elif any(os.path.isdir(os.path.join(root, name)) and os.listdir(os.path.join(root, name))
+             for name in ("bounding_box_train", "query", "bounding_box_test")):
+        raise ReIDInputError(f"{root} holds image folders that this generator did not write (no SYNTHETIC marker): "
+                             "refusing to replace them; give another root for the synthetic dataset")
     rng = np.random.default_rng(seed)
     tints = [np.concatenate([rng.uniform(0.75, 1.25, 3), [rng.uniform(-0.08, 0.08)]]) for _ in range(num_cams)]
 
@@ -62,6 +73,8 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
             "freq": rng.uniform(0.3, 1.6), "phase": rng.uniform(0, 6.3)}
 
     folders = {name: os.path.join(root, name) for name in ("bounding_box_train", "query", "bounding_box_test")}
+    if os.path.isfile(marker):
+        os.remove(marker)  # an interrupted regeneration is redone, never taken for a finished one
     for folder in folders.values():
         os.makedirs(folder, exist_ok=True)
         for old in os.listdir(folder):
@@ -72,7 +85,8 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
         nonlocal frame
         frame += 1
         name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_00.jpg" if pid >= 0 else f"-1_c{cam + 1}s1_{frame:06d}_00.jpg"
-        Image.fromarray(_person_image(rng, identity, tints[cam], height, width)).save(os.path.join(folder, name))
+        with atomic_write(os.path.join(folder, name)) as fh:
+            Image.fromarray(_person_image(rng, identity, tints[cam], height, width)).save(fh, format="JPEG")
 
     for pid in range(1, num_train_ids + 1):
         identity = new_identity()
@@ -90,7 +104,7 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
     for pid, count in ((0, num_distractors), (-1, num_junk)):
         for _ in range(count):
             save(folders["bounding_box_test"], pid, int(rng.integers(num_cams)), new_identity())
-    with open(marker, "w") as fh:
+    with atomic_write(marker, "w") as fh:
         fh.write(signature)
     return root
 

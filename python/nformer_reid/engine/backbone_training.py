@@ -10,6 +10,7 @@ from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
 from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
 from nformer_reid.losses import ReIDLoss
 from nformer_reid.solver import make_optimizer, optimizer_step, warmup_multistep
+from nformer_reid.utils.checks import as_float, as_int
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,18 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
                    log_period: int = 50) -> List[dict]:
     """Train model.backbone on (images, pids, camids) batches: Adam with warm-up + step decay (per
     epoch), checkpoint out_dir/stage1_last.pth every checkpoint_period epochs and at the end.
-    max_steps stops early (smoke runs). Returns the loss history (one dict per step)."""
+    max_steps stops early (smoke runs). Returns the loss history (one dict per step).
+    TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf."""
+    num_classes = as_int(num_classes, "num_classes", minimum=1)
+    epochs = as_int(epochs, "epochs", minimum=1)
+    max_steps = None if max_steps is None else as_int(max_steps, "max_steps", minimum=1)
+    checkpoint_period = as_int(checkpoint_period, "checkpoint_period", minimum=1)
+    log_period = as_int(log_period, "log_period", minimum=1)
+    center_lr = as_float(center_lr, "center_lr", minimum=0, open_min=True)
+    center_weight = as_float(center_weight, "center_weight", minimum=0, open_min=True)
+    margin = as_float(margin, "margin", minimum=0)
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
     device = resolve_device(device)
     backbone = model.backbone.to(device)
     criterion = ReIDLoss(num_classes, backbone.feat_dim, margin, center_weight).to(device)
@@ -47,7 +59,8 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
             with autocast(device, amp):
                 logits, feats = backbone(imgs)
             loss, parts = criterion(logits.float(), feats.float(), pids)
-            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion)
+            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion,
+                           where=f"stage 1 epoch {epoch + 1} step {step + 1}")
             acc = float((logits.argmax(1) == pids).float().mean())
             value = float(loss.detach())
             history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
@@ -63,5 +76,8 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
             save_checkpoint(ckpt, model, 1, epoch + 1, optimizer, criterion, center_optimizer, scheduler, history)
         if max_steps is not None and step >= max_steps:
             break
+    if not history:
+        logger.info("stage 1: nothing to do (start epoch %d of %d)", start_epoch, epochs)
+        return history
     logger.info("stage 1 done: %d steps, last loss %.3f; checkpoint %s", step, history[-1]["loss"], ckpt)
     return history

@@ -3,14 +3,15 @@ import contextlib
 
 import torch
 
+from nformer_reid.utils.checks import as_device
+
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
 def resolve_device(device=None) -> torch.device:
-    """None / "auto": cuda when available, else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """None / "auto": cuda when available, else cpu; else the device named, which must be present
+    (ValueError naming `device` otherwise)."""
+    return as_device(device)
 
 
 def autocast(device: torch.device, amp: str = "auto"):

@@ -1,6 +1,5 @@
 """Feature extraction, NFormer refinement, mAP / CMC, and `compare`: the one evaluation pipeline of
 the eval, features and demo commands."""
-import json
 import logging
 import os
 import time
@@ -13,6 +12,8 @@ from nformer_reid.engine.device import autocast, resolve_device
 from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
 from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking_sparse
+from nformer_reid.utils.checks import as_features, as_int
+from nformer_reid.utils.io import write_json
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,18 @@ def refine_features(nformer, qf: torch.Tensor, gf: torch.Tensor, mode: str = "of
     mode "official": one joint query+gallery sequence (as the released code); "paper": the same
     with query-query isolation (queries never neighbour each other nor serve as landmarks).
     Inputs are L2-normalised first (as the official evaluation); landmarks come from a
-    torch.Generator seeded with `seed`, so numbers are reproducible.
+    torch.Generator seeded with `seed`, so numbers are reproducible. Paper mode needs
+    G >= min(topk, Q + G) - 1 gallery rows (each query's neighbours are itself and gallery rows).
     """
     if mode not in REFINE_MODES:
         raise ValueError(f"mode must be 'official' or 'paper', got {mode!r}")
+    qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
+    if qf.shape[1] != gf.shape[1] or qf.shape[1] != nformer.dim:
+        raise ValueError(f"qf and gf must be (Q,{nformer.dim}) and (G,{nformer.dim}) for this NFormer, got "
+                         f"{tuple(qf.shape)} and {tuple(gf.shape)}")
+    seed = as_int(seed, "seed", minimum=0)
+    if mode == "paper":
+        check_paper_mode(nformer.topk, qf.shape[0], gf.shape[0])
     device = resolve_device(device)
     nformer = nformer.to(device).eval()
     x = torch.nn.functional.normalize(torch.cat([qf, gf]).float(), dim=1).to(device)
@@ -63,6 +72,15 @@ def refine_features(nformer, qf: torch.Tensor, gf: torch.Tensor, mode: str = "of
         out = nformer(x, generator=generator, query_mask=query_mask).float()
     logger.info("NFormer (%s) refined %d features on %s in %.1f s", mode, x.shape[0], device, time.time() - started)
     return out[: qf.shape[0]].cpu(), out[qf.shape[0]:].cpu()
+
+
+def check_paper_mode(topk: int, num_query: int, num_gallery: int, topk_name: str = "topk") -> None:
+    """ValueError unless paper mode (query-query isolation) can give every query its k - 1
+    neighbours from the gallery, k = min(topk, Q + G)."""
+    k = min(topk, num_query + num_gallery)
+    if num_query and num_gallery < max(1, k - 1):
+        raise ValueError(f"paper mode needs at least {max(1, k - 1)} gallery features for {topk_name} {topk}, got "
+                         f"{num_gallery} (lower {topk_name}, or use mode official)")
 
 
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank: bool = False, max_rank: int = 50,
@@ -118,7 +136,6 @@ def compare(qf: torch.Tensor, gf: torch.Tensor, ids: Sequence[torch.Tensor], *, 
         os.makedirs(out_dir, exist_ok=True)
         plot_cmc({k: (v["cmc"], v["mAP"]) for k, v in results.items()}, os.path.join(out_dir, "cmc.png"),
                  title=f"CMC, {title}")
-        with open(os.path.join(out_dir, "results.json"), "w") as fh:
-            json.dump(summarize(results), fh, indent=2)
+        write_json(summarize(results), os.path.join(out_dir, "results.json"))
         logger.info("wrote %s and results.json", os.path.join(out_dir, "cmc.png"))
     return Comparison(results, refined)

@@ -13,6 +13,7 @@ from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
 from nformer_reid.losses import ReIDLoss
 from nformer_reid.neighborhood import NeighborhoodSampler
 from nformer_reid.solver import make_optimizer, optimizer_step
+from nformer_reid.utils.checks import as_float, as_int, as_tensor
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -32,12 +33,35 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     neighbourhood sequences of seq_len features (NeighborhoodSampler) and applies CE + triplet +
     center loss to all refined features; Adam (official lr 1e-5). `steps` overrides
     epochs x (M // 30 // batch_size). Returns the loss history (one dict per step).
+    TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf.
     """
+    epochs = as_int(epochs, "epochs", minimum=1)
+    steps = None if steps is None else as_int(steps, "steps", minimum=1)
+    seq_len = as_int(seq_len, "seq_len", minimum=2)
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
+    log_period = as_int(log_period, "log_period", minimum=1)
+    seed = as_int(seed, "seed", minimum=0)
+    for name, value in (("center_lr", center_lr), ("center_weight", center_weight)):
+        as_float(value, name, minimum=0, open_min=True)
+    as_float(margin, "margin", minimum=0)
+    if not isinstance(out_dir, str) or not out_dir:
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    if not isinstance(model, nk.NFormer) and not isinstance(getattr(model, "nformer", None), nk.NFormer):
+        raise TypeError(f"model must be an nk.NFormer or hold one as .nformer, got {type(model).__name__}")
+    feats, pids = as_tensor(feats, "feats"), as_tensor(pids, "pids")
+    if feats.dim() != 2 or not feats.is_floating_point() or feats.shape[0] < 2:
+        raise ValueError(f"feats must be a float (M, d) matrix with M >= 2, got {tuple(feats.shape)} {feats.dtype}")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError("feats contains NaN or Inf")
+    if pids.shape != feats.shape[:1] or pids.is_floating_point() or pids.dtype == torch.bool:
+        raise ValueError(f"pids must be M = {feats.shape[0]} integers, got {tuple(pids.shape)} {pids.dtype}")
     device = resolve_device(device)
     nformer = (model if isinstance(model, nk.NFormer) else model.nformer).to(device)
     if nformer.classifier is None:
         raise ValueError("the NFormer needs a classifier (num_classes) for training")
     num_classes, dim = nformer.classifier.out_features, nformer.classifier.in_features
+    if feats.shape[1] != dim:
+        raise ValueError(f"feats are {feats.shape[1]}-d, the NFormer is {dim}-d")
     if int(pids.max()) >= num_classes or int(pids.min()) < 0:
         raise ValueError(f"training pids must lie in [0, {num_classes}), got [{int(pids.min())}, {int(pids.max())}]")
     criterion = ReIDLoss(num_classes, dim, margin, center_weight).to(device)
@@ -53,7 +77,9 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     history, start = [], 0
     if resume:
         state = load_checkpoint(resume, model, optimizer, criterion, center_optimizer)
-        history, start = state["history"], state["extra"].get("step", 0)
+        history, start = state["history"], int(state["extra"].get("step", 0))
+        if start >= total:
+            raise ValueError(f"resume {resume} is at step {start}, this run has {total} steps: nothing to train")
         generator.manual_seed(seed + start)
         logger.info("resumed stage 2 from %s at step %d", resume, start)
     ckpt = os.path.join(out_dir, "stage2_last.pth")
@@ -66,7 +92,7 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
             logits, refined = nformer(x)
         loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
                                 y.reshape(-1))
-        optimizer_step(loss, optimizer, center_optimizer, scaler, criterion)
+        optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=f"stage 2 step {step + 1}")
         value = float(loss.detach())
         history.append({"step": step + 1, "loss": value, **parts})
         bar.set_postfix(loss=f"{value:.3f}")

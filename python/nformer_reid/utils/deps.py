@@ -4,11 +4,14 @@ Only the modules that need it (nformer_reid.model, nformer_reid.data.loader) imp
 feature commands (`features`, `demo`) run without it.
 """
 
+from nformer_reid.utils.errors import ReIDInputError
+
 INSTALL_HINT = "pip install nformer_kernels[reid] (or: pip install torchvision)"
 
 
-class MissingDependency(ImportError):
-    """An optional dependency is not installed; the message says what to install."""
+class MissingDependency(ImportError, ReIDInputError):
+    """An optional dependency is not installed; the message says what to install (an ImportError,
+    and a ReIDInputError for the CLI: one line, exit status 2)."""
 
 
 def import_torchvision():

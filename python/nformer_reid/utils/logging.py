@@ -3,11 +3,13 @@
 Every module logs to `logging.getLogger(__name__)`, a child of the "nformer_reid" logger. The
 package installs only a NullHandler, so library calls print nothing unless the application
 configures logging; the CLI calls setup_logging (console on stdout, optionally a log file)
-and reset_logging. Progress bars (tqdm, on stderr) show only when INFO is enabled and stderr
-is a terminal.
+and reset_logging. Progress: a tqdm bar on stderr when INFO is enabled and stderr is a
+terminal; otherwise (a pipe, a file, CI) plain log lines at most every PROGRESS_LOG_SECONDS,
+never carriage-return updates.
 """
 import logging
 import sys
+import time
 from typing import Iterable, List, Optional
 
 from tqdm import tqdm
@@ -64,7 +66,53 @@ def reset_logging() -> None:
     logger.setLevel(logging.NOTSET)
 
 
-def progress(iterable: Iterable, desc: str, **kwargs) -> tqdm:
-    """A transient tqdm bar, shown only when nformer_reid logs INFO and stderr is a terminal."""
+PROGRESS_LOG_SECONDS = 30.0
+_progress_logger = logging.getLogger(ROOT_LOGGER + ".progress")
+
+
+class LogProgress:
+    """The non-terminal stand-in of a tqdm bar: iterates, keeps set_postfix values, and logs
+    "<desc>: i/total (p%) key=value ..." at most every `interval` seconds (none for short loops)."""
+
+    def __init__(self, iterable: Iterable, desc: str, interval: float = None):
+        self.iterable, self.desc = iterable, desc
+        self.interval = PROGRESS_LOG_SECONDS if interval is None else interval
+        try:
+            self.total = len(iterable)
+        except TypeError:
+            self.total = None
+        self.postfix = {}
+
+    def set_postfix(self, **kwargs) -> None:
+        self.postfix = kwargs
+
+    def _line(self, done: int) -> str:
+        count = f"{done}/{self.total} ({100 * done / self.total:.0f}%)" if self.total else f"{done}"
+        extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+        return f"{self.desc}: {count}" + (f" {extra}" if extra else "")
+
+    def __iter__(self):
+        last = time.monotonic()
+        for done, item in enumerate(self.iterable, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= self.interval:
+                last = now
+                _progress_logger.info("%s", self._line(done))
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable: Iterable, desc: str, **kwargs):
+    """A transient tqdm bar when nformer_reid logs INFO and stderr is a terminal; otherwise a
+    LogProgress (periodic plain log lines). Both iterate `iterable` and take set_postfix."""
     shown = logging.getLogger(ROOT_LOGGER).isEnabledFor(logging.INFO)
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None if shown else True, **kwargs)
+    stream = sys.stderr
+    try:
+        interactive = shown and stream.isatty()
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        interactive = False
+    if not interactive:
+        return LogProgress(iterable, desc)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=stream, **kwargs)

@@ -1,0 +1,139 @@
+"""Files of nformer_reid: atomic writes, checked reads, and the output-folder policy.
+
+Every file the application writes goes through `atomic_write` (or a helper built on it): the
+bytes go to a temporary file next to the target, are flushed to disk, and the temporary file is
+renamed over the target. A crash or Ctrl-C during the write leaves the previous file intact and
+no partial file under the target's name (an interrupted write removes its temporary file; a
+killed process can leave one `.<name>.tmp-*` behind, never a truncated target).
+
+Reading: `load_torch` turns every way a torch file can be unreadable (missing, a folder, text,
+truncated, not a zip/pickle) into a ReIDInputError naming the file.
+
+Output policy (`check_outputs`): a run refuses to replace a previous run's outputs unless
+overwrite is set (the CLI's --overwrite), and never writes over one of its own input files.
+"""
+import contextlib
+import json
+import os
+import tempfile
+from typing import Dict, Iterable, Iterator, Optional
+
+from nformer_reid.utils.errors import ReIDInputError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator:
+    """Open a temporary file beside `path` for writing; on a clean exit it is flushed, fsync'ed
+    and renamed to `path`; on any exception (KeyboardInterrupt included) it is removed and `path`
+    is left as it was."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_torch(obj, path: str) -> str:
+    """torch.save(obj) to path, atomically."""
+    import torch
+
+    with atomic_write(path) as fh:
+        torch.save(obj, fh)
+    return path
+
+
+def write_json(obj, path: str) -> str:
+    """JSON (indent 2) to path, atomically."""
+    text = json.dumps(obj, indent=2)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return path
+
+
+def save_figure(fig, path: str, **kwargs) -> str:
+    """A matplotlib figure as PNG to path, atomically."""
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", **kwargs)
+    return path
+
+
+def check_input_file(path: str, what: str) -> str:
+    """path, if it names an existing regular file (symlinks followed); else ReIDInputError naming `what`."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ReIDInputError(f"{what}: expected a file path, got {path!r}")
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise ReIDInputError(f"{what} {path}: no such file")
+    if not os.path.isfile(path):
+        raise ReIDInputError(f"{what} {path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise ReIDInputError(f"{what} {path}: not readable (permission denied)")
+    return path
+
+
+def load_torch(path: str, what: str, weights_only: bool = True):
+    """torch.load(path) on the CPU; ReIDInputError naming `what` and the file for a missing,
+    unreadable, truncated or non-PyTorch file."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = check_input_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReIDInputError(f"{what} {path}: not a readable PyTorch file (truncated, or not written by "
+                             f"torch.save): {reason[:200]}") from exc
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(out_dir: str, outputs: Iterable[str], inputs: Dict[str, Optional[str]], overwrite: bool,
+                  flag: str = "--overwrite") -> None:
+    """Refuse (ReIDInputError) an output folder that is a file, outputs that would replace a previous
+    run's files (unless overwrite), and any output that is one of `inputs` ({option: path})."""
+    out_dir = os.path.expanduser(out_dir)
+    if not out_dir:
+        raise ReIDInputError("--out: expected a folder, got an empty string")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReIDInputError(f"--out {out_dir}: exists and is not a folder")
+    probe = out_dir
+    while not os.path.exists(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == os.path.abspath(probe):
+            break
+        probe = parent
+    if os.path.exists(probe) and (not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK)):
+        raise ReIDInputError(f"--out {out_dir}: cannot create files under {probe}")
+    paths = [os.path.join(out_dir, name) for name in outputs]
+    for path in paths:
+        if os.path.isdir(path):
+            raise ReIDInputError(f"--out {out_dir}: {os.path.basename(path)} is a folder, but this run writes a "
+                                 "file of that name")
+        for option, given in inputs.items():
+            if given and os.path.exists(path) and os.path.exists(given) and _same_file(path, given):
+                raise ReIDInputError(f"{option} {given} is also an output of this run ({os.path.basename(path)} in "
+                                     f"--out {out_dir}); choose another --out (inputs are never overwritten)")
+    existing = [os.path.basename(p) for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ReIDInputError(f"--out {out_dir} already holds {', '.join(existing)} from an earlier run; pass "
+                             f"{flag} to replace them, or choose another --out")
