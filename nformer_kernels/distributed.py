@@ -42,6 +42,8 @@ from nformer_kernels import _checks, ops
 from nformer_kernels.modules import NFormer, draw_landmarks
 from nformer_kernels.ops.knn import _unit_rows
 
+__all__ = ["knn", "nformer_forward", "reciprocal_mask", "reset_traffic", "traffic"]
+
 _QUERY_ROWS = 512  # query rows per score tile
 _KEY_COLS = 8192  # key columns per score tile: a tile is 16 MiB of fp32
 _LOOKUP_ROWS = 1 << 14  # rows per (rows, k, k) neighbour-of-neighbour block of reciprocal_mask

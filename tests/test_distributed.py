@@ -1,0 +1,345 @@
+"""nformer_kernels.distributed against the single-process ops and model.
+
+Every world runs all cases once: a world of 1 in this process (without a process group, and as
+an initialised gloo group of one), gloo worlds of 2 and 3 CPU processes (spawned, one thread
+each, a free port, killed on failure or after WORLD_TIMEOUT_S), and NCCL over 2 GPUs where there
+are two. Each rank writes its results to a file; the tests put the shards back together and
+compare them with nk.knn / nk.reciprocal_mask / the NFormer on all rows.
+"""
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nformer_kernels as nk
+from nformer_kernels import distributed as nkd
+from tests.helpers import assert_close, brute_knn, gapped_rows, random_neighbours
+
+WORLD_TIMEOUT_S = 120
+DIM, DEPTH, HEADS, LANDMARKS, TOPK, FFN = 16, 2, 2, 3, 6, 32
+
+
+# ------------------------------------------------------------------ data, shared by ranks and tests
+def _sizes(n, world, empty=False):
+    """Uneven contiguous shards; empty=True leaves one rank without rows."""
+    if world == 1:
+        return [n]
+    if empty:
+        return [0, n] if world == 2 else [n // 2, 0, n - n // 2]
+    if world == 2:
+        return [n // 3, n - n // 3]
+    return [n // 6, n // 2, n - n // 6 - n // 2]
+
+
+def _features():
+    return gapped_rows(1, 61, DIM, TOPK)[0]
+
+
+def _small():
+    return gapped_rows(1, 13, 8, 13)[0]
+
+
+def _tied():
+    """Rows with four entries of +-1/2 (unit norm, every product exact in any order), many of them
+    copies, and zero rows: exact ties that every implementation scores alike."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(9, DIM)
+    for row in base[:8]:
+        cols = torch.randperm(DIM, generator=g)[:4]
+        row[cols] = (torch.randint(0, 2, (4,), generator=g) * 2 - 1) * 0.5
+    return base[torch.randint(0, 9, (40,), generator=g)]
+
+
+def _query_mask(n, seed=3):
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.3
+
+
+def _model(source="input"):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nk.NFormer(dim=DIM, depth=DEPTH, num_heads=HEADS, num_landmarks=LANDMARKS, topk=TOPK, ffn_dim=FFN,
+                           neighbor_source=source, inference_chunk_rows=8)
+        with torch.no_grad():  # a BatchNorm head that does something
+            model.bottleneck.running_mean.normal_()
+            model.bottleneck.running_var.uniform_(0.5, 2.0)
+            model.bottleneck.weight.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _landmarks(n):
+    g = torch.Generator().manual_seed(11)
+    return torch.stack([torch.randperm(n, generator=g)[:LANDMARKS] for _ in range(DEPTH)])
+
+
+def _generator():
+    return torch.Generator().manual_seed(5)
+
+
+def _shard(t, sizes, rank, device):
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]].to(device)
+
+
+# name: (sizes(world), run(sh, device, group) -> this rank's result, expected() on all rows);
+# sh(t) is this rank's shard of the rows of t, on its device.
+CASES = {
+    "knn": (lambda w: _sizes(61, w),
+            lambda sh, dev, g: nkd.knn(sh(_features()), TOPK, g),
+            lambda: nk.knn(_features(), TOPK)),
+    "knn_k_above_shards": (lambda w: _sizes(13, w),
+                           lambda sh, dev, g: nkd.knn(sh(_small()), 7, g),
+                           lambda: nk.knn(_small(), 7)),
+    "knn_k_is_n": (lambda w: _sizes(13, w),
+                   lambda sh, dev, g: nkd.knn(sh(_small()), 13, g),
+                   lambda: nk.knn(_small(), 13)),
+    "knn_ties": (lambda w: _sizes(40, w),
+                 lambda sh, dev, g: nkd.knn(sh(_tied()), 8, g),
+                 lambda: nk.knn(_tied(), 8)),
+    "knn_query_mask": (lambda w: _sizes(61, w),
+                       lambda sh, dev, g: nkd.knn(sh(_features()), 5, g, query_mask=sh(_query_mask(61))),
+                       lambda: nk.knn(_features(), 5, query_mask=_query_mask(61))),
+    "knn_empty_shard": (lambda w: _sizes(61, w, empty=True),
+                        lambda sh, dev, g: nkd.knn(sh(_features()), TOPK, g),
+                        lambda: nk.knn(_features(), TOPK)),
+    "reciprocal": (lambda w: _sizes(61, w),
+                   lambda sh, dev, g: nkd.reciprocal_mask(sh(nk.knn(_features(), TOPK)), g),
+                   lambda: nk.reciprocal_mask(nk.knn(_features(), TOPK))),
+    "reciprocal_random": (lambda w: _sizes(40, w),
+                          lambda sh, dev, g: nkd.reciprocal_mask(sh(random_neighbours(1, 40, 7)[0]), g),
+                          lambda: nk.reciprocal_mask(random_neighbours(1, 40, 7)[0])),
+    "reciprocal_empty_shard": (lambda w: _sizes(40, w, empty=True),
+                               lambda sh, dev, g: nkd.reciprocal_mask(sh(random_neighbours(1, 40, 7)[0]), g),
+                               lambda: nk.reciprocal_mask(random_neighbours(1, 40, 7)[0])),
+    "nformer": (lambda w: _sizes(61, w),
+                lambda sh, dev, g: nkd.nformer_forward(_model().to(dev), sh(_features()), _landmarks(61), group=g),
+                lambda: _model()(_features(), landmarks=_landmarks(61))),
+    "nformer_drawn_queries": (
+        lambda w: _sizes(61, w),
+        lambda sh, dev, g: nkd.nformer_forward(_model().to(dev), sh(_features()), generator=_generator(), group=g,
+                                          query_mask=sh(_query_mask(61))),
+        lambda: _model()(_features(), generator=_generator(), query_mask=_query_mask(61))),
+    "nformer_affinity": (
+        lambda w: _sizes(61, w),
+        lambda sh, dev, g: nkd.nformer_forward(_model("affinity").to(dev), sh(_features()), generator=_generator(),
+                                          group=g),
+        lambda: _model("affinity")(_features(), generator=_generator())),
+    "nformer_affinity_empty_shard": (
+        lambda w: _sizes(61, w, empty=True),
+        lambda sh, dev, g: nkd.nformer_forward(_model("affinity").to(dev), sh(_features()), _landmarks(61),
+                                          group=g),
+        lambda: _model("affinity")(_features(), landmarks=_landmarks(61))),
+}
+NFORMER_CASES = [name for name in CASES if name.startswith("nformer")]
+
+
+def _error(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return "no error", ""
+
+
+def _last_rank_bad(rank, sizes, good, bad):
+    return bad if rank == len(sizes) - 1 else good
+
+
+# name: (run(sh, device, rank, sizes, group), raising on every rank, expected type, words of its message);
+# RANKS_DIFFER: the ranks' arguments disagree (no error in a world of 1).
+ERRORS = {
+    "x_shard_not_2d": (lambda sh, dev, r, s, g: nkd.knn(_last_rank_bad(r, s, sh(_features()), sh(_features())[0]),
+                                                   TOPK, g), "ValueError", "x_shard must be 2-D"),
+    "x_shard_dims_differ": (lambda sh, dev, r, s, g: nkd.knn(
+        _last_rank_bad(r, s, sh(_features()), sh(_features())[:, :8]), TOPK, g), "ValueError", "feature dim"),
+    "x_shard_not_float": (lambda sh, dev, r, s, g: nkd.knn(sh(_features()).long(), TOPK, g), "TypeError", "x_shard"),
+    "k_above_n": (lambda sh, dev, r, s, g: nkd.knn(sh(_features()), 62, g), "ValueError", "k must be in [1, N=61]"),
+    "idx_out_of_range": (lambda sh, dev, r, s, g: nkd.reciprocal_mask(
+        _last_rank_bad(r, s, sh(nk.knn(_features(), TOPK)), sh(nk.knn(_features(), TOPK)) + 61), g),
+        "ValueError", "idx_shard has entries outside [0, 61)"),
+    "landmarks_differ": (lambda sh, dev, r, s, g: nkd.nformer_forward(
+        _model().to(dev), sh(_features()), _last_rank_bad(r, s, _landmarks(61), _landmarks(61).flip(0)),
+        group=g), "ValueError", "landmarks must be the same on every rank"),
+    "model_not_nformer": (lambda sh, dev, r, s, g: nkd.nformer_forward(torch.nn.Linear(DIM, DIM), sh(_features()), group=g),
+                          "TypeError", "model must be an nformer_kernels.NFormer"),
+}
+
+
+RANKS_DIFFER = ("x_shard_dims_differ", "landmarks_differ")
+
+
+def run_cases(rank, world, device, group=None):
+    """This rank's results: {case: tensor on the CPU | (error type, message)}, plus traffic counts."""
+    out = {}
+    for name, (sizes_of, run, _) in CASES.items():
+        sizes = sizes_of(world)
+
+        nkd.reset_traffic()
+        out[name] = run(lambda t, sizes=sizes: _shard(t, sizes, rank, device), device, group).cpu()
+        out[name + ":traffic"] = nkd.traffic()
+    for name, (run, _, _) in ERRORS.items():
+        sizes = _sizes(61, world)
+        out[name] = _error(lambda: run(lambda t: _shard(t, sizes, rank, device), device, rank, sizes, group))
+    if dist.is_initialized() and world > 1:  # a process outside the group is refused by name
+        sub = dist.new_group([0])
+        out["not_a_member"] = _error(lambda: nkd.knn(_features()[:5].to(device), 2, sub)) if rank else ("rank 0", "")
+    return out
+
+
+def _child(rank, world, backend, port, out_dir):
+    torch.set_num_threads(1)
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WORLD_TIMEOUT_S // 2))
+    try:
+        torch.save(run_cases(rank, world, device), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(world, backend, out_dir, child=None):
+    """Run `child` (default _child) on `world` processes; fails with the first failing rank's
+    traceback, or after WORLD_TIMEOUT_S, and never leaves a child behind."""
+    ctx = mp.start_processes(child or _child, args=(world, backend, _free_port(), str(out_dir)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + WORLD_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"a {backend} world of {world} did not finish within {WORLD_TIMEOUT_S} s")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        pytest.fail(f"a {backend} world of {world} failed:\n{exc}")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _in_process_world_of_one():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        return [run_cases(0, 1, torch.device("cpu"))]
+    except Exception:  # the traceback of a case, not of the teardown
+        pytest.fail(traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+
+
+WORLDS = ["single-process", "gloo-1", "gloo-2", "gloo-3", pytest.param("nccl-2", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module", params=WORLDS)
+def world(request, tmp_path_factory):
+    """(world size, every rank's results) of one world."""
+    kind = request.param
+    if kind == "single-process":
+        assert not dist.is_initialized()
+        with torch.random.fork_rng():
+            return 1, [run_cases(0, 1, torch.device("cpu"))]
+    if kind == "gloo-1":
+        return 1, _in_process_world_of_one()
+    backend, size = kind.split("-")
+    size = int(size)
+    if backend == "nccl" and torch.cuda.device_count() < size:
+        pytest.skip(f"NCCL needs {size} CUDA GPUs, this machine has {torch.cuda.device_count()}")
+    return size, _spawn(size, backend, tmp_path_factory.mktemp(kind))
+
+
+def _gathered(results, name):
+    return torch.cat([r[name] for r in results])
+
+
+@pytest.mark.parametrize("name", [name for name in CASES if name.startswith(("knn", "reciprocal"))])
+def test_knn_and_reciprocal_equal_single_process(world, name):
+    _, results = world
+    assert torch.equal(_gathered(results, name), CASES[name][2]())
+
+
+def test_knn_ties_by_smaller_index(world):
+    _, results = world
+    assert torch.equal(_gathered(results, "knn_ties"), brute_knn(_tied(), 8))
+
+
+@pytest.mark.parametrize("name", NFORMER_CASES)
+def test_nformer_forward_equals_model(world, name):
+    _, results = world
+    with torch.no_grad():
+        expected = CASES[name][2]()
+    assert_close(_gathered(results, name), expected, 1e-5, name)
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_bad_arguments_raise_on_every_rank(world, name):
+    size, results = world
+    _, kind, words = ERRORS[name]
+    if size == 1 and name in RANKS_DIFFER:
+        assert results[0][name] == ("no error", "")
+        return
+    for rank, r in enumerate(results):
+        assert r[name][0] == kind and words in r[name][1], f"rank {rank}: {r[name]}"
+    if name == "x_shard_not_2d" and size > 1:  # found on the last rank alone: the others say where
+        assert all(r[name][1].startswith(f"on rank {size - 1}: ") for r in results[:-1])
+
+
+def test_a_process_outside_the_group_is_refused(world):
+    size, results = world
+    if size == 1:
+        pytest.skip("needs a second rank")
+    for r in results[1:]:
+        assert r["not_a_member"] == ("ValueError", "group: this process is not a member of the group")
+
+
+def _halo_rows(idx, sizes, rank):
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    ids = idx[start:stop].unique()
+    return int(((ids < start) | (ids >= stop)).sum())
+
+
+def test_traffic_matches_the_formulas(world):
+    """The byte counts docs/distributed.md's cost model is checked against: the ring passes every
+    block but the next rank's once, and each block fetches R (H*l fp32) and v (dim fp32) per halo row."""
+    size, results = world
+    sizes, n, row = _sizes(61, size), 61, DIM * 4
+    idx = nk.knn(_features(), TOPK)
+    for rank, r in enumerate(results):
+        knn_traffic, nformer_traffic = r["knn:traffic"], r["nformer:traffic"]
+        if size == 1:
+            assert knn_traffic == {"sent": {}, "received": {}} and nformer_traffic == knn_traffic
+            continue
+        assert knn_traffic["sent"]["ring"] == (n - sizes[(rank + 1) % size]) * row
+        assert knn_traffic["received"]["ring"] == (n - sizes[rank]) * row
+        assert nformer_traffic["sent"]["ring"] == knn_traffic["sent"]["ring"]
+        halo = _halo_rows(idx, sizes, rank)
+        assert nformer_traffic["received"]["neighbours"] == halo * TOPK * 8
+        assert nformer_traffic["received"]["halo"] == DEPTH * halo * (HEADS * LANDMARKS * 4 + DIM * 4)
+        assert nformer_traffic["sent"]["plan"] == (size - 1) * 8 + halo * 8  # counts, then ids asked for
+        assert nformer_traffic["received"]["plan"] == (size - 1) * 8 + _served(idx, sizes, rank) * 8
+    total_sent = sum(r["nformer:traffic"]["sent"].get("halo", 0) for r in results)
+    total_received = sum(r["nformer:traffic"]["received"].get("halo", 0) for r in results)
+    assert total_sent == total_received
+
+
+def _served(idx, sizes, rank):
+    """Rows of `rank` that the other ranks' neighbour lists name."""
+    start, stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    total = 0
+    for other in range(len(sizes)):
+        if other != rank:
+            ids = idx[sum(sizes[:other]):sum(sizes[:other + 1])].unique()
+            total += int(((ids >= start) & (ids < stop)).sum())
+    return total
