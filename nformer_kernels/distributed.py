@@ -32,6 +32,7 @@ traffic() counts the bytes each rank sends and receives, by kind.
 import collections
 import contextlib
 import pickle
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -50,11 +51,13 @@ _LOOKUP_ROWS = 1 << 14  # rows per (rows, k, k) neighbour-of-neighbour block of 
 
 _SENT: collections.Counter = collections.Counter()
 _RECEIVED: collections.Counter = collections.Counter()
+_WAITED: collections.Counter = collections.Counter()
 
 
-def traffic() -> Dict[str, Dict[str, int]]:
-    """Bytes this process sent to and received from other ranks since the last reset_traffic():
-    {"sent": {kind: bytes}, "received": {kind: bytes}}.
+def traffic() -> Dict[str, Dict[str, float]]:
+    """Bytes this process sent to and received from other ranks since the last reset_traffic(), and
+    the seconds it spent blocked on communication: {"sent": {kind: bytes}, "received": {kind: bytes},
+    "wait_s": {kind: seconds}} (a ring's wait is what its transfers did not hide behind the top-k).
 
     Kinds: "ring" (knn and affinity key blocks), "halo" (R and v rows, per block), "neighbours"
     (neighbour lists for reciprocal_mask), "plan" (the halo plans' row requests), "landmarks"
@@ -62,12 +65,22 @@ def traffic() -> Dict[str, Dict[str, int]]:
     Point-to-point and all_to_all traffic is counted exactly; all_reduce at the ring algorithm's
     2(P-1)/P times the payload, all_gather at (P-1) times it.
     """
-    return {"sent": {k: v for k, v in _SENT.items() if v}, "received": {k: v for k, v in _RECEIVED.items() if v}}
+    return {name: {k: v for k, v in counter.items() if v}
+            for name, counter in (("sent", _SENT), ("received", _RECEIVED), ("wait_s", _WAITED))}
 
 
 def reset_traffic() -> None:
-    _SENT.clear()
-    _RECEIVED.clear()
+    for counter in (_SENT, _RECEIVED, _WAITED):
+        counter.clear()
+
+
+@contextlib.contextmanager
+def _blocked(kind):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _WAITED[kind] += time.perf_counter() - start
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -128,18 +141,26 @@ class _World:
                 _RECEIVED[kind] += _nbytes(t)
         return dist.batch_isend_irecv(p2p) if p2p else []
 
+    @staticmethod
+    def wait(requests, kind: str) -> None:
+        with _blocked(kind):
+            for request in requests:
+                request.wait()
+
     def all_to_all(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], kind: str):
         """Rows send[...] in rank order, send_counts[r] of them to rank r; returns the rows received,
         recv_counts[r] from rank r."""
         out = send.new_empty((sum(recv_counts), *send.shape[1:]))
-        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
+        with _blocked(kind):
+            dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
         row = _nbytes(send[:1]) if send.shape[0] else _nbytes(out[:1])
         _SENT[kind] += row * (sum(send_counts) - send_counts[self.rank])
         _RECEIVED[kind] += row * (sum(recv_counts) - recv_counts[self.rank])
         return out
 
     def all_reduce_sum(self, t: torch.Tensor, kind: str) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
+        with _blocked(kind):
+            dist.all_reduce(t, group=self.group)
         volume = 2 * (self.size - 1) * _nbytes(t) // self.size
         _SENT[kind] += volume
         _RECEIVED[kind] += volume
@@ -174,7 +195,8 @@ def _gather_checked(group, local_check):
     size = dist.get_world_size(group)
     gathered = [None] * size
     payload = (mine, err)
-    dist.all_gather_object(gathered, payload, group=group)
+    with _blocked("meta"):
+        dist.all_gather_object(gathered, payload, group=group)
     _SENT["meta"] += len(pickle.dumps(payload)) * (size - 1)
     _RECEIVED["meta"] += sum(len(pickle.dumps(g)) for r, g in enumerate(gathered) if r != rank)
     for r, (_, e) in enumerate(gathered):
@@ -335,8 +357,7 @@ def _ring_topk(world: _World, queries, keys, k, query_flags=None, key_flags=None
             if n and block.shape[0]:
                 vals, ids = _block_topk(queries, block, offsets[owner], owner == world.rank, vals, ids, k,
                                         query_flags, None if flags is None else flags.bool())
-            for request in requests:
-                request.wait()
+            world.wait(requests, "ring")
             if arriving is not None:
                 block, flags = arriving
     return ids if n else torch.empty((0, k), dtype=torch.int64, device=queries.device)
@@ -380,7 +401,8 @@ class _Halo:
         counts = torch.bincount(world.owners(self.ids), minlength=world.size).to(world.device)
         self.recv_counts = counts.tolist()
         send_counts = torch.empty_like(counts)
-        dist.all_to_all_single(send_counts, counts, group=world.group)
+        with _blocked("plan"):
+            dist.all_to_all_single(send_counts, counts, group=world.group)
         _SENT["plan"] += (world.size - 1) * counts.element_size()
         _RECEIVED["plan"] += (world.size - 1) * counts.element_size()
         self.send_counts = send_counts.tolist()

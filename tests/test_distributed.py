@@ -6,6 +6,7 @@ each, a free port, killed on failure or after WORLD_TIMEOUT_S), and NCCL over 2 
 are two. Each rank writes its results to a file; the tests put the shards back together and
 compare them with nk.knn / nk.reciprocal_mask / the NFormer on all rows.
 """
+import argparse
 import datetime
 import os
 import socket
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nformer_kernels as nk
+from nformer_bench import cli
+from nformer_bench import distributed as cost
 from nformer_kernels import distributed as nkd
 from tests.helpers import assert_close, brute_knn, gapped_rows, random_neighbours
 
@@ -165,7 +168,8 @@ ERRORS = {
     "landmarks_differ": (lambda sh, dev, r, s, g: nkd.nformer_forward(
         _model().to(dev), sh(_features()), _last_rank_bad(r, s, _landmarks(61), _landmarks(61).flip(0)),
         group=g), "ValueError", "landmarks must be the same on every rank"),
-    "model_not_nformer": (lambda sh, dev, r, s, g: nkd.nformer_forward(torch.nn.Linear(DIM, DIM), sh(_features()), group=g),
+    "model_not_nformer": (lambda sh, dev, r, s, g: nkd.nformer_forward(torch.nn.Linear(DIM, DIM), sh(_features()),
+                                                                       group=g),
                           "TypeError", "model must be an nformer_kernels.NFormer"),
 }
 
@@ -213,8 +217,8 @@ def _free_port():
 def _spawn(world, backend, out_dir, child=None):
     """Run `child` (default _child) on `world` processes; fails with the first failing rank's
     traceback, or after WORLD_TIMEOUT_S, and never leaves a child behind."""
-    ctx = mp.start_processes(child or _child, args=(world, backend, _free_port(), str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(child or _child, args=(world, backend, _free_port(), str(out_dir)), nprocs=world,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + WORLD_TIMEOUT_S
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -311,27 +315,28 @@ def _halo_rows(idx, sizes, rank):
 
 
 def test_traffic_matches_the_formulas(world):
-    """The byte counts docs/distributed.md's cost model is checked against: the ring passes every
-    block but the next rank's once, and each block fetches R (H*l fp32) and v (dim fp32) per halo row."""
+    """The byte counts docs/distributed.md's cost model (nformer_bench.distributed) is checked
+    against: the ring passes every block but the next rank's once, the plan asks for each halo row
+    once, and each block fetches its R (H*l fp32) and v (dim fp32) rows."""
     size, results = world
-    sizes, n, row = _sizes(61, size), 61, DIM * 4
+    sizes, n = _sizes(61, size), 61
     idx = nk.knn(_features(), TOPK)
     for rank, r in enumerate(results):
         knn_traffic, nformer_traffic = r["knn:traffic"], r["nformer:traffic"]
         if size == 1:
-            assert knn_traffic == {"sent": {}, "received": {}} and nformer_traffic == knn_traffic
+            assert all(not t[way] for t in (knn_traffic, nformer_traffic) for way in ("sent", "received"))
             continue
-        assert knn_traffic["sent"]["ring"] == (n - sizes[(rank + 1) % size]) * row
-        assert knn_traffic["received"]["ring"] == (n - sizes[rank]) * row
+        assert knn_traffic["sent"]["ring"] == cost.ring_bytes(n, sizes, rank, DIM, 4)
+        assert knn_traffic["received"]["ring"] == (n - sizes[rank]) * DIM * 4
         assert nformer_traffic["sent"]["ring"] == knn_traffic["sent"]["ring"]
         halo = _halo_rows(idx, sizes, rank)
-        assert nformer_traffic["received"]["neighbours"] == halo * TOPK * 8
-        assert nformer_traffic["received"]["halo"] == DEPTH * halo * (HEADS * LANDMARKS * 4 + DIM * 4)
-        assert nformer_traffic["sent"]["plan"] == (size - 1) * 8 + halo * 8  # counts, then ids asked for
+        assert cost.halo_rows(sizes, rank, nformer_traffic["sent"]["plan"]) == halo
         assert nformer_traffic["received"]["plan"] == (size - 1) * 8 + _served(idx, sizes, rank) * 8
-    total_sent = sum(r["nformer:traffic"]["sent"].get("halo", 0) for r in results)
-    total_received = sum(r["nformer:traffic"]["received"].get("halo", 0) for r in results)
-    assert total_sent == total_received
+        assert nformer_traffic["received"]["neighbours"] == halo * TOPK * 8
+        assert nformer_traffic["received"]["halo"] == DEPTH * cost.halo_bytes(halo, HEADS, LANDMARKS, DIM, 4)
+    for kind in ("ring", "plan", "neighbours", "halo", "landmarks"):
+        sent = sum(r["nformer:traffic"]["sent"].get(kind, 0) for r in results)
+        assert sent == sum(r["nformer:traffic"]["received"].get(kind, 0) for r in results), kind
 
 
 def _served(idx, sizes, rank):
@@ -343,3 +348,23 @@ def _served(idx, sizes, rank):
             ids = idx[sum(sizes[:other]):sum(sizes[:other + 1])].unique()
             total += int(((ids >= start) & (ids < stop)).sum())
     return total
+
+
+def test_bench_plan_and_a_measured_world(capsys):
+    """nformer-bench distributed: the 10M-row plan, and a gloo world of 2 whose byte counts agree
+    with the cost model."""
+    assert cli.main(["distributed", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "8 GPUs, NVLink: n_local 1,250,000; knn 6.4e+15 FLOP/rank" in out
+    assert "ring 10.08 GB/rank in 63 blocks of 0.160 GB" in out
+    rows = cost.run(_bench_args(["--n", "300", "--procs", "2", "--ops", "nformer", "--depth", "1", "--d", "32",
+                                 "--ffn", "64", "--timeout-s", str(WORLD_TIMEOUT_S)]))
+    assert [row["status"] for row in rows] == ["ok"] and rows[0]["byte_check"] == "ok"
+    assert [r["rows"] for r in rows[0]["ranks"]] == [150, 150]
+    assert all(r["out_shape"] == [150, 32] and r["peak_bytes"] > 0 and r["wall_s"] > 0 for r in rows[0]["ranks"])
+
+
+def _bench_args(argv):
+    parser = argparse.ArgumentParser()
+    cost.add_arguments(parser)
+    return parser.parse_args(argv)

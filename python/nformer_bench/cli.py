@@ -2,6 +2,7 @@
 
   nformer-bench run     sweep N over the fused NFormer and its dense baselines (JSON, Markdown, PNG)
   nformer-bench knn     exact k-NN: nk.knn vs chunked torch.mm + topk vs faiss, with recall
+  nformer-bench distributed  nformer_kernels.distributed on 1..P CPU processes: time, bytes, memory
   nformer-bench tune    time the Triton kernels over grids of launch configurations (GPU)
   nformer-bench check   validate nformer_kernels on a CUDA machine in one budgeted run
   nformer-bench report  README sections from result folders
@@ -19,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The parser imports no nformer_kernels: `check` rebuilds the extension from this process.
-from nformer_bench import RESULT_MARK, check, knn, sweep, tune
+from nformer_bench import RESULT_MARK, check, distributed, knn, sweep, tune
 
 
 def version():
@@ -41,6 +42,9 @@ def _parser():
                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     knn.add_arguments(sub.add_parser("knn", help="exact k-NN against torch and faiss", description=knn.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    distributed.add_arguments(sub.add_parser("distributed", help="nformer_kernels.distributed: per-rank time, bytes, "
+                                             "memory; --plan: the analytic cost", description=distributed.__doc__,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     tune.add_arguments(sub.add_parser("tune", help="Triton launch-configuration grids (GPU)",
                                       description=tune.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -72,6 +76,8 @@ def main(argv=None):
         sweep.run(args)
     elif args.command == "knn":
         knn.run(args)
+    elif args.command == "distributed":
+        distributed.run(args)
     elif args.command == "tune":
         tune.write(tune.run(args), args.out)
     elif args.command == "check":
