@@ -109,7 +109,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "pyyaml"],
     extras_require={"reid": ["torchvision"],  # nformer_reid's backbone and image pipeline
                     "bench": ["faiss-cpu", "pytest-benchmark"],
-                    "test": ["pytest", "pytest-benchmark", "scipy"]},
+                    "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "torchvision"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=nformer_bench.cli:main"]},

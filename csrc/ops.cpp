@@ -1,6 +1,6 @@
 // Schemas of the `nformer` op library. Kernels register per dispatch key:
 // csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA). Fake/meta kernels and autograd
-// are registered from Python (nformer_kernels/ops.py).
+// are registered from Python, beside each op family (nformer_kernels/ops/).
 //
 // All ops take batched tensors; the Python wrappers add/remove the batch dim.
 //   knn(x (B,N,d) float, rows already L2-normalised, k) -> idx (B,N,k) int64
