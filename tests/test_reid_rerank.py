@@ -8,10 +8,12 @@ from nformer_reid.rerank import re_ranking, re_ranking_sparse
 
 
 def loop_reference(q_g, q_q, g_g, k1, k2, lambda_value, stats=None):
-    """The published algorithm, literally, in float64 (stable neighbour order)."""
+    """The published algorithm, literally, in float64 (stable neighbour order); a column whose
+    maximum is 0 (identical items) normalises to 0, the documented convention for that 0/0."""
     num_q = q_g.shape[0]
     dist = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64) ** 2
-    dist = (dist / dist.max(axis=0)).T
+    col_max = dist.max(axis=0)
+    dist = (dist / np.where(col_max > 0, col_max, 1)).T
     n = dist.shape[0]
     rank = np.argsort(dist, axis=1, kind="stable")
     kh = int(np.around(k1 / 2.0)) + 1

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nformer_reid.config import CENTER_WEIGHT, TRIPLET_MARGIN
+from nformer_reid.utils.checks import as_float, as_int
 
 
 class CrossEntropyLabelSmooth(nn.Module):
@@ -13,7 +14,8 @@ class CrossEntropyLabelSmooth(nn.Module):
 
     def __init__(self, num_classes: int, epsilon: float = 0.1):
         super().__init__()
-        self.num_classes, self.epsilon = num_classes, epsilon
+        self.num_classes = as_int(num_classes, "num_classes", minimum=1)
+        self.epsilon = as_float(epsilon, "epsilon", minimum=0, maximum=1)
 
     def forward(self, logits, targets):
         log_probs = F.log_softmax(logits.float(), dim=1)
@@ -31,7 +33,8 @@ class TripletLoss(nn.Module):
 
     def __init__(self, margin: float = TRIPLET_MARGIN, chunk_size: int = 2048):
         super().__init__()
-        self.margin, self.chunk_size = margin, chunk_size
+        self.margin = as_float(margin, "margin", minimum=0)
+        self.chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
 
     def forward(self, feats, labels):
         x = feats.float()
@@ -59,6 +62,7 @@ class CenterLoss(nn.Module):
 
     def __init__(self, num_classes: int, feat_dim: int):
         super().__init__()
+        num_classes, feat_dim = as_int(num_classes, "num_classes", minimum=1), as_int(feat_dim, "feat_dim", minimum=1)
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
 
     def forward(self, feats, labels):
@@ -75,7 +79,7 @@ class ReIDLoss(nn.Module):
         self.xent = CrossEntropyLabelSmooth(num_classes, label_smooth)
         self.triplet = TripletLoss(margin)
         self.center = CenterLoss(num_classes, feat_dim)
-        self.center_weight = center_weight
+        self.center_weight = as_float(center_weight, "center_weight", minimum=0, open_min=True)
 
     def forward(self, logits, feats, labels):
         parts = {"ce": self.xent(logits, labels), "triplet": self.triplet(feats, labels),

@@ -14,13 +14,23 @@ from typing import Optional, Tuple
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.utils.checks import as_int, as_tensor
 
 
 class NeighborhoodSampler:
     def __init__(self, feats: torch.Tensor, pids: torch.Tensor, seq_len: int = 7000, batch_size: int = 2,
                  strategy: str = "centres", generator: Optional[torch.Generator] = None):
-        if feats.dim() != 2 or pids.shape != feats.shape[:1]:
-            raise ValueError(f"feats must be (M,d) and pids (M,), got {tuple(feats.shape)} and {tuple(pids.shape)}")
+        feats, pids = as_tensor(feats, "feats"), as_tensor(pids, "pids")
+        seq_len, batch_size = as_int(seq_len, "seq_len"), as_int(batch_size, "batch_size")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if not feats.is_floating_point() or pids.is_floating_point() or pids.dtype == torch.bool:
+            raise TypeError(f"feats must be floating point and pids integers, got {feats.dtype} and {pids.dtype}")
+        if feats.dim() != 2 or pids.shape != feats.shape[:1] or feats.shape[0] < 2:
+            raise ValueError(f"feats must be (M,d) with M >= 2 and pids (M,), got {tuple(feats.shape)} and "
+                             f"{tuple(pids.shape)}")
+        if not bool(torch.isfinite(feats).all()):
+            raise ValueError("feats contains NaN or Inf")
         if strategy not in ("knn", "centres"):
             raise ValueError(f"strategy must be 'knn' or 'centres', got {strategy!r}")
         if seq_len < 2 or batch_size < 1:

@@ -145,7 +145,7 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     time, O(chunk*N) memory). V and its query expansion are sparse (about N*k1*k2 entries); the
     Jaccard term is computed per chunk of queries through an inverted index over gallery items,
     at most `pair_budget` (query entry, gallery entry) pairs at a time.
-    Features: numpy arrays or tensors, floating point (any precision and strides), finite
+    Features: numpy arrays or tensors of real numbers (any precision and strides), finite
     (ValueError for NaN/Inf); normalisation is scale-free (1e-30 and 1e30 rows normalise like 1), a
     zero row stays zero. Identical features give od = 0 and a finite result in [0, 1 - lambda_value]
     (their neighbour order is then by index). pair_budget: a positive int.
@@ -154,8 +154,9 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     q, g = as_tensor(q_feat, "q_feat"), as_tensor(g_feat, "g_feat")
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"q_feat and g_feat must be (Q,d) and (G,d), got {tuple(q.shape)} and {tuple(g.shape)}")
-    if not (q.is_floating_point() and g.is_floating_point()):
-        raise TypeError(f"q_feat and g_feat must be floating point, got {q.dtype} and {g.dtype}")
+    for t, name in ((q, "q_feat"), (g, "g_feat")):
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
     pair_budget = as_int(pair_budget, "pair_budget", minimum=1)
     device = as_device(device) if device is not None else q.device
     if q.device != g.device:

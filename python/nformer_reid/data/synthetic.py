@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from nformer_reid.data.features import FeatureSet
+from nformer_reid.utils.checks import as_float, as_int
 from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.utils.io import atomic_write
 
@@ -52,6 +53,17 @@ def make_synthetic_market(root: str, num_train_ids: int = 16, num_test_ids: int 
     """
     from PIL import Image
 
+    num_train_ids, num_test_ids, num_cams, images_per_cam = (as_int(v, name, minimum=1) for v, name in (
+        (num_train_ids, "num_train_ids"), (num_test_ids, "num_test_ids"), (num_cams, "num_cams"),
+        (images_per_cam, "images_per_cam")))
+    num_distractors, num_junk = as_int(num_distractors, "num_distractors", 0), as_int(num_junk, "num_junk", 0)
+    seed = as_int(seed, "seed", minimum=0)
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"size must be (height, width), got {size!r}")
+    size = (as_int(size[0], "size[0]", minimum=8), as_int(size[1], "size[1]", minimum=8))
+    if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+        raise TypeError(f"root must be a folder path, got {root!r}")
+    root = os.fspath(root)
     height, width = size
     marker = os.path.join(root, "SYNTHETIC")
     signature = repr((num_train_ids, num_test_ids, num_cams, images_per_cam, num_distractors, num_junk, size, seed))
@@ -131,7 +143,16 @@ def make_feature_benchmark(num_train_ids: int = 400, num_test_ids: int = 300, nu
     num_distractors distractor images (pid 0). Train pids are 0..num_train_ids-1; test pids
     start at 1. Camera biases are shared by train and test (same "camera network").
     """
-    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    num_train_ids, num_test_ids, num_cams, images_per_cam, dim, family_size = (as_int(v, name, minimum=1) for v, name in (
+        (num_train_ids, "num_train_ids"), (num_test_ids, "num_test_ids"), (num_cams, "num_cams"),
+        (images_per_cam, "images_per_cam"), (dim, "dim"), (family_size, "family_size")))
+    cams_per_id = as_int(cams_per_id, "cams_per_id", minimum=2, maximum=num_cams)
+    num_distractors = as_int(num_distractors, "num_distractors", minimum=0)
+    family_spread, cam_bias, view_noise, noise = (as_float(v, name, minimum=0) for v, name in (
+        (family_spread, "family_spread"), (cam_bias, "cam_bias"), (view_noise, "view_noise"), (noise, "noise")))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    g = generator if generator is not None else torch.Generator().manual_seed(as_int(seed, "seed", minimum=0))
 
     def unit(*shape):
         v = torch.randn(*shape, dim, generator=g)

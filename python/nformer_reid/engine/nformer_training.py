@@ -14,6 +14,7 @@ from nformer_reid.losses import ReIDLoss
 from nformer_reid.neighborhood import NeighborhoodSampler
 from nformer_reid.solver import make_optimizer, optimizer_step
 from nformer_reid.utils.checks import as_float, as_int, as_tensor
+from nformer_reid.utils.errors import TrainingDiverged
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,15 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     bar = progress(range(start, total), "stage2")
     for step in bar:
         x, y = sampler.sample()
-        with autocast(device, amp):
-            logits, refined = nformer(x)
+        try:
+            with autocast(device, amp):
+                logits, refined = nformer(x)
+        except ValueError as exc:  # the inputs were checked: what changed is the weights
+            if step == start:
+                raise
+            raise TrainingDiverged(f"stage 2 step {step + 1}: the NFormer's weights grew out of range (lr "
+                                   f"{optimizer.param_groups[0]['lr']:g}): {' '.join(str(exc).split())}; training "
+                                   "stopped, no weights from this step on are saved") from exc
         loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
                                 y.reshape(-1))
         optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=f"stage 2 step {step + 1}")

@@ -91,7 +91,10 @@ def as_tensor(x, name: str) -> torch.Tensor:
         arr = arr.astype(np.float64)
     elif arr.dtype.kind == "u" and arr.dtype != np.uint8:
         arr = arr.astype(np.int64)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:  # e.g. np.broadcast_to views: torch wants a writable buffer
+        arr = arr.copy()
+    return torch.from_numpy(arr)
 
 
 def as_features(x, name: str) -> torch.Tensor:
