@@ -9,6 +9,11 @@ Layout: config (every default), data/, model, losses, solver, neighborhood, metr
 plotting, engine/ (training stages, evaluation, checkpoints), demo, commands, cli, utils/ (logging,
 optional dependencies). Library calls log to the "nformer_reid" logger and print nothing unless
 logging is configured (nformer_reid.utils.setup_logging, which the CLI calls).
+
+Bad input raises ValueError / TypeError naming the argument; user errors of files and options
+(unreadable or malformed files, dataset layouts, option values) are ReIDInputError, a ValueError
+that the CLI prints as one line (exit status 2). Every file is written atomically
+(nformer_reid.utils.io).
 """
 import logging
 
@@ -16,7 +21,9 @@ from nformer_kernels import __version__
 from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
 from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking, re_ranking_sparse
+from nformer_reid.utils.errors import ReIDInputError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet unless the application configures logging
 
-__all__ = ["__version__", "compute_distance_matrix", "evaluate_rank", "plot_cmc", "re_ranking", "re_ranking_sparse"]
+__all__ = ["ReIDInputError", "__version__", "compute_distance_matrix", "evaluate_rank", "plot_cmc", "re_ranking",
+           "re_ranking_sparse"]

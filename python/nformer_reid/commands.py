@@ -73,8 +73,15 @@ def _check_root(cfg) -> None:
         return
     if not cfg.root:
         raise ReIDInputError("--root is required for real datasets (the folder holding the dataset)")
-    if not os.path.isdir(os.path.expanduser(cfg.root)):
-        raise ReIDInputError(f"--root {cfg.root}: no such folder")
+    _check_folder(cfg.root)
+
+
+def _check_folder(root: str) -> None:
+    path = os.path.expanduser(root)
+    if not os.path.exists(path):
+        raise ReIDInputError(f"--root {root}: no such folder")
+    if not os.path.isdir(path):
+        raise ReIDInputError(f"--root {root}: exists and is not a folder")
 
 
 def _parse_dataset(cfg):
@@ -369,8 +376,7 @@ def datasets(cfg):
         make_synthetic_market(cfg.root)
         print(Market1501(cfg.root, verbose=False).statistics_table())
         return
-    if not os.path.isdir(os.path.expanduser(cfg.root)):
-        raise ReIDInputError(f"--root {cfg.root}: no such folder")
+    _check_folder(cfg.root)
     names = [cfg.name] if cfg.name else list(DATASETS)
     found = 0
     for name in names:

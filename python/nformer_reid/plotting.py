@@ -3,6 +3,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.io import save_figure
 
 
@@ -16,8 +17,16 @@ def _pyplot():
 
 
 def plot_cmc(curves, path, max_rank: int = 20, title: str = "CMC"):
-    """Save CMC curves {label: cmc array (or (cmc, mAP))} to path (PNG)."""
+    """Save CMC curves {label: cmc array (or (cmc, mAP))} to path (PNG), atomically."""
     from matplotlib.ticker import MaxNLocator
+
+    max_rank = as_int(max_rank, "max_rank", minimum=1)
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError("curves must be a non-empty {label: cmc} mapping")
+    for label, curve in curves.items():
+        values = np.asarray(curve[0] if isinstance(curve, tuple) else curve, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+            raise ValueError(f"curves[{label!r}] must be a non-empty 1-D array of finite values")
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -119,6 +119,11 @@ def compare(qf: torch.Tensor, gf: torch.Tensor, ids: Sequence[torch.Tensor], *, 
     ids = (q_pids, g_pids, q_camids, g_camids). Logs the table; with out_dir, writes cmc.png and
     results.json ({name: {mAP, R1, R5, R10}}) there.
     """
+    if len(ids) != 4:
+        raise ValueError(f"ids must be (q_pids, g_pids, q_camids, g_camids), got {len(ids)} arrays")
+    unknown = [m for m in modes if m not in REFINE_MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty sequence of {REFINE_MODES}, got {list(modes)}")
     results = {baseline: evaluate_features(qf, gf, *ids)}
     if rerank:
         results[f"{baseline} + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True)

@@ -95,9 +95,14 @@ def load_torch(path: str, what: str, weights_only: bool = True):
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if weights_only and "Weights only load failed" in text:
+            raise ReIDInputError(f"{what} {path}: holds Python objects other than tensors, numbers and containers "
+                                 "(numpy arrays, classes), which are not loaded from untrusted files; save torch "
+                                 "tensors (or a .npz archive for features)") from exc
+        reason = text.splitlines()[0][:160] if text else ""
         raise ReIDInputError(f"{what} {path}: not a readable PyTorch file (truncated, or not written by "
-                             f"torch.save): {reason[:200]}") from exc
+                             f"torch.save): {type(exc).__name__}{': ' + reason if reason else ''}") from exc
 
 
 def _same_file(a: str, b: str) -> bool:
