@@ -303,6 +303,17 @@ def test_train_and_eval_files_and_roots(tmp_path, capsys):
                      "--out", str(tmp_path / "t")], "--weights", "num_classes=4|nformer_depth=1")
     for out in ("r", "e"):
         assert not (tmp_path / out).exists()
+    real = tmp_path / "market"  # a real dataset layout: model and weights are checked before anything is written
+    market(str(real))
+    refused(capsys, ["train", "--data", "market1501", "--root", str(real), "--arch", "resnet18", "--batch-size", "2",
+                     "--num-instances", "1", "--pretrained", str(tmp_path / "r50.pth"), *SMALL, "--out",
+                     str(tmp_path / "m")], "--pretrained", "not a readable PyTorch file")
+    refused(capsys, ["train", "--data", "market1501", "--root", str(real), "--arch", "resnet18", "--batch-size", "2",
+                     "--num-instances", "1", "--weights", final, "--feat-dim", "32", *SMALL, "--out",
+                     str(tmp_path / "m")], "--weights", "num_classes=4|feat_dim=16")
+    refused(capsys, ["train", "--data", "market1501", "--root", str(real), "--batch-size", "8", "--num-instances", "2",
+                     *SMALL, "--out", str(tmp_path / "m")], "2 train identities cannot fill batches of 4 identities")
+    assert not (tmp_path / "m").exists()
 
 
 SMALL = ["--size", "32", "16", "--workers", "0", "--device", "cpu"]
@@ -357,6 +368,13 @@ def test_atomic_write_keeps_the_old_file_on_error_and_interrupt(tmp_path):
                 raise exc
         assert json.loads(path.read_text()) == {"a": 1}
         assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_failed_write_is_a_user_error_naming_the_file(tmp_path):
+    (tmp_path / "results.json").mkdir()  # a folder where the file should go
+    with pytest.raises(ReIDInputError, match="cannot write .*results.json"):
+        write_json({"a": 1}, str(tmp_path / "results.json"))
+    assert os.listdir(tmp_path) == ["results.json"]  # the temporary file is gone
 
 
 def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(files, tmp_path, capsys, monkeypatch):
@@ -508,7 +526,7 @@ def test_training_stops_at_the_first_non_finite_loss_and_saves_nothing(tmp_path)
     real_step = solver.optimizer_step
 
     def spy(loss, *args, **kwargs):
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return real_step(loss, *args, **kwargs)
 
     import nformer_reid.engine.nformer_training as stage2

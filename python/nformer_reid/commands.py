@@ -196,28 +196,29 @@ def train(cfg):
     resume = _check_resume(cfg, None) if cfg.resume and cfg.stage == "1" else None
     dataset = _parse_dataset(cfg)
 
-    def check_dataset():
+    def prepare():
+        """Dataset-dependent checks, then the model (--pretrained, --weights and --resume checked against it)."""
         _check_train_dataset(cfg, dataset)
-        return _check_resume(cfg, len(dataset.train)) if cfg.resume and cfg.stage == "2" else resume
+        state = _check_resume(cfg, len(dataset.train)) if cfg.resume and cfg.stage == "2" else resume
+        torch.manual_seed(cfg.seed)
+        with _user_error():
+            model = ReIDModel(dataset.num_train_pids, arch=cfg.arch, feat_dim=cfg.feat_dim, pretrained=cfg.pretrained,
+                              nformer_depth=cfg.nformer_depth, nformer_landmarks=cfg.nformer_landmarks,
+                              nformer_topk=cfg.nformer_topk)
+        for option, checkpoint in (("--weights", weights), ("--resume", state)):
+            if checkpoint is not None:
+                check_architecture(checkpoint, model.config, getattr(cfg, option[2:]), option, MODEL_FLAGS)
+        if weights is not None:
+            load_weights(model, weights, cfg.weights, "--weights")
+            logger.info("loaded weights from %s", cfg.weights)
+        return model
 
-    if dataset is not None:
-        resume = check_dataset()
+    model = prepare() if dataset is not None else None  # a real dataset: everything checked before any write
     _start_run(cfg, _train_outputs(cfg), inputs)
     logger.info("nformer-reid train %s", dataclasses.asdict(cfg))
-    if dataset is None:
+    if dataset is None:  # synthetic: generated under --out (or --root) first
         dataset = _synthetic_dataset(cfg)
-        resume = check_dataset()
-    torch.manual_seed(cfg.seed)
-    with _user_error():
-        model = ReIDModel(dataset.num_train_pids, arch=cfg.arch, feat_dim=cfg.feat_dim, pretrained=cfg.pretrained,
-                          nformer_depth=cfg.nformer_depth, nformer_landmarks=cfg.nformer_landmarks,
-                          nformer_topk=cfg.nformer_topk)
-    for option, state in (("--weights", weights), ("--resume", resume)):
-        if state is not None:
-            check_architecture(state, model.config, getattr(cfg, option[2:]), option, MODEL_FLAGS)
-    if weights is not None:
-        load_weights(model, weights, cfg.weights, "--weights")
-        logger.info("loaded weights from %s", cfg.weights)
+        model = prepare()
     histories = {}
     if cfg.stage in ("1", "both"):
         loader = build_train_loader(dataset.train, cfg.size, cfg.batch_size, cfg.num_instances, cfg.workers, cfg.seed)

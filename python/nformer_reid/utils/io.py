@@ -25,22 +25,28 @@ from nformer_reid.utils.errors import ReIDInputError
 def atomic_write(path: str, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path` for writing; on a clean exit it is flushed, fsync'ed
     and renamed to `path`; on any exception (KeyboardInterrupt included) it is removed and `path`
-    is left as it was."""
+    is left as it was. An OSError (disk full, no permission, a folder named `path`) becomes a
+    ReIDInputError naming `path`."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    except OSError as exc:
+        raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # disk full, permissions, a folder in the way: the file named, one line
+            raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
 
 
