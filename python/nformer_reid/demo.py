@@ -32,6 +32,8 @@ QUICK_BENCHMARK = dict(DEMO_BENCHMARK, num_train_ids=60, num_test_ids=30, num_di
 
 def run_demo(config: DemoConfig = DemoConfig()) -> Dict[str, Dict[str, float]]:
     """Run the demo with `config` (the `nformer-reid demo` options); returns {name: {mAP, R1, R5, R10}}."""
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
     start = time.time()
     benchmark = QUICK_BENCHMARK if config.quick else DEMO_BENCHMARK
     torch.manual_seed(config.seed)  # the NFormer's initial weights

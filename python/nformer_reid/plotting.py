@@ -53,7 +53,12 @@ def plot_cmc(curves, path, max_rank: int = 20, title: str = "CMC"):
 
 def plot_losses(histories: Dict[str, List[dict]], path: str, key: str = "loss") -> str:
     """Save the per-step `key` of each training history {label: [{key: value}, ...]} (and its
-    moving average) to path (PNG)."""
+    moving average) to path (PNG), atomically."""
+    if not isinstance(histories, dict):
+        raise TypeError(f"histories must be a {{label: [step dicts]}} mapping, got {type(histories).__name__}")
+    for label, hist in histories.items():
+        if not all(isinstance(h, dict) and key in h for h in hist):
+            raise ValueError(f"histories[{label!r}] must be a list of dicts holding {key!r}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, hist in histories.items():

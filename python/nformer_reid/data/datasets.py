@@ -65,10 +65,16 @@ def _relabel(items: List[Item]) -> List[Item]:
     return [(path, pid2label[pid], cam) for path, pid, cam in items]
 
 
+def _root(root) -> str:
+    if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
+        raise TypeError(f"root must be a folder path, got {root!r}")
+    return os.path.expanduser(os.fspath(root))
+
+
 def _resolve_dir(root: str, candidates: Tuple[str, ...], required: Tuple[str, ...], what: str,
                  layout: str) -> str:
     """root itself, or root/<one of candidates>, whichever holds all `required` entries."""
-    root = os.path.expanduser(root)
+    root = _root(root)
     for base in (root,) + tuple(os.path.join(root, c) for c in candidates):
         if all(os.path.exists(os.path.join(base, r)) for r in required):
             return base
@@ -178,7 +184,7 @@ class MSMT17(ReIDDataset):
               "  (or MSMT17_V2 with mask_train_v2 / mask_test_v2)")
 
     def __init__(self, root: str, verbose: bool = True):
-        root = os.path.expanduser(root)
+        root = _root(root)
         base = train_dir = test_dir = None
         for version, tr, te in (("MSMT17_V1", "train", "test"), ("MSMT17_V2", "mask_train_v2", "mask_test_v2")):
             for cand in (root, os.path.join(root, version), os.path.join(root, "msmt17", version)):
@@ -311,6 +317,8 @@ DATASETS: Dict[str, type] = {
 
 def build_dataset(name: str, root: str, verbose: bool = True) -> ReIDDataset:
     """Dataset by name: market1501, dukemtmcreid, msmt17, cuhk03_labeled, cuhk03_detected."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name (str), got {type(name).__name__}")
     key = name.lower().replace("-", "").replace("_", "")
     for known, cls in DATASETS.items():
         if known.replace("_", "") == key:

@@ -29,6 +29,8 @@ class FeatureSet:
 
 def save_features(path: str, features: FeatureSet) -> None:
     """Write `features` to path, atomically: .npz as a NumPy archive, anything else with torch.save."""
+    if not isinstance(features, FeatureSet):
+        raise TypeError(f"features must be a FeatureSet, got {type(features).__name__}")
     arrays = {"feats": features.feats, "pids": features.pids, "camids": features.camids}
     if str(path).endswith(".npz"):
         with atomic_write(path) as fh:

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged
 from nformer_reid.utils.io import load_torch, save_torch
 
@@ -38,6 +39,9 @@ def save_checkpoint(path: str, model, stage: int, epoch: int, optimizer=None, cr
 
     config defaults to model.config (a ReIDModel has one; pass it for an NFormer). TrainingDiverged
     (a ValueError; nothing written) if a weight holds NaN or Inf."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch module, got {type(model).__name__}")
+    stage, epoch = as_int(stage, "stage", minimum=1, maximum=2), as_int(epoch, "epoch", minimum=0)
     weights = model.state_dict()
     bad = _non_finite(weights)
     if bad:

@@ -15,7 +15,8 @@ def resolve_device(device=None) -> torch.device:
 
 
 def autocast(device: torch.device, amp: str = "auto"):
-    """bf16/fp16 autocast on CUDA ("auto" = bf16); CPU runs in fp32."""
+    """bf16/fp16 autocast on CUDA ("auto" = bf16); CPU runs in fp32. device: a torch.device or its name."""
+    device = as_device(device)
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'none', got {amp!r}")
     if device.type != "cuda" or amp == "none":
@@ -25,4 +26,7 @@ def autocast(device: torch.device, amp: str = "auto"):
 
 def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     """Loss scaling, needed (and enabled) only for fp16 on CUDA."""
+    device = as_device(device)
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'none', got {amp!r}")
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
