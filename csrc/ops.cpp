@@ -20,6 +20,7 @@
 
 TORCH_LIBRARY(nformer, m) {
   m.def("knn(Tensor x, int k) -> Tensor");
+  m.def("knn_rescore(Tensor x, Tensor candidates, int k, Tensor margin) -> (Tensor, Tensor)");
   m.def("reciprocal_mask(Tensor idx) -> Tensor");
   m.def("reverse_index(Tensor idx, Tensor keep) -> Tensor");
   m.def("sparse_attention(Tensor P, Tensor R, Tensor v, Tensor idx, Tensor keep, float scale) -> (Tensor, Tensor)");

@@ -7,10 +7,11 @@
   torch      plain PyTorch at O(N*k) memory (nformer_kernels/torch_ops.py)          any device
   reference  dense plain PyTorch, O(N^2) (nformer_kernels/reference.py)             any device
 
-Every backend implements the same batched kernel contract (csrc/ops.cpp): knn, reciprocal_mask,
-reverse_index, sparse_attention, sparse_attention_backward. A backend that cannot take one call
-(k above its limit, a keep mask its gather-only backward cannot differentiate) hands that call to
-the `torch` backend; `resolve` says so and logs why on logging.getLogger("nformer_kernels").
+Every backend implements the same batched kernel contract (csrc/ops.cpp): knn, knn_rescore,
+reciprocal_mask, reverse_index, sparse_attention, sparse_attention_backward. A backend that
+cannot take one call (k above its limit, a keep mask its gather-only backward cannot
+differentiate, fp64 re-scoring on triton) hands that call to the `torch` backend; `resolve` says
+so and logs why on logging.getLogger("nformer_kernels").
 """
 import contextlib
 import dataclasses
@@ -25,7 +26,7 @@ from nformer_kernels._extension import extension_available, extension_has_cuda
 
 logger = logging.getLogger("nformer_kernels")
 
-KERNELS = ("knn", "reciprocal_mask", "reverse_index", "sparse_attention", "sparse_attention_backward")
+KERNELS = ("knn", "knn_rescore", "reciprocal_mask", "reverse_index", "sparse_attention", "sparse_attention_backward")
 # The path a call takes when the selected backend cannot take it.
 FALLBACK = "torch"
 

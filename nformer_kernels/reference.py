@@ -20,6 +20,29 @@ def knn(x: torch.Tensor, k: int) -> torch.Tensor:
     return order[..., :k].contiguous() if k < n else order.contiguous()
 
 
+def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
+    """Stage 2 of the certified knn (the spec: torch_ops.rescore_candidates), by ranks.
+
+    Candidate c of row i ranks after every candidate with a higher exact score (self: +inf), a
+    smaller id at an equal score, or the same id in an earlier slot; the k ranked first are the
+    answer. certified: K' >= N, or the last candidate's exact score + margin < the k-th score.
+    """
+    b, n, kc = candidates.shape
+    bidx = torch.arange(b, device=x.device).view(b, 1, 1)
+    s = torch.einsum("bnd,bncd->bnc", x, x[bidx, candidates])
+    last = s[..., -1]
+    s = s.masked_fill(candidates == torch.arange(n, device=x.device).view(1, n, 1), float("inf"))
+    sa, sb = s[..., :, None], s[..., None, :]  # a: the candidate ranked, b: every other
+    ia, ib = candidates[..., :, None], candidates[..., None, :]
+    slot = torch.arange(kc, device=x.device)
+    before = (sb > sa) | ((sb == sa) & ((ib < ia) | ((ib == ia) & (slot[None, :] < slot[:, None]))))
+    rank = before.sum(-1)  # (B,N,K'): a permutation of 0..K'-1 per row
+    order = rank.argsort(dim=-1)[..., :k]
+    idx = torch.gather(candidates, 2, order)
+    kth = torch.gather(s, 2, order[..., -1:]).squeeze(-1)
+    return idx, (kc >= n) | (last + margin < kth)
+
+
 def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:
     """keep[b,i,t] = i in idx[b, idx[b,i,t], :]."""
     b, n, k = idx.shape

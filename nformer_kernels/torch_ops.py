@@ -136,3 +136,6 @@ def rescore_candidates(x: torch.Tensor, candidates: torch.Tensor, k: int, margin
             kth = torch.gather(s_sorted, 1, order[:, -1:]).squeeze(1)
             certified[bi, start:start + chunk] = (kc >= n) | (last + margin[bi, start:start + chunk] < kth)
     return idx, certified
+
+
+knn_rescore = rescore_candidates  # the kernel contract's name (csrc/ops.cpp)

@@ -97,9 +97,12 @@ def _score_error_bound(x: torch.Tensor) -> torch.Tensor:
 def _certified_knn(x, k, margin):
     b, n, _ = x.shape
     kc = min(n, k + margin)
-    low = x.to(torch.float16)
-    candidates = backends.kernel(backends.resolve("knn", x.device, k=kc), "knn")(low, kc)
-    idx, certified = torch_ops.rescore_candidates(x, candidates, k, 2 * _score_error_bound(x))
+    backend = backends.resolve("knn", x.device, k=kc)
+    candidates = backends.kernel(backend, "knn")(x.to(torch.float16), kc)
+    if backend == "triton" and x.dtype == torch.float64:
+        backend = backends.resolve("knn", x.device, k=kc,
+                                   reason="the triton backend re-scores float32 rows only, not float64")
+    idx, certified = backends.kernel(backend, "knn_rescore")(x, candidates, k, 2 * _score_error_bound(x))
     misses = (~certified).nonzero()
     for bi in misses[:, 0].unique().tolist():  # exact scans of the rows stage 1 could not prove
         rows = misses[misses[:, 0] == bi, 1]
@@ -183,3 +186,12 @@ def _knn_fake(x, k, allow_tf32=False):
 
 for _op in backends.library_ops("knn"):
     torch.library.register_fake(_op)(_knn_fake)
+
+
+def _knn_rescore_fake(x, candidates, k, margin):
+    b, n = candidates.shape[:2]
+    return candidates.new_empty((b, n, k)), x.new_empty((b, n), dtype=torch.bool)
+
+
+for _op in backends.library_ops("knn_rescore"):
+    torch.library.register_fake(_op)(_knn_rescore_fake)

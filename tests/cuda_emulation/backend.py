@@ -50,6 +50,11 @@ def register() -> str:
     def knn(x: Tensor, k: int) -> Tensor:
         return emu.knn(x.contiguous(), k, 0, SM_COUNT)
 
+    @torch.library.custom_op("nformer_emulated::knn_rescore", mutates_args=())
+    def knn_rescore(x: Tensor, candidates: Tensor, k: int, margin: Tensor) -> tuple[Tensor, Tensor]:
+        idx, certified = emu.knn_rescore(x.contiguous(), candidates.contiguous(), k, margin.contiguous())
+        return idx, certified
+
     @torch.library.custom_op("nformer_emulated::reciprocal_mask", mutates_args=())
     def reciprocal_mask(idx: Tensor) -> Tensor:
         return emu.reciprocal_mask(idx.contiguous(), SM_COUNT)

@@ -8,6 +8,7 @@
 #include "emu.h"
 namespace nformer { namespace cuda { namespace { alignas(128) unsigned char smem[1 << 22]; } } }
 #include "cuda/knn_kernels.cuh"
+#include "cuda/knn_rescore_kernels.cuh"
 #include "cuda/reciprocal_kernels.cuh"
 #include "cuda/sparse_attention_kernels.cuh"
 
@@ -48,6 +49,24 @@ torch::Tensor emu_knn(torch::Tensor x, int64_t k, int64_t force_bm, int64_t sm_c
     default: TORCH_CHECK(false, "dtype");
   }
   return out;
+}
+
+std::vector<torch::Tensor> emu_knn_rescore(torch::Tensor x, torch::Tensor cand, int64_t k, torch::Tensor margin) {
+  const int64_t B = x.size(0), N = x.size(1), d = x.size(2), kc = cand.size(2);
+  TORCH_CHECK(x.is_contiguous() && cand.is_contiguous() && margin.is_contiguous() && k >= 1 && k <= kc);
+  auto idx = torch::empty({B, N, k}, cand.options());
+  auto certified = torch::empty({B, N}, x.options().dtype(torch::kBool));
+  const int64_t rows = B * N;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_knn_rescore", [&] {
+    using acc_t = acc_type<scalar_t>;
+    TORCH_CHECK(rescore_smem_bytes(kc, sizeof(acc_t)) <= kOptin);
+    const int slice = rescore_slice_bytes(kc, sizeof(acc_t));
+    emu::launch(dim3(rescore_blocks(rows)), dim3(kThreads), [&] {
+      knn_rescore_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), cand.data_ptr<int64_t>(), margin.data_ptr<scalar_t>(),
+                                          idx.data_ptr<int64_t>(), certified.data_ptr<bool>(), rows, N, d, kc, k, slice);
+    });
+  });
+  return {idx, certified};
 }
 
 torch::Tensor emu_reciprocal_mask(torch::Tensor idx, int64_t sm_count) {
@@ -131,6 +150,7 @@ std::vector<torch::Tensor> emu_sparse_attention_backward(torch::Tensor grad_out,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("knn", &emu_knn);
+  m.def("knn_rescore", &emu_knn_rescore);
   m.def("reciprocal_mask", &emu_reciprocal_mask);
   m.def("reverse_index", &emu_reverse_index);
   m.def("sparse_attention", &emu_sparse_attention);
