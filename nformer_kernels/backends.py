@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -45,7 +45,7 @@ class Backend:
 
     name: str
     available: Callable[[torch.device], str]
-    kernels: Callable[[], Dict[str, Callable]]
+    kernels: Callable[[], Mapping[str, Callable]]
     limits: Callable[[], Dict[str, int]] = dict
     gather_backward: bool = False
 
@@ -86,12 +86,26 @@ def _extension_available(device_type: str) -> Callable[[torch.device], str]:
     return available
 
 
-def _library_kernels(suffix: str = "") -> Callable[[], Dict[str, Callable]]:
-    return lambda: {name: getattr(torch.ops.nformer, name + suffix) for name in KERNELS}
+class _Kernels:
+    """name -> kernel, looked up when asked for: a kernel missing from an older build fails only when used."""
+
+    def __init__(self, namespace, suffix: str = ""):
+        self._namespace, self._suffix = namespace, suffix
+
+    def __getitem__(self, name: str) -> Callable:
+        try:
+            return getattr(self._namespace, name + self._suffix)
+        except AttributeError:
+            raise KeyError(f"no kernel {name + self._suffix!r} in {self._namespace!r} "
+                           "(an extension built from older sources? rebuild it)") from None
 
 
-def _module_kernels(module) -> Callable[[], Dict[str, Callable]]:
-    return lambda: {name: getattr(module, name) for name in KERNELS}
+def _library_kernels(suffix: str = "") -> Callable[[], _Kernels]:
+    return lambda: _Kernels(torch.ops.nformer, suffix)
+
+
+def _module_kernels(module) -> Callable[[], _Kernels]:
+    return lambda: _Kernels(module)
 
 
 _REGISTRY: Dict[str, Backend] = {}
