@@ -6,7 +6,7 @@ backend; schemas and fake kernels; bad calls the kernels refuse.
 
 Margins are set per row away from the certificate's boundary (half or 1.5 times the gap between
 the k-th and the last candidate's score), so kernels that sum in other orders agree on every flag.
-The emulated and interpreted cases take small shapes (`fast_and`).
+The emulated and interpreted cases (slow) take the small shapes only.
 """
 import logging
 
@@ -15,10 +15,12 @@ import torch
 
 import nformer_kernels as nk
 from nformer_kernels import backends, torch_ops
-from tests.conftest import EMULATED, INTERPRETED, fast_and
-from tests.helpers import dtype_id, gapped_rows, unit_rows
+from tests.helpers import gapped_rows, unit_rows
 
+EMULATED, INTERPRETED = "cuda-emulated", "triton-interpreted"
 TRITON_MAX_CANDIDATES = 64  # nformer_kernels.triton.knn_rescore.MAX_CANDIDATES
+SLOW_MAX_ROWS = 120  # B*N the interpreted/emulated cases take
+FLOATS = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 
 
 def candidates_for(b, n, kc, seed=0, device="cpu"):
@@ -60,29 +62,25 @@ def assert_matches_spec(backend, x, candidates, k, margin, *, mixed=True):
         assert bool(want_cert.any()) and not bool(want_cert.all())
 
 
-def rescore_case(shape, *slow):
-    return pytest.param(shape, marks=fast_and(*slow), id="B{}N{}d{}k{}K'{}".format(*shape))
+def skip_large(backend, rows):
+    if backend.slow and rows > SLOW_MAX_ROWS:
+        pytest.skip(f"the interpreted/emulated kernels take B*N <= {SLOW_MAX_ROWS} only (slow)")
 
 
 SHAPES = [  # B, N, d, k, K': one row, B > 1 and odd d, K' = N = k, K' = k, the default K' = 32, k = 1,
     # then larger ones and K' above the triton limit
-    rescore_case((1, 1, 4, 1, 1), EMULATED, INTERPRETED), rescore_case((2, 37, 13, 5, 17), EMULATED, INTERPRETED),
-    rescore_case((1, 37, 13, 37, 37), EMULATED, INTERPRETED), rescore_case((1, 50, 8, 7, 7), EMULATED, INTERPRETED),
-    rescore_case((2, 60, 33, 20, 32), EMULATED, INTERPRETED), rescore_case((1, 45, 9, 1, 12), EMULATED, INTERPRETED),
-    rescore_case((3, 300, 64, 20, 32)), rescore_case((2, 500, 256, 20, 64)), rescore_case((1, 200, 24, 50, 100))]
+    (1, 1, 4, 1, 1), (2, 37, 13, 5, 17), (1, 37, 13, 37, 37), (1, 50, 8, 7, 7), (2, 60, 33, 20, 32), (1, 45, 9, 1, 12),
+    (3, 300, 64, 20, 32), (2, 500, 256, 20, 64), (1, 200, 24, 50, 100)]
 
 
-def skip_triton_limit(backend, kc):
-    if backend.name == "triton" and kc > TRITON_MAX_CANDIDATES:
-        pytest.skip(f"the triton knn_rescore takes K' <= {TRITON_MAX_CANDIDATES} (resolve sends larger K' to torch)")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}d{}k{}K'{}".format(*s))
 def test_matches_spec_on_tie_free_rows(backend, dtype, shape):
     backend.skip_dtype(dtype)
     b, n, d, k, kc = shape
-    skip_triton_limit(backend, kc)
+    skip_large(backend, b * n)
+    if backend.name == "triton" and kc > TRITON_MAX_CANDIDATES:
+        pytest.skip(f"the triton knn_rescore takes K' <= {TRITON_MAX_CANDIDATES} (resolve sends larger K' to torch)")
     x = unit_rows((b, n, d), dtype, seed=n + d, device=backend.device)
     candidates = candidates_for(b, n, kc, seed=d, device=backend.device)
     assert_matches_spec(backend, x, candidates, k, margins_off_the_boundary(x, candidates, k))
@@ -95,15 +93,14 @@ def integer_rows_with_duplicates(b, n, d, copies, seed):
     return torch.cat([base] * copies, dim=1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-@pytest.mark.parametrize("shape", [  # B, N (before the copies), d, copies, k, K'
-    pytest.param((2, 15, 5, 3, 6, 16), marks=fast_and(EMULATED, INTERPRETED)),
-    pytest.param((1, 20, 3, 2, 8, 40), marks=fast_and(EMULATED, INTERPRETED)),
-    pytest.param((2, 100, 8, 3, 20, 32))])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape", [(2, 15, 5, 3, 6, 16), (1, 20, 3, 2, 8, 40), (2, 100, 8, 3, 20, 32)],
+                         ids=lambda s: "B{}N{}d{}x{}k{}K'{}".format(*s))  # B, N (before the copies), d, copies, k, K'
 def test_matches_spec_on_exact_duplicates(backend, dtype, shape):
     """Exact ties (duplicated rows and equal integer scores): the smaller index first, as the spec."""
     backend.skip_dtype(dtype)
     b, n, d, copies, k, kc = shape
+    skip_large(backend, b * n * copies)
     x = backend.tensor(integer_rows_with_duplicates(b, n, d, copies, seed=n).to(dtype))
     candidates = candidates_for(b, n * copies, kc, seed=d, device=backend.device)
     g = torch.Generator().manual_seed(1)
@@ -122,7 +119,7 @@ def test_repeated_candidate_ids(backend):
 
 
 @pytest.mark.backends("reference", "torch", "cpu")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")])
 def test_half_inputs_on_cpu(backend, dtype):
     """fp16/bf16: scores accumulated in fp32 and rounded to the input dtype, as the spec."""
     x = integer_rows_with_duplicates(2, 20, 6, 2, seed=4).to(dtype)
