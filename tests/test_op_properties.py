@@ -166,3 +166,21 @@ def test_neighbor_attention_answers_or_refuses(backend, data, case):
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(x.dtype, 1e-4)
     scale = max(1.0, want.double().abs().max().item())
     assert (out.double() - want.double()).abs().max().item() <= tol * scale
+
+
+@FAST
+@settings(settings.get_profile(PROFILE))
+@given(data=st.data(), case=features(max_rows=20, max_dim=8))
+def test_nformer_answers_or_refuses(backend, data, case):
+    """The module composes the ops: finite output for accepted finite input, else a named refusal."""
+    x, finite = case
+    x = x.float() if x.dtype == torch.float64 else x
+    heads = 2 if x.shape[-1] % 2 == 0 else 1
+    model = nk.NFormer(dim=x.shape[-1], depth=2, num_heads=heads, topk=data.draw(st.integers(1, 25))).eval()
+    model = model.to(x.dtype) if x.dtype != torch.float32 else model
+    try:
+        out = model(x, generator=torch.Generator().manual_seed(0))
+    except USER_ERRORS as exc:
+        assert not finite or "too large" in str(exc)
+        return
+    assert finite and out.shape == x.shape and bool(torch.isfinite(out).all())
