@@ -9,7 +9,11 @@ Backend cases (test ids):
   cuda                csrc/cuda kernels                                 GPU
   triton              the Triton kernels, compiled                      GPU
 A test takes every case unless marked `@pytest.mark.backends("cpu", ...)`; `pytest -k cpu` selects
-by id. The interpreted and emulated cases are slow: tests give them small shapes only.
+by id. The interpreted and emulated cases are slow: tests give them small shapes only. A parameter
+(`pytest.param(..., marks=...)`) marked `backends(...)` is only combined with those cases, one
+marked `fast_only` (a large shape) only with the fast ones: the other combinations are deselected
+at collection. Kernel tests that compare a backend with the dense reference take `VS_REFERENCE`
+(every case but `reference` itself).
 """
 import faulthandler
 import os
@@ -70,10 +74,20 @@ CASES = [
     BackendCase("triton", "triton", "cuda", float64=False),
 ]
 CASE_BY_ID = {case.id: case for case in CASES}
+VS_REFERENCE = tuple(case.id for case in CASES if case.id != "reference")
+FAST = tuple(case.id for case in CASES if not case.slow)
+fast_only = pytest.mark.fast_only
+EMULATED, INTERPRETED = "cuda-emulated", "triton-interpreted"
+
+
+def fast_and(*slow_ids):
+    """Parameter mark: the fast cases and the slow cases named (their small shapes)."""
+    return pytest.mark.backends(*FAST, *slow_ids)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "backends(*ids): run the test on these backend cases only")
+    config.addinivalue_line("markers", "backends(*ids): run the test (or parameter) on these backend cases only")
+    config.addinivalue_line("markers", "fast_only: a parameter too large for the interpreted/emulated cases")
 
 
 def pytest_generate_tests(metafunc):
@@ -87,6 +101,27 @@ def pytest_generate_tests(metafunc):
         raise ValueError(f"unknown backend cases {sorted(unknown)}; known: {list(CASE_BY_ID)}")
     params = [pytest.param(i, marks=[pytest.mark.gpu] if CASE_BY_ID[i].device == "cuda" else []) for i in ids]
     metafunc.parametrize("backend", params, indirect=True, ids=list(ids))
+
+
+def _case_takes(item) -> bool:
+    """Whether a collected test's backend case is among those its parameters' marks allow."""
+    case_id = getattr(item, "callspec", None) and item.callspec.params.get("backend")
+    if case_id not in CASE_BY_ID:
+        return True
+    for marker in item.iter_markers("backends"):  # the test's own mark chose the ids: parameters' here
+        unknown = set(marker.args) - set(CASE_BY_ID)
+        if unknown:
+            raise ValueError(f"{item.nodeid}: unknown backend cases {sorted(unknown)}; known: {list(CASE_BY_ID)}")
+        if case_id not in marker.args:
+            return False
+    return not (CASE_BY_ID[case_id].slow and item.get_closest_marker("fast_only"))
+
+
+def pytest_collection_modifyitems(config, items):
+    dropped = [item for item in items if not _case_takes(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if _case_takes(item)]
 
 
 @pytest.fixture

@@ -3,26 +3,57 @@
 Tolerances (err = max|got - ref| / max(1, max|ref|)):
   outputs in the input dtype: fp32 1e-4, fp64 1e-10, fp16 2e-3, bf16 1.6e-2 (one rounding of
   the output dtype; accumulation is fp32).
-  probs, dP, dR (the accumulation dtype, fp32 for every input but fp64): 1e-4; 1e-3 when v is
-  fp16/bf16, whose products are accumulated in another order.
+  probs, dP, dR (the accumulation dtype, fp32 for every input but fp64): 1e-4 (1e-10 in fp64), for
+  every v dtype (fp16/bf16 products are exact in fp32; measured errors are ~3e-7).
 knn: self first, distinct indices, and the similarities of the chosen neighbours equal the true
 top-k similarities (fp64 from the input values) to 3e-5; exact ids where ties are exact (smaller
 index first) or the input is ties-free.
 """
+import contextlib
 import functools
 import math
 
+import numpy as np
 import torch
 
+import nformer_kernels as nk
 from nformer_kernels import reference
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-ACC_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+ACC_TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-4, torch.bfloat16: 1e-4}  # by v's dtype
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def dtype_id(dtype):
+    """Test id of a dtype ("float32"): ids stay free of backend names such as "torch", so -k selects cases."""
+    return str(dtype).removeprefix("torch.")
 
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def probs_tol(dtype):
+    """probs are in the accumulation dtype whatever v's dtype."""
+    return ACC_TOL[acc_dtype(dtype)]
+
+
+def on_reference(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with the dense reference backend selected, then the previous choice back."""
+    with nk.use_backend("reference"):
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch.set_num_threads(n) inside the block (the OpenMP schedules of the cpu kernels)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def assert_close(actual, expected, rel, what=""):
@@ -92,6 +123,56 @@ def assert_knn(x, idx, k, atol=3e-5, rows=None, chunk=1 << 18):
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
+def neighbour_sims(x, idx):
+    """fp64 similarity of each row of x (B,N,d) to each of its listed neighbours idx (B,N,k)."""
+    xd = x.double()
+    return torch.einsum("bnd,bnkd->bnk", xd, xd[torch.arange(x.shape[0], device=x.device)[:, None, None], idx])
+
+
+def brute_knn(x, k):
+    """Cosine top-k of x (N,d) by numpy loops: self first, then (similarity desc, index asc)."""
+    xn = x.double().cpu().numpy()
+    xn = xn / np.maximum(np.linalg.norm(xn, axis=1, keepdims=True), 1e-12)
+    out = []
+    for i in range(len(xn)):
+        sims = xn @ xn[i]
+        order = sorted((j for j in range(len(xn)) if j != i), key=lambda j: (-sims[j], j))
+        out.append([i] + order[: k - 1])
+    return torch.tensor(out)
+
+
+def brute_reciprocal(idx):
+    """keep of idx (N,k) by Python loops: keep[i,t] = i in idx[idx[i,t]]."""
+    rows = idx.tolist()
+    return torch.tensor([[i in rows[j] for j in row] for i, row in enumerate(rows)])
+
+
+def exact_tie_groups(n=203, d=32, groups=6, seed=3, dtype=torch.float32):
+    """(x (N,d), sim (N,N) fp64): rows drawn from `groups` unit vectors and a zero row, so copies tie
+    exactly; sim holds the similarities per pair of groups (a BLAS may round copies differently),
+    the diagonal +inf. Distinct similarities differ by > 1e-3."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(groups, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    group = torch.randint(0, groups + 1, (n,), generator=g)  # group `groups`: zero rows
+    x = torch.cat([base, torch.zeros(1, d, dtype=dtype)])[group]
+    base_sim = torch.zeros(groups + 1, groups + 1, dtype=torch.float64)
+    base_sim[:groups, :groups] = base.double() @ base.double().T
+    for row in base_sim[:groups]:
+        distinct = row.unique()
+        assert (distinct[1:] - distinct[:-1]).min() > 1e-3, "test data must only tie exactly"
+    sim = base_sim[group][:, group]
+    sim.fill_diagonal_(float("inf"))
+    return x, sim
+
+
+def lattice_rows(b=2, n=37, d=16, period=9, seed=1):
+    """Entries in {-4..4}/8: every inner product is exact in any summation order, so equal
+    similarities are exact ties in every dtype; row i equals row i + period."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-4, 5, (b, period, d), generator=g) / 8
+    return base[:, torch.arange(n) % period]
+
+
 def knn_graph(b, n, k, seed=0, device="cpu"):
     """Neighbour lists (B,N,k) of random 8-d points: self first, many reciprocal pairs."""
     return reference.knn(unit_rows((b, n, 8), seed=seed), k).to(device)
@@ -111,15 +192,16 @@ def random_idx(b, n, k, seed=0, device="cpu"):
     return torch.rand(b, n, n, generator=g).argsort(-1)[..., :k].contiguous().to(device)
 
 
-def attention_case(B, N, H, l, k, dv, dtype, keep_mode="reciprocal", seed=0, device="cpu"):
-    """Batched kernel inputs P, R (acc dtype), v, idx (knn of random points), keep, scale.
+def attention_case(B, N, H, l, k, dv, dtype, keep_mode="reciprocal", seed=0, device="cpu", magnitude=1.0):
+    """Batched kernel inputs P, R (acc dtype, Gaussian times `magnitude`), v, idx (knn of random
+    points), keep, scale.
 
     keep_mode: "reciprocal" (the reciprocal mask), "subset" (70% of it, the first quarter of the
     rows with nothing kept: zeros, never NaN) or "all" (every listed neighbour)."""
     acc = acc_dtype(dtype)
     g = torch.Generator().manual_seed(seed)
-    P = torch.randn(B, N, H, l, generator=g, dtype=torch.float64).to(acc)
-    R = torch.randn(B, N, H, l, generator=g, dtype=torch.float64).to(acc)
+    P = (magnitude * torch.randn(B, N, H, l, generator=g, dtype=torch.float64)).to(acc)
+    R = (magnitude * torch.randn(B, N, H, l, generator=g, dtype=torch.float64)).to(acc)
     v = torch.randn(B, N, H * dv, generator=g, dtype=torch.float64).to(dtype)
     idx = knn_graph(B, N, k, seed)
     keep = reference.reciprocal_mask(idx)
@@ -130,3 +212,68 @@ def attention_case(B, N, H, l, k, dv, dtype, keep_mode="reciprocal", seed=0, dev
         keep = torch.ones_like(keep)
     to = lambda t: t.to(device)  # noqa: E731
     return to(P), to(R), to(v), to(idx), to(keep), 1.0 / math.sqrt(8)
+
+
+def grad_like(t, seed=5):
+    """A random upstream gradient of t's shape, dtype and device (drawn in fp64 on the CPU)."""
+    return randn(t.shape, seed, t.dtype, t.device)
+
+
+def neighbor_attention_case(n=37, d=16, k=5, heads=2, batch=None, dtype=torch.float32, n_land=5, seed=0,
+                            keep_all=False, device="cpu"):
+    """Public-API inputs q, k, v ((N,d) or (B,N,d)), idx (cosine knn of q), keep (reciprocal, or all),
+    landmarks (n_land distinct rows), heads."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, d) if batch is None else (batch, n, d)
+    q, kk, v = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    qb = q.float() if batch is not None else q.float()[None]
+    idx = reference.knn(torch.nn.functional.normalize(qb, dim=-1), k)
+    keep = torch.ones_like(idx, dtype=torch.bool) if keep_all else reference.reciprocal_mask(idx)
+    if batch is None:
+        idx, keep = idx[0], keep[0]
+    landmarks = torch.randperm(n, generator=g)[:n_land]
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(kk), to(v), to(idx), to(keep), to(landmarks), heads
+
+
+def reference_attention(q, k, v, idx, keep, landmarks, heads):
+    """reference.neighbor_attention for (N,d) or (B,N,d) inputs."""
+    batched = q.dim() == 3
+    args = [t if batched else t.unsqueeze(0) for t in (q, k, v, idx, keep)]
+    out = reference.neighbor_attention(*args, landmarks, heads)
+    return out if batched else out[0]
+
+
+def kernel_grads(backend_name, grad_out, P, R, v, idx, keep, scale):
+    """(out, probs, dP, dR, dv) of a backend's batched kernels: forward, reverse_index, backward."""
+    kernel = functools.partial(nk.backends.kernel, backend_name)
+    out, probs = kernel("sparse_attention")(P, R, v, idx, keep, scale)
+    rev = kernel("reverse_index")(idx, keep)
+    return (out, probs, *kernel("sparse_attention_backward")(grad_out, P, R, v, idx, rev, probs, scale))
+
+
+def reference_grads(grad_out, P, R, v, idx, keep, scale):
+    """(out, probs, dP, dR, dv) of reference.sparse_attention by autograd."""
+    Pr, Rr, vr = (t.clone().requires_grad_() for t in (P, R, v))
+    out, probs = reference.sparse_attention(Pr, Rr, vr, idx, keep, scale)
+    return (out.detach(), probs.detach(), *torch.autograd.grad(out, (Pr, Rr, vr), grad_out))
+
+
+class KernelAttention(torch.autograd.Function):
+    """sparse_attention differentiable through one backend's batched kernels only: the forward,
+    reverse_index and the backward kernel (what the public op registers for a library backend)."""
+
+    @staticmethod
+    def forward(ctx, backend_name, P, R, v, idx, keep, scale):
+        out, probs = nk.backends.kernel(backend_name, "sparse_attention")(P, R, v, idx, keep, scale)
+        ctx.save_for_backward(P, R, v, idx, keep, probs)
+        ctx.backend_name, ctx.scale = backend_name, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        P, R, v, idx, keep, probs = ctx.saved_tensors
+        kernel = functools.partial(nk.backends.kernel, ctx.backend_name)
+        rev = kernel("reverse_index")(idx, keep)
+        dP, dR, dv = kernel("sparse_attention_backward")(grad_out.contiguous(), P, R, v, idx, rev, probs, ctx.scale)
+        return None, dP, dR, dv, None, None, None
