@@ -284,10 +284,14 @@ def _tile_topk(sim: torch.Tensor, k: int):
     """(values, columns) of the top-min(k, m) entries per row of sim (c, m) by (value desc, column
     asc): of candidates tied at the last place the smaller columns, whatever torch.topk picks."""
     kk = min(k, sim.shape[1])
-    vals, cols = sim.topk(kk, dim=1)
-    kth = vals[:, -1:]
-    # Rows with more candidates at the last place than slots (and not only masked ones left).
-    tied = ((sim >= kth).sum(dim=1) > kk) & (kth.squeeze(1) > float("-inf"))
+    if kk == sim.shape[1]:  # every column is chosen
+        return sim, torch.arange(kk, device=sim.device).expand_as(sim)
+    vals, cols = sim.topk(kk + 1, dim=1)
+    kth = vals[:, kk - 1:kk]
+    # A candidate beyond the last slot scores as much as the last chosen one: a tie at the last
+    # place (unless only masked candidates are left), settled by column.
+    tied = (vals[:, kk] == kth[:, 0]) & (kth[:, 0] > float("-inf"))
+    vals, cols = vals[:, :kk], cols[:, :kk]
     if bool(tied.any()):
         rows = tied.nonzero().squeeze(1)
         sub, kth_t = sim[rows], kth[rows]
