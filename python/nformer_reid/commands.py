@@ -129,6 +129,7 @@ def _evaluate_model(cfg, model, dataset, device):
                               cfg.flip, device, cfg.amp) for items in (dataset.query, dataset.gallery)]
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = feats
     return compare(qf, gf, (q_pids, g_pids, q_cams, g_cams), nformer=None if cfg.mode == "none" else model.nformer,
+                   knn_precision=cfg.knn_precision,
                    modes=(cfg.mode,), rerank=cfg.rerank, baseline="backbone", title=dataset.name, out_dir=cfg.out,
                    seed=cfg.seed, device=device).results
 
@@ -204,7 +205,7 @@ def train(cfg):
         with _user_error():
             model = ReIDModel(dataset.num_train_pids, arch=cfg.arch, feat_dim=cfg.feat_dim, pretrained=cfg.pretrained,
                               nformer_depth=cfg.nformer_depth, nformer_landmarks=cfg.nformer_landmarks,
-                              nformer_topk=cfg.nformer_topk)
+                              nformer_topk=cfg.nformer_topk, knn_precision=cfg.knn_precision)
         for option, checkpoint in (("--weights", weights), ("--resume", state)):
             if checkpoint is not None:
                 check_architecture(checkpoint, model.config, getattr(cfg, option[2:]), option, MODEL_FLAGS)
@@ -256,10 +257,10 @@ def evaluate(cfg):
     inputs = _input_files(cfg, ("weights", "official"))
     _check_root(cfg)
     if cfg.official:
-        model = load_official_checkpoint(cfg.official)
+        model = load_official_checkpoint(cfg.official, knn_precision=cfg.knn_precision)
         logger.info("loaded the official release %s (ResNet-50 without stem ReLU, as the official code)", cfg.official)
     else:
-        model = load_model(cfg.weights, "ReIDModel", "--weights")
+        model = load_model(cfg.weights, "ReIDModel", "--weights", knn_precision=cfg.knn_precision)
     topk = model.nformer.topk
     dataset = _parse_dataset(cfg)
     if dataset is not None:
@@ -283,7 +284,7 @@ def _load_nformer(cfg):
         with _user_error(f"--official {cfg.official}: "):
             return nk.NFormer.from_official(state, depth=cfg.nformer_depth,
                                             num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS,
-                                            topk=cfg.nformer_topk or OFFICIAL_TOPK)
+                                            topk=cfg.nformer_topk or OFFICIAL_TOPK, knn_precision=cfg.knn_precision)
     try:
         state = read_checkpoint(cfg.weights, "--weights")
     except ReIDInputError as exc:
@@ -301,7 +302,7 @@ def _load_nformer(cfg):
     config.update({k: v for k, v in (("topk", cfg.nformer_topk), ("num_landmarks", cfg.nformer_landmarks))
                    if v is not None})
     with _user_error(f"--weights {cfg.weights}: key 'config': "):
-        nformer = nk.NFormer(**config)
+        nformer = nk.NFormer(**{**config, "knn_precision": cfg.knn_precision})
     load_weights(nformer, state, cfg.weights, "--weights")
     return nformer
 
@@ -336,7 +337,7 @@ def features(cfg):
                       num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS, topk=cfg.nformer_topk or OFFICIAL_TOPK,
                       num_classes=int(labels.max()) + 1)
         with _user_error(f"--train {cfg.train} ({dim}-d features): "):
-            nformer = nk.NFormer(**config)
+            nformer = nk.NFormer(**config, knn_precision=cfg.knn_precision)
     else:
         nformer = _load_nformer(cfg)
     if nformer.dim != dim:
@@ -355,7 +356,8 @@ def features(cfg):
         logger.info("saved %s (reuse it with --weights)", path)
     comparison = compare(query.feats, gallery.feats, (query.pids, gallery.pids, query.camids, gallery.camids),
                          nformer=nformer, modes=(cfg.mode,), rerank=cfg.rerank, baseline="input features",
-                         title=f"{dim}-d precomputed features", out_dir=cfg.out, seed=cfg.seed, device=device)
+                         title=f"{dim}-d precomputed features", out_dir=cfg.out, seed=cfg.seed, device=device,
+                         knn_precision=cfg.knn_precision)
     qn, gn = comparison.refined[cfg.mode]
     save_torch({"query": qn, "gallery": gn}, os.path.join(cfg.out, "refined_features.pt"))
     logger.info("wrote %s", os.path.join(cfg.out, "refined_features.pt"))

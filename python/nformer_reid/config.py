@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from nformer_kernels.ops import PRECISIONS as KNN_PRECISIONS
 from nformer_reid.utils.errors import ReIDInputError
 
 # Recipe constants that are not command options (reid-strong-baseline values, both stages).
@@ -99,6 +100,14 @@ class NFormerOptions:
 
 
 @dataclass(frozen=True)
+class KnnOptions:
+    knn_precision: str = option("auto", "neighbour searches of the NFormer, its training sampler and re-ranking: "
+                                        "certified (fp16 scans, then proven or recomputed: the exact neighbours, "
+                                        "faster on GPU tensor cores), exact (scans in the features' precision), "
+                                        "auto (certified for fp32 on CUDA, else exact)", choices=KNN_PRECISIONS)
+
+
+@dataclass(frozen=True)
 class NFormerTrainingOptions:
     nformer_steps: Optional[int] = option(None, "total stage-2 steps (overrides --nformer-epochs)", at_least(1),
                                           type=int)
@@ -125,8 +134,8 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
-class TrainConfig(Validated, EvalOptions, NFormerTrainingOptions, NFormerOptions, BackboneOptions, RunOptions,
-                  DataOptions):
+class TrainConfig(Validated, KnnOptions, EvalOptions, NFormerTrainingOptions, NFormerOptions, BackboneOptions,
+                  RunOptions, DataOptions):
     command: ClassVar[str] = "train"
     summary: ClassVar[str] = "train stage 1 (backbone) and/or stage 2 (NFormer)"
 
@@ -155,7 +164,7 @@ class TrainConfig(Validated, EvalOptions, NFormerTrainingOptions, NFormerOptions
 
 
 @dataclass(frozen=True)
-class EvalConfig(Validated, EvalOptions, RunOptions, DataOptions):
+class EvalConfig(Validated, KnnOptions, EvalOptions, RunOptions, DataOptions):
     command: ClassVar[str] = "eval"
     summary: ClassVar[str] = "evaluate a checkpoint (ours or the official nformer_model.pth)"
 
@@ -164,7 +173,7 @@ class EvalConfig(Validated, EvalOptions, RunOptions, DataOptions):
 
 
 @dataclass(frozen=True)
-class FeaturesConfig(Validated, RunOptions, NFormerTrainingOptions, NFormerOptions):
+class FeaturesConfig(Validated, KnnOptions, RunOptions, NFormerTrainingOptions, NFormerOptions):
     command: ClassVar[str] = "features"
     summary: ClassVar[str] = ("NFormer on precomputed features (e.g. dumped from torchreid or fast-reid): train it "
                               "on --train and/or evaluate query/gallery")
@@ -191,7 +200,7 @@ class FeaturesConfig(Validated, RunOptions, NFormerTrainingOptions, NFormerOptio
 
 
 @dataclass(frozen=True)
-class DemoConfig(Validated):
+class DemoConfig(Validated, KnnOptions):
     command: ClassVar[str] = "demo"
     summary: ClassVar[str] = "synthetic end-to-end NFormer demo (CPU, seconds)"
 

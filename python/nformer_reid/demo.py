@@ -43,14 +43,15 @@ def run_demo(config: DemoConfig = DemoConfig()) -> Dict[str, Dict[str, float]]:
     logger.info("synthetic benchmark: %d train features (%d ids), %d query / %d gallery (dim %d); "
                 "nformer_kernels backend: %s", bench.train.feats.shape[0], benchmark["num_train_ids"],
                 q.feats.shape[0], g.feats.shape[0], benchmark["dim"], nk.get_backend("cpu"))
-    nformer = nk.NFormer(dim=benchmark["dim"], num_classes=benchmark["num_train_ids"], **DEMO_NFORMER)
+    nformer = nk.NFormer(dim=benchmark["dim"], num_classes=benchmark["num_train_ids"],
+                         knn_precision=config.knn_precision, **DEMO_NFORMER)
     history = train_nformer(nformer, bench.train.feats, bench.train.pids, out_dir=config.out, steps=config.steps,
                             seq_len=config.seq_len, batch_size=2, lr=config.lr, seed=config.seed, amp="none",
                             device=config.device, log_period=max(1, config.steps // 4))
     results = compare(q.feats, g.feats, (q.pids, g.pids, q.camids, g.camids), nformer=nformer,
                       modes=("official", "paper"), rerank=not config.no_rerank, baseline="baseline",
                       title="synthetic benchmark, test identities unseen in training", out_dir=config.out,
-                      seed=config.seed, device=config.device).results
+                      seed=config.seed, device=config.device, knn_precision=config.knn_precision).results
     gain = results["NFormer (official)"]["mAP"] - results["baseline"]["mAP"]
     logger.info("NFormer changes mAP by %+.1f%% over the input features", 100 * gain)
     plot_losses({"NFormer stage 2": history}, os.path.join(config.out, "loss.png"))

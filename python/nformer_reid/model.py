@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nformer_kernels as nk
-from nformer_reid.config import ARCHS, TrainConfig
+from nformer_reid.config import ARCHS, KnnOptions, TrainConfig
 from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.deps import import_torchvision
 from nformer_reid.utils.errors import ReIDInputError
@@ -125,13 +125,15 @@ class ReIDModel(nn.Module):
 
     State-dict names follow the official nformer_model.pth for the backbone (backbone.base.*,
     backbone.projection, backbone.bottleneck, backbone.classifier); the NFormer is nk.NFormer.
+    knn_precision (its neighbour search, nk.knn's precision) is a run setting, not part of `config`.
     """
 
     def __init__(self, num_classes: int, arch: str = TrainConfig.arch, feat_dim: int = TrainConfig.feat_dim,
                  last_stride: int = 1, pretrained: Optional[str] = None, stem_relu: bool = True,
                  nformer_depth: int = TrainConfig.nformer_depth, nformer_heads: int = 2,
                  nformer_landmarks: int = TrainConfig.nformer_landmarks, nformer_topk: int = TrainConfig.nformer_topk,
-                 nformer_ffn_dim: Optional[int] = None, nformer_dropout: float = 0.1, verbose: bool = True):
+                 nformer_ffn_dim: Optional[int] = None, nformer_dropout: float = 0.1, verbose: bool = True,
+                 knn_precision: str = KnnOptions.knn_precision):
         super().__init__()
         self.config = dict(num_classes=num_classes, arch=arch, feat_dim=feat_dim, last_stride=last_stride,
                            stem_relu=stem_relu, nformer_depth=nformer_depth, nformer_heads=nformer_heads,
@@ -140,7 +142,7 @@ class ReIDModel(nn.Module):
         self.backbone = Backbone(num_classes, arch, feat_dim, last_stride, pretrained, stem_relu, verbose)
         self.nformer = nk.NFormer(dim=feat_dim, depth=nformer_depth, num_heads=nformer_heads,
                                   num_landmarks=nformer_landmarks, topk=nformer_topk, ffn_dim=nformer_ffn_dim,
-                                  dropout=nformer_dropout, num_classes=num_classes)
+                                  dropout=nformer_dropout, num_classes=num_classes, knn_precision=knn_precision)
 
     def forward(self, images):
         return self.backbone(images)
@@ -150,8 +152,9 @@ class ReIDModel(nn.Module):
         return self.nformer(feats, **kwargs)
 
     @classmethod
-    def from_config(cls, config: dict, verbose: bool = False) -> "ReIDModel":
-        return cls(**config, verbose=verbose)
+    def from_config(cls, config: dict, verbose: bool = False,
+                    knn_precision: str = KnnOptions.knn_precision) -> "ReIDModel":
+        return cls(**{**config, "verbose": verbose, "knn_precision": knn_precision})
 
 
 def _infer_arch(state, prefix):
@@ -172,12 +175,13 @@ def _infer_arch(state, prefix):
 
 def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nformer_landmarks,
                              topk: int = TrainConfig.nformer_topk, num_heads: int = 2,
-                             strict: bool = True) -> ReIDModel:
+                             strict: bool = True, knn_precision: str = KnnOptions.knn_precision) -> ReIDModel:
     """ReIDModel from the official NFormer release (nformer_model.pth: backbone.* + nformer.*).
 
     The backbone is ResNet-50 without the stem ReLU (as the official code); the nformer.* part is
     read by nk.NFormer.from_official (Conv1D (in,out) weights transposed, BatchNorm head included).
     num_landmarks / topk / num_heads are not stored in the file: the official defaults are 5/20/2.
+    knn_precision: the NFormer's neighbour search (nk.knn's precision).
     """
     where = f"{os.fspath(path_or_state)}: " if isinstance(path_or_state, (str, os.PathLike)) else ""
     state = _load_state_dict(path_or_state, "--official")
@@ -194,7 +198,7 @@ def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nfo
     try:
         arch = _infer_arch(state, "backbone.base.")
         nformer = nk.NFormer.from_official(state, num_classes=num_classes, strict=strict, num_heads=num_heads,
-                                           num_landmarks=num_landmarks, topk=topk)
+                                           num_landmarks=num_landmarks, topk=topk, knn_precision=knn_precision)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         if not where:
             raise

@@ -8,18 +8,21 @@ Never an M x M matrix. Two ways to get the neighbour prefixes (same result):
       multiply-adds, less than one all-pairs pass.
   "knn": nk.knn over all M features with k = min(M, 2L), computed once (O(M * 2L) int64) and
       reused by every epoch; worth it for many epochs over a set whose table fits in memory.
+      knn_precision is nk.knn's precision (auto / exact / certified: the same neighbours).
 """
 from typing import Optional, Tuple
 
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_int, as_tensor
 
 
 class NeighborhoodSampler:
     def __init__(self, feats: torch.Tensor, pids: torch.Tensor, seq_len: int = 7000, batch_size: int = 2,
-                 strategy: str = "centres", generator: Optional[torch.Generator] = None):
+                 strategy: str = "centres", generator: Optional[torch.Generator] = None,
+                 knn_precision: str = KnnOptions.knn_precision):
         feats, pids = as_tensor(feats, "feats"), as_tensor(pids, "pids")
         seq_len, batch_size = as_int(seq_len, "seq_len"), as_int(batch_size, "batch_size")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -43,7 +46,8 @@ class NeighborhoodSampler:
         self.batch_size = batch_size
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.strategy = strategy
-        self.neighbors = nk.knn(self.feats, self.pool_max) if strategy == "knn" else None
+        self.neighbors = (nk.knn(self.feats, self.pool_max, precision=knn_precision) if strategy == "knn"
+                          else None)
 
     def __len__(self):
         """Batches per epoch: M // 30 sequences, as the official NFormerDataset."""

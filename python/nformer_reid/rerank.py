@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_device, as_float, as_int, as_tensor, pow2_row_scale
 
 
@@ -130,7 +131,8 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
 
 
 def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
-                      pair_budget: int = 1 << 22, device=None) -> np.ndarray:
+                      pair_budget: int = 1 << 22, device=None,
+                      knn_precision: str = KnnOptions.knn_precision) -> np.ndarray:
     """k-reciprocal re-ranking from features in O(N*k1) working memory (plus the (Q,G) output).
 
     Equal to re_ranking(q_g, q_q, g_g) where the distances are the Euclidean distances between
@@ -139,7 +141,8 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     first max(k1+1, k2) neighbours of any item (nk.knn breaks ties by index, as does the dense
     version's stable sort, but cosine vs squared-distance rounding can order near-ties differently).
 
-    Neighbour lists: nk.knn(features, max(k1+1, k2)) (cosine order = Euclidean order for unit
+    Neighbour lists: nk.knn(features, max(k1+1, k2), precision=knn_precision: every precision
+    gives the exact lists, "certified" proves them from fp16 scans) (cosine order = Euclidean order for unit
     vectors) and nk.reciprocal_mask for R(i) and R_half(i). The column maxima of the squared
     distances and the query x gallery distances come from one chunked matmul pass (O(N^2 d)
     time, O(chunk*N) memory). V and its query expansion are sparse (about N*k1*k2 entries); the
@@ -173,7 +176,7 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
         return np.zeros((num_q, num_g), dtype=np.float32)
 
     kk = max(k1 + 1, k2)
-    rank = nk.knn(x, kk)
+    rank = nk.knn(x, kk, precision=knn_precision)
     fwd = rank[:, :k1 + 1]
     keep = nk.reciprocal_mask(fwd)
     half = rank[:, :_half_k(k1) + 1]

@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged
 from nformer_reid.utils.io import load_torch, save_torch
@@ -144,8 +145,10 @@ def load_checkpoint(path: str, model=None, optimizer=None, criterion=None, cente
     return state
 
 
-def load_model(path: str, kind: str = "ReIDModel", what: str = "checkpoint"):
-    """The model of `kind` a checkpoint holds, built from its config, weights loaded (CPU)."""
+def load_model(path: str, kind: str = "ReIDModel", what: str = "checkpoint",
+               knn_precision: str = KnnOptions.knn_precision):
+    """The model of `kind` a checkpoint holds, built from its config, weights loaded (CPU); its
+    NFormer searches neighbours with nk.knn's precision=knn_precision (a run setting, not stored)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     state = read_checkpoint(path, what)
@@ -154,11 +157,11 @@ def load_model(path: str, kind: str = "ReIDModel", what: str = "checkpoint"):
                              f"{'' if state.get('config') else ' without its config'})")
     try:
         if kind == "NFormer":
-            model = nk.NFormer(**state["config"])
+            model = nk.NFormer(**{**state["config"], "knn_precision": knn_precision})
         else:
             from nformer_reid.model import ReIDModel  # needs torchvision: imported only for this kind
 
-            model = ReIDModel.from_config(state["config"])
+            model = ReIDModel.from_config(state["config"], knn_precision=knn_precision)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ReIDInputError):
             raise

@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from nformer_reid.config import KnnOptions
 from nformer_reid.engine.device import autocast, resolve_device
 from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
 from nformer_reid.plotting import plot_cmc
@@ -84,10 +85,12 @@ def check_paper_mode(topk: int, num_query: int, num_gallery: int, topk_name: str
 
 
 def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank: bool = False, max_rank: int = 50,
-                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> Dict:
-    """mAP / CMC of L2-normalised features (squared Euclidean), optionally k-reciprocal re-ranked."""
+                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      knn_precision: str = KnnOptions.knn_precision) -> Dict:
+    """mAP / CMC of L2-normalised features (squared Euclidean), optionally k-reciprocal re-ranked
+    (neighbour lists by nk.knn with precision=knn_precision)."""
     if rerank:
-        dist = re_ranking_sparse(qf, gf, k1, k2, lambda_value)
+        dist = re_ranking_sparse(qf, gf, k1, k2, lambda_value, knn_precision=knn_precision)
     else:
         dist = compute_distance_matrix(qf, gf, "euclidean", normalize=True)
     cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
@@ -112,11 +115,13 @@ class Comparison:
 
 def compare(qf: torch.Tensor, gf: torch.Tensor, ids: Sequence[torch.Tensor], *, nformer=None,
             modes: Sequence[str] = ("official",), rerank: bool = False, baseline: str = "baseline",
-            title: str = "features", out_dir: Optional[str] = None, seed: int = 0, device=None) -> Comparison:
+            title: str = "features", out_dir: Optional[str] = None, seed: int = 0, device=None,
+            knn_precision: str = KnnOptions.knn_precision) -> Comparison:
     """mAP / CMC of the `baseline` features and, unless nformer is None, of their NFormer refinement
     in each of `modes`; with rerank, also the baseline and the first mode k-reciprocal re-ranked.
 
-    ids = (q_pids, g_pids, q_camids, g_camids). Logs the table; with out_dir, writes cmc.png and
+    ids = (q_pids, g_pids, q_camids, g_camids). knn_precision: nk.knn's precision for the
+    re-ranking neighbour lists (the NFormer searches with its own knn_precision). Logs the table; with out_dir, writes cmc.png and
     results.json ({name: {mAP, R1, R5, R10}}) there.
     """
     if len(ids) != 4:
@@ -126,14 +131,16 @@ def compare(qf: torch.Tensor, gf: torch.Tensor, ids: Sequence[torch.Tensor], *, 
         raise ValueError(f"modes must be a non-empty sequence of {REFINE_MODES}, got {list(modes)}")
     results = {baseline: evaluate_features(qf, gf, *ids)}
     if rerank:
-        results[f"{baseline} + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True)
+        results[f"{baseline} + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True,
+                                                                   knn_precision=knn_precision)
     refined = {}
     if nformer is not None:
         for mode in modes:
             refined[mode] = refine_features(nformer, qf, gf, mode, seed, device)
             results[f"NFormer ({mode})"] = evaluate_features(*refined[mode], *ids)
         if rerank:
-            results["NFormer + re-ranking"] = evaluate_features(*refined[modes[0]], *ids, rerank=True)
+            results["NFormer + re-ranking"] = evaluate_features(*refined[modes[0]], *ids, rerank=True,
+                                                                knn_precision=knn_precision)
     logger.info("results on %s (%d query / %d gallery):", title, len(ids[0]), len(ids[1]))
     for name, res in results.items():
         logger.info("  %s", format_result(name, res))

@@ -71,7 +71,7 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(seed)
     sampler = NeighborhoodSampler(feats.to(device), pids.to(device), seq_len, batch_size, sampling,
-                                  generator=generator)
+                                  generator=generator, knn_precision=nformer.knn_precision)
     total = steps if steps is not None else epochs * len(sampler)
     logger.info("stage 2: %d train features, sequences of %d x %d, %d steps, neighbour sampling '%s'",
                 feats.shape[0], sampler.seq_len, batch_size, total, sampler.strategy)
