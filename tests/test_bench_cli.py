@@ -89,7 +89,7 @@ def test_worker_agreement_protocol(capsys):
     assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_ref"]) and check["knn_index_match"] == 1.0
 
 
-COMMANDS = ("run", "knn", "tune", "check", "report")
+COMMANDS = ("run", "knn", "certified", "distributed", "tune", "check", "report")
 
 
 def test_no_arguments_prints_help_listing_every_command(capsys):
@@ -135,6 +135,34 @@ def test_knn_command_compares_methods_with_recall(capsys):
     assert rows[0]["recall"] == 1.0 and rows[1]["recall"] >= 0.999  # exact methods agree up to ties
     assert all(r["mem_kind"] == "rss_growth" and r["recall_vs"] == f"knn ({backend})" for r in rows)
     assert "knn-torch (torch)" in capsys.readouterr().out
+
+
+def test_certified_command_writes_stage_split_and_agreement(tmp_path, capsys):
+    cli.main(["certified", "--device", "cpu", "--n-list", "200,700", "--d", "16", "--k", "5", "--margin", "3",
+              "--kinds", "gaussian,reid", "--repeats", "1", "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("certified-*.json")
+    assert json_path.with_suffix(".md").is_file()
+    result = json.loads(json_path.read_text())
+    meta, rows = result["meta"], result["rows"]
+    assert meta["complete"] and meta["margin"] == 3 and meta["device_slug"].startswith("cpu-")
+    assert "N = 1e6 is for a GPU" in meta["note"]
+    assert [(r["kind"], r["n"], r["status"]) for r in rows] == [
+        ("gaussian", 200, "ok"), ("reid", 200, "ok"), ("gaussian", 700, "ok"), ("reid", 700, "ok")]
+    for r in rows:
+        assert r["candidates_per_row"] == 8 and r["backend"] == nk.get_backend(torch.device("cpu"))
+        assert all(r[key] >= 0 for key in ("exact_ms", "certified_ms", "stage1_ms", "stage2_ms", "fallback_ms",
+                                            "torch_mm_topk_ms"))
+        assert (r["fallback_ms"] == 0) == (r["rows_recomputed"] == 0)
+        assert r["certified_rows"] + r["rows_recomputed"] == r["rows"] == r["n"]
+        assert r["certified_fraction"] == r["certified_rows"] / r["n"] and r["candidates_rescored"] == 8 * r["n"]
+        assert r["stages_rows_recomputed"] == r["rows_recomputed"] and r["stages_equal_certified"]
+        assert r["certified_equals_exact"] and r["certified_rows_equal"] == 1.0 and r["certified_recall"] == 1.0
+        assert r["torch_mm_topk_recall"] >= 0.999
+    md = json_path.with_suffix(".md").read_text()
+    assert md.count("| gaussian |") == 2 and md.count("| reid |") == 2 and "stage 1" in md
+    assert "wrote" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--kinds"):
+        cli.main(["certified", "--device", "cpu", "--kinds", "uniform", "--out", str(tmp_path)])
 
 
 def test_parser_leaves_nformer_kernels_unimported():

@@ -2,6 +2,7 @@
 
   nformer-bench run     sweep N over the fused NFormer and its dense baselines (JSON, Markdown, PNG)
   nformer-bench knn     exact k-NN: nk.knn vs chunked torch.mm + topk vs faiss, with recall
+  nformer-bench certified  nk.knn precision="certified" vs "exact" vs torch.mm + topk: stages, certified rows
   nformer-bench distributed  nformer_kernels.distributed on 1..P CPU processes: time, bytes, memory
   nformer-bench tune    time the Triton kernels over grids of launch configurations (GPU)
   nformer-bench check   validate nformer_kernels on a CUDA machine in one budgeted run
@@ -20,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The parser imports no nformer_kernels: `check` rebuilds the extension from this process.
-from nformer_bench import RESULT_MARK, check, distributed, knn, sweep, tune
+from nformer_bench import RESULT_MARK, certified, check, distributed, knn, sweep, tune
 
 
 def version():
@@ -37,11 +38,14 @@ def _parser():
     parser = argparse.ArgumentParser(prog="nformer-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nformer-bench {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,knn,tune,check,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,knn,certified,distributed,tune,check,report}")
     sweep.add_arguments(sub.add_parser("run", help="sweep N and write results", description=sweep.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     knn.add_arguments(sub.add_parser("knn", help="exact k-NN against torch and faiss", description=knn.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter))
+    certified.add_arguments(sub.add_parser("certified", help="certified vs exact k-NN: stage split, certified rows",
+                                           description=certified.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     distributed.add_arguments(sub.add_parser("distributed", help="nformer_kernels.distributed: per-rank time, bytes, "
                                              "memory; --plan: the analytic cost", description=distributed.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -76,6 +80,8 @@ def main(argv=None):
         sweep.run(args)
     elif args.command == "knn":
         knn.run(args)
+    elif args.command == "certified":
+        certified.run(args)
     elif args.command == "distributed":
         distributed.run(args)
     elif args.command == "tune":

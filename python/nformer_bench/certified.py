@@ -1,0 +1,264 @@
+"""nformer-bench certified: nk.knn(precision="certified") vs precision="exact" vs chunked torch.mm + topk.
+
+  nformer-bench certified [--device cpu|cuda] [--n-list 10000,19281,100000,1000000] [--d 256] [--k 20]
+                          [--margin 12] [--kinds gaussian,reid] [--time-budget-s S] [--out DIR]
+
+fp32 input. Per data kind and N: the wall time of nk.knn precision="exact" and precision="certified"
+(both on the selected backend), the certified path's stage split, timed by calling the pieces it
+is made of with the inputs it builds (stage 1: fp16 rounding + the backend's knn kernel for
+K' = k + margin candidates; stage 2: the score error bound + the backend's knn_rescore kernel;
+fallback: exact scans (torch_ops.topk_rows) of the rows stage 2 could not certify), the certified
+fraction and rows recomputed, and the chunked torch.mm + topk baseline (nformer_bench.baselines, as
+`nformer-bench run` sets it up). Certified answers are compared with exact ones (identical rows,
+recall); the baseline by recall against exact.
+
+Kinds: "gaussian" (i.i.d. N(0,1) rows) and "reid" (Re-ID-like clustered features,
+nformer_bench.runner.synthetic_features). Timing: nformer_bench.runner.time_call_ms (CUDA events on
+the GPU, perf_counter on the CPU), median of up to --repeats calls after one warm-up call on the
+first 2,048 rows. The certified path pays off where fp16 matmuls are faster than fp32 ones (GPU
+tensor cores); on a CPU the stage costs and certified fractions are what it measures, and
+N = 1e6 is for a GPU. Writes certified-<timestamp>.json and .md to --out (default
+./nformer_bench_results).
+"""
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from nformer_bench.knn import WARMUP_ROWS, recall
+from nformer_bench.sweep import RESULTS_DIR, _int_list
+
+KINDS = ("gaussian", "reid")
+DEFAULT_N = (10000, 19281, 100000, 1000000)
+
+
+def add_arguments(p):
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--n-list", type=_int_list, default=list(DEFAULT_N),
+                   help="comma-separated N values (default: 10000,19281,100000,1000000)")
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--margin", type=int, default=None,
+                   help="extra stage-1 candidates per row (default: nk.knn's default margin)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (at most)")
+    p.add_argument("--repeat-budget-s", type=float, default=30.0,
+                   help="stop timing a measurement once its timed calls took this long (>= 1 call)")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="whole run: (kind, N) configurations that would start after this are skipped")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help=f"folder for certified-<timestamp>.json/.md (default: ./{RESULTS_DIR})")
+
+
+def features(kind, n, d, device, seed=0):
+    """(1, n, d) fp32 rows of data kind `kind` on `device`."""
+    import torch
+
+    from nformer_bench.runner import synthetic_features
+
+    if kind == "reid":
+        return synthetic_features(n, d, device, torch.float32, seed)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, d, generator=gen).to(device)
+
+
+def _median_ms(fn, on_gpu, repeats, budget_s):
+    """Median wall ms of up to `repeats` calls of fn (stopping once they took budget_s), and the
+    last call's result."""
+    from nformer_bench.runner import time_call_ms
+
+    out, times = [None], []
+
+    def call():
+        out[0] = fn()
+
+    while len(times) < repeats and sum(times) < 1e3 * budget_s:
+        times.append(time_call_ms(call, on_gpu)[0])
+    return statistics.median(times), out[0]
+
+
+def stage_pieces(x, k, margin):
+    """The certified path's stages as separate calls, with the inputs it builds from x (1,N,d):
+    (stage1, stage2, fallback, backend). stage1() -> candidates; stage2(candidates) ->
+    (idx, certified); fallback(idx, certified) -> idx with the uncertified rows scanned exactly."""
+    import torch
+
+    from nformer_kernels import backends, torch_ops
+    from nformer_kernels.ops.knn import _score_error_bound, _unit_rows
+
+    xu = _unit_rows(x).contiguous()
+    kc = min(xu.shape[1], k + margin)
+    backend = backends.resolve("knn", xu.device, k=kc)
+    knn_kernel, rescore = backends.kernel(backend, "knn"), backends.kernel(backend, "knn_rescore")
+
+    def stage1():
+        return knn_kernel(xu.to(torch.float16), kc)
+
+    def stage2(candidates):
+        return rescore(xu, candidates, k, 2 * _score_error_bound(xu))
+
+    def fallback(idx, certified):
+        rows = (~certified[0]).nonzero().squeeze(1)
+        if rows.numel():
+            idx[0, rows] = torch_ops.topk_rows(xu[0, rows], xu[0], k, self_ids=rows)
+        return idx
+
+    return stage1, stage2, fallback, backend
+
+
+def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0):
+    """One result row: exact, certified (stage split, stats, agreement) and torch.mm + topk."""
+    import torch
+
+    import nformer_kernels as nk
+    from nformer_bench.runner import _setup
+
+    on_gpu = device.type == "cuda"
+    k = min(k, n)
+    x = features(kind, n, d, device)
+    warm = x[:, :min(n, WARMUP_ROWS)]
+    stage1, stage2, fallback, backend = stage_pieces(x, k, margin)
+    baseline = _setup({"method": "knn-torch", "params": {"d": d, "k": k, "heads": 1, "landmarks": 1, "ffn": 1,
+                                                          "depth": 1}}, x)
+
+    def exact(t):
+        return nk.knn(t, k, precision="exact")
+
+    def certified(t):
+        return nk.knn(t, k, precision="certified", margin=margin, return_stats=True)
+
+    for fn in (exact, certified):  # warm-up: thread pools, kernels, allocator
+        fn(warm)
+    w1, w2, _, _ = stage_pieces(warm, k, margin)
+    w2(w1())
+    timed = lambda fn: _median_ms(fn, on_gpu, repeats, repeat_budget_s)  # noqa: E731
+    exact_ms, idx_exact = timed(lambda: exact(x))
+    certified_ms, (idx_cert, stats) = timed(lambda: certified(x))
+    stage1_ms, candidates = timed(stage1)
+    stage2_ms, (idx_stage, ok) = timed(lambda: stage2(candidates))
+    rows_left = int((~ok).sum())
+    fallback_ms, idx_stage = timed(lambda: fallback(idx_stage, ok)) if rows_left else (0.0, idx_stage)
+    torch_ms, idx_torch = timed(baseline)
+    idx_exact, idx_cert, idx_stage = idx_exact[0].cpu(), idx_cert[0].cpu(), idx_stage[0].cpu()
+    return {"status": "ok", "kind": kind, "n": n, "d": d, "k": k, "margin": margin,
+            "candidates_per_row": min(n, k + margin), "backend": backend,
+            "exact_ms": exact_ms, "certified_ms": certified_ms,
+            "stage1_ms": stage1_ms, "stage2_ms": stage2_ms, "fallback_ms": fallback_ms,
+            "torch_mm_topk_ms": torch_ms,
+            "certified_rows": stats.certified_rows, "rows": stats.rows,
+            "certified_fraction": stats.certified_rows / stats.rows, "rows_recomputed": stats.rows_recomputed,
+            "candidates_rescored": stats.candidates_rescored,
+            "stages_rows_recomputed": rows_left,
+            "certified_equals_exact": bool(torch.equal(idx_cert, idx_exact)),
+            "certified_rows_equal": (idx_cert == idx_exact).all(1).float().mean().item(),
+            "stages_equal_certified": bool(torch.equal(idx_stage, idx_cert)),
+            "certified_recall": recall(idx_cert, idx_exact),
+            "torch_mm_topk_recall": recall(idx_torch.cpu(), idx_exact)}
+
+
+def markdown(result):
+    from nformer_bench.report import _fmt_ms
+
+    meta = result["meta"]
+    commit = (meta["git_commit"] or "unknown")[:12] + (" (dirty)" if meta.get("git_dirty") else "")
+    lines = [f"## nformer-bench certified: {meta['device_name']}, float32", "",
+             f"d={meta['d']}, k={meta['k']}, margin {meta['margin']} (K' = k + margin candidates per row); "
+             f"torch {meta['versions']['torch']}, {meta['torch_threads']} threads, commit {commit}, "
+             f"{meta['timestamp']}; median of up to {meta['repeats']} calls after one warm-up call.",
+             f"Command: `{meta['command']}`", "", meta["note"], "",
+             "| kind | N | backend | exact | certified | stage 1 | stage 2 | fallback | certified rows "
+             "| rows recomputed | = exact | torch.mm+topk | its recall |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['kind']} | {r['n']} | | | | | | | | | | | {r['status']} |")
+            continue
+        lines.append(f"| {r['kind']} | {r['n']} | {r['backend']} | {_fmt_ms(r['exact_ms'])} | "
+                     f"{_fmt_ms(r['certified_ms'])} | {_fmt_ms(r['stage1_ms'])} | {_fmt_ms(r['stage2_ms'])} | "
+                     f"{_fmt_ms(r['fallback_ms'])} | {r['certified_fraction']:.4%} | {r['rows_recomputed']} | "
+                     f"{'yes' if r['certified_equals_exact'] else 'NO'} | {_fmt_ms(r['torch_mm_topk_ms'])} | "
+                     f"{r['torch_mm_topk_recall']:.6f} |")
+    lines += ["", "exact / certified: nk.knn(x, k, precision=...). Stage 1: fp16 rounding + the backend's knn "
+              "kernel for K' candidates; stage 2: the score error bound + knn_rescore; fallback: exact scans of "
+              "the rows stage 2 could not certify (each timed alone, with the inputs the certified path builds). "
+              "= exact: certified indices identical to exact ones. torch.mm+topk: "
+              "nformer_bench.baselines.knn_torch_chunked, recall against exact."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args):
+    """`nformer-bench certified`: the rows, printed as they come, saved as JSON + Markdown; returns
+    the JSON path."""
+    import torch
+
+    from nformer_bench.environment import environment
+    from nformer_bench.report import _fmt_ms
+    from nformer_kernels.ops.knn import DEFAULT_MARGIN
+
+    t_start = time.monotonic()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise SystemExit(f"--kinds: unknown {unknown}; choose from {','.join(KINDS)}")
+    margin = DEFAULT_MARGIN if args.margin is None else args.margin
+    if margin < 0 or args.k < 1 or args.d < 1 or args.repeats < 1 or not args.n_list or min(args.n_list) < 1:
+        raise SystemExit("--margin must be >= 0, --k, --d, --repeats and every --n-list value >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    note = ("GPU: the certified path runs its scan in fp16 on tensor cores." if device.type == "cuda" else
+            f"CPU ({env['device_name']}): fp16 matmuls are not faster than fp32 ones here, so these are the "
+            "stage costs and certified fractions as measured, not the speed-up; N = 1e6 is for a GPU.")
+    result = {"meta": {**env, "timestamp": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "dtype": "float32",
+                       "d": args.d, "k": args.k, "margin": margin, "kinds": kinds, "repeats": args.repeats,
+                       "repeat_budget_s": args.repeat_budget_s, "time_budget_s": args.time_budget_s,
+                       "loadavg_start": os.getloadavg(), "complete": False, "note": note,
+                       "command": "nformer-bench " + " ".join(getattr(args, "argv", ["certified"]))},
+               "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"certified-{result['meta']['timestamp']}"
+
+    def save():  # after every row, so a run cut short still leaves its rows
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+    print(f"certified vs exact k-NN on {env['device_name']}, d={args.d} k={args.k} margin={margin}, "
+          f"{torch.get_num_threads()} threads\n{note}")
+    print(f"{'kind':<10}{'N':>9}{'exact':>11}{'certified':>11}{'stage 1':>11}{'stage 2':>11}{'fallback':>11}"
+          f"{'certified':>11}{'torch.mm':>11}")
+    with torch.inference_mode():
+        for n in sorted(set(args.n_list)):
+            for kind in kinds:
+                elapsed = time.monotonic() - t_start
+                if args.time_budget_s is not None and elapsed > args.time_budget_s:
+                    row = {"status": "skipped (time budget)", "kind": kind, "n": n}
+                else:
+                    try:
+                        row = measure(kind, n, args.d, args.k, margin, device, args.repeats, args.repeat_budget_s)
+                    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                        if not isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) \
+                                and "out of memory" not in str(exc).lower():
+                            raise
+                        row = {"status": "OOM", "kind": kind, "n": n}
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                result["rows"].append(row)
+                save()
+                if row["status"] != "ok":
+                    print(f"{kind:<10}{n:>9}  {row['status']}", flush=True)
+                    continue
+                print(f"{kind:<10}{n:>9}" + "".join(f"{_fmt_ms(row[key]):>11}" for key in (
+                    "exact_ms", "certified_ms", "stage1_ms", "stage2_ms", "fallback_ms")) +
+                      f"{row['certified_fraction']:>11.4%}{_fmt_ms(row['torch_mm_topk_ms']):>11}", flush=True)
+    result["meta"].update(complete=True, wall_s=time.monotonic() - t_start, loadavg_end=os.getloadavg())
+    save()
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {stem}.json (+ .md)")
+    return stem.with_suffix(".json")
