@@ -25,7 +25,7 @@ def lists(B, N, k, *slow):
     lists(1, 1, 1, EMULATED, INTERPRETED), lists(2, 37, 1, INTERPRETED), lists(3, 37, 5, EMULATED, INTERPRETED),
     lists(1, 70, 16, INTERPRETED), lists(3, 37, 37, EMULATED, INTERPRETED), lists(1, 70, 70, INTERPRETED),
     lists(3, 120, 20), lists(2, 200, 9, EMULATED), lists(1, 64, 64, EMULATED), lists(2, 300, 20, EMULATED),
-    lists(2, 1031, 20)])
+    lists(2, 1031, 20), lists(3, 1, 1), lists(1, 37, 5), lists(1, 37, 37), lists(1, 120, 20)])
 def test_reciprocal_mask_and_reverse_index_kernels(backend, B, N, k, source):
     """keep equals the reference; reverse_index too, for keep and for two random subsets of it."""
     idx = NEIGHBOUR_LISTS[source](B, N, k, seed=4, device=backend.device)
