@@ -205,9 +205,10 @@ def _gather_checked(group, local_check):
                 raise e
             raise type(e)(f"on rank {r}: {e}")
     rows, device, _ = mine
-    backend = dist.get_backend(group)
-    if backend == "nccl" and device.type != "cuda":
-        raise ValueError(f"the group's backend is nccl, which needs CUDA tensors, got {device.type} tensors")
+    off_gpu = [r for r, g in enumerate(gathered) if g[0][1].type != "cuda"]
+    if dist.get_backend(group) == "nccl" and off_gpu:
+        raise ValueError(f"group: its backend is nccl, which needs CUDA tensors; ranks {off_gpu} pass "
+                         f"{gathered[off_gpu[0]][0][1].type} tensors")
     return _World(group, rank, size, tuple(g[0][0] for g in gathered), device), [g[0][2] for g in gathered]
 
 

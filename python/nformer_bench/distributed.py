@@ -9,9 +9,10 @@ Each (op, N, P) runs in a fresh gloo world of P CPU processes (torch.multiproces
 threads each); every rank loads only its contiguous shard of the same seeded features
 (runner.synthetic_features, ~16 images per identity, identities spread over all shards) and
 times one call: knn = distributed.knn(x, k), nformer = distributed.nformer_forward of a seeded
-NFormer on explicit landmarks (P = 1 is the single-process op and model). Per rank: wall and CPU
-time, the seconds blocked on communication, bytes sent and received by kind
-(distributed.traffic()), and peak memory (peak RSS minus the RSS before the call). For P > 1 the
+NFormer on explicit landmarks (P = 1 is the single-process op and model), after an unmeasured call
+on 512 rows per rank. Per rank: wall and CPU time, the seconds blocked on communication, bytes
+sent and received by kind (distributed.traffic()), peak memory (peak RSS minus the RSS before the
+call: the call's working memory) and the process's peak RSS (with its shard, torch and the model). For P > 1 the
 byte counts are checked against the cost model below (ring_bytes, halo_rows, halo_bytes).
 
 --plan prints the cost model (docs/distributed.md) for the two deployments in PLANS.
@@ -37,6 +38,7 @@ GPU_HBM_BYTES_PER_S = 4.8e12
 # The two deployments of docs/distributed.md: ranks and the bandwidth of one ring hop, per direction.
 PLANS = {"8 GPUs, NVLink": (8, 450e9), "8 nodes x 8 GPUs, 400 Gb/s": (64, 50e9)}
 SCORE_BYTES = 8  # the torch top-k writes each fp32 score of a tile once and reads it once
+WARMUP_ROWS = 512  # rows per rank of the unmeasured first call
 
 
 # ------------------------------------------------------------------ the cost model
@@ -132,26 +134,26 @@ def _rank(rank, cfg, port, shard_dir, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg["procs"])
     try:
         x = torch.load(os.path.join(shard_dir, f"shard{rank}.pt"))
-        if cfg["op"] == "knn":
-            def call():
-                return nkd.knn(x, cfg["k"])
-        else:
-            torch.manual_seed(0)
-            model = nk.NFormer(dim=cfg["d"], depth=cfg["depth"], num_heads=cfg["heads"],
-                               num_landmarks=cfg["landmarks"], topk=cfg["k"], ffn_dim=cfg["ffn"]).eval()
-            landmarks = explicit_landmarks(cfg["n"], cfg["depth"], cfg["landmarks"])
+        torch.manual_seed(0)
+        model = nk.NFormer(dim=cfg["d"], depth=cfg["depth"], num_heads=cfg["heads"], num_landmarks=cfg["landmarks"],
+                           topk=cfg["k"], ffn_dim=cfg["ffn"]).eval()
 
-            def call():
-                return nkd.nformer_forward(model, x, landmarks)
+        def call(rows, n):
+            if cfg["op"] == "knn":
+                return nkd.knn(rows, cfg["k"])
+            return nkd.nformer_forward(model, rows, explicit_landmarks(n, cfg["depth"], cfg["landmarks"]))
+
+        warm = x[:WARMUP_ROWS]  # libraries and thread pools load here, not in the measured call
+        call(warm, sum(min(WARMUP_ROWS, c) for c in shard_sizes(cfg["n"], cfg["procs"])))
         dist.barrier()
         nkd.reset_traffic()
         rss_before = _rss_now()
         t0, c0 = time.perf_counter(), time.process_time()
-        out = call()
+        out = call(x, cfg["n"])
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-        row = {"rank": rank, "rows": x.shape[0], "wall_s": wall, "cpu_s": cpu, "peak_bytes": peak,
-               "out_shape": list(out.shape), **nkd.traffic()}
+        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        row = {"rank": rank, "rows": x.shape[0], "wall_s": wall, "cpu_s": cpu, "peak_bytes": rss_peak - rss_before,
+               "rss_peak_bytes": rss_peak, "out_shape": list(out.shape), **nkd.traffic()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(row))
         dist.barrier()
     finally:
@@ -245,7 +247,7 @@ def run(args):
     print(f"nformer_kernels.distributed on gloo CPU processes, {args.threads} thread(s) each: d={args.d} k={args.k} "
           f"NFormer depth={args.depth} heads={args.heads} landmarks={args.landmarks} ffn={args.ffn}")
     print(f"{'N':>8} {'P':>2} {'op':<8}{'rank':>5}{'rows':>8}{'wall s':>9}{'CPU s':>9}{'wait s':>8}"
-          f"{'peak MB':>9}  sent MB / received MB by kind")
+          f"{'peak MB':>9}{'RSS MB':>8}  sent MB / received MB by kind")
     rows = []
     for row in measure(args):
         rows.append(row)
@@ -255,7 +257,7 @@ def run(args):
             continue
         for r in row["ranks"]:
             print(f"{head}{r['rank']:>5}{r['rows']:>8}{r['wall_s']:>9.2f}{r['cpu_s']:>9.2f}"
-                  f"{sum(r['wait_s'].values()):>8.2f}{r['peak_bytes'] / 1e6:>9.1f}  "
+                  f"{sum(r['wait_s'].values()):>8.2f}{r['peak_bytes'] / 1e6:>9.1f}{r['rss_peak_bytes'] / 1e6:>8.0f}  "
                   f"{_fmt_kinds(r['sent'])} / {_fmt_kinds(r['received'])}"
                   + (f"  halo rows {r['halo_rows']}" if "halo_rows" in r else ""), flush=True)
         if "byte_check" in row:
