@@ -79,7 +79,7 @@ def test_knn_kernel_exact(backend, dtype, shape):
 
 @pytest.mark.backends(EMULATED)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("B,N,d,k,rows_per_block", [(1, 300, 64, 20, 128), (1, 150, 20, 64, 128), (1, 70, 16, 16, 64)])
+@pytest.mark.parametrize("B,N,d,k,rows_per_block", [(1, 300, 64, 20, 128), (1, 150, 20, 64, 128), (2, 37, 16, 5, 64)])
 def test_knn_kernel_wmma_tiles(backend, dtype, B, N, d, k, rows_per_block):
     """The fp16/bf16 WMMA kernel with each of its row tiles forced (the launcher picks one by N)."""
     from tests.cuda_emulation.backend import knn_with_tile

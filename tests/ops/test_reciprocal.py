@@ -20,7 +20,7 @@ def lists(B, N, k, *slow):
 
 
 @pytest.mark.backends(*VS_REFERENCE)
-@pytest.mark.parametrize("source", list(NEIGHBOUR_LISTS))
+@pytest.mark.parametrize("source", ["knn", pytest.param("random", marks=fast_and(EMULATED)), "unordered"])
 @pytest.mark.parametrize("B,N,k", [
     lists(1, 1, 1, EMULATED, INTERPRETED), lists(2, 37, 1, INTERPRETED), lists(3, 37, 5, EMULATED, INTERPRETED),
     lists(1, 70, 16, INTERPRETED), lists(3, 37, 37, EMULATED, INTERPRETED), lists(1, 70, 70, INTERPRETED),
