@@ -280,3 +280,22 @@ class KernelAttention(torch.autograd.Function):
         rev = kernel("reverse_index")(idx, keep)
         dP, dR, dv = kernel("sparse_attention_backward")(grad_out.contiguous(), P, R, v, idx, rev, probs, ctx.scale)
         return None, dP, dR, dv, None, None, None
+
+
+def register_counting_backend(monkeypatch):
+    """Registers (for this test only) a CPU backend "counting" that runs the torch backend's kernels
+    and records each kernel name called; returns that list."""
+    from nformer_kernels import backends, torch_ops
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    calls = []
+
+    def counting(name):
+        def run(*args):
+            calls.append(name)
+            return getattr(torch_ops, name)(*args)
+        return run
+
+    backends.register_backend(backends.Backend(
+        "counting", lambda device: "" if device.type == "cpu" else "cpu only",
+        lambda: {name: counting(name) for name in backends.KERNELS}))
+    return calls

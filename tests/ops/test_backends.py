@@ -9,6 +9,7 @@ import torch
 import nformer_kernels as nk
 from nformer_kernels import backends, reference, torch_ops
 from tests.helpers import (assert_close_fp32, assert_knn, attention_case, neighbor_attention_case, reference_attention,
+                           register_counting_backend,
                            ties_free, unit_rows)
 
 LOGGER = "nformer_kernels"
@@ -120,18 +121,7 @@ def test_resolve_on_the_torch_and_reference_backends():
 # ----------------------------------------------------------------------------- register_backend
 def test_register_backend(monkeypatch):
     """A registered backend serves the public ops once selected, and is listed where available."""
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    calls = []
-
-    def counting(name):
-        def run(*args):
-            calls.append(name)
-            return getattr(torch_ops, name)(*args)
-        return run
-
-    backends.register_backend(backends.Backend(
-        "counting", lambda device: "" if device.type == "cpu" else "cpu only",
-        lambda: {name: counting(name) for name in backends.KERNELS}))
+    calls = register_counting_backend(monkeypatch)
     assert "counting" in nk.available_backends("cpu") and "counting" not in nk.available_backends("meta")
     x = ties_free(30, 8)
     with nk.use_backend("counting"):

@@ -15,7 +15,7 @@ import torch
 
 import nformer_kernels as nk
 from nformer_kernels import backends, torch_ops
-from tests.helpers import gapped_rows, unit_rows
+from tests.helpers import gapped_rows, register_counting_backend, unit_rows
 
 EMULATED, INTERPRETED = "cuda-emulated", "triton-interpreted"
 TRITON_MAX_CANDIDATES = 64  # nformer_kernels.triton.knn_rescore.MAX_CANDIDATES
@@ -141,18 +141,7 @@ def test_stage1_candidates_with_the_certified_bound(backend):
 
 def test_certified_knn_rescores_on_the_active_backend(monkeypatch):
     """Stage 1 and stage 2 both run on the selected backend's kernels."""
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
-    calls = []
-
-    def counting(name):
-        def run(*args):
-            calls.append(name)
-            return getattr(torch_ops, name)(*args)
-        return run
-
-    backends.register_backend(backends.Backend(
-        "counting", lambda device: "" if device.type == "cpu" else "cpu only",
-        lambda: {name: counting(name) for name in backends.KERNELS}))
+    calls = register_counting_backend(monkeypatch)
     x = gapped_rows(1, 60, 8, 5, seed=1)[0]
     with nk.use_backend("counting"):
         idx = nk.knn(x, 5, precision="certified")
