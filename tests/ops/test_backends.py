@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nformer_kernels as nk
-from nformer_kernels import backends, reference, torch_ops
+from nformer_kernels import backends, reference
 from tests.helpers import (assert_close_fp32, assert_knn, attention_case, neighbor_attention_case, reference_attention,
                            register_counting_backend,
                            ties_free, unit_rows)
