@@ -15,7 +15,7 @@ pip_quiet() { { python -m pip -q "$@" 2>&1; } | { grep -v -e "^WARNING: Location
 if [ ! -f "$VENV/.deps-installed" ] || [ "$ROOT/scripts/env.sh" -nt "$VENV/.deps-installed" ]; then
   pip_quiet install --upgrade pip setuptools wheel
   # torch 2.14.1 is the CUDA 13 build: its headers let CI compile csrc/cuda even on a machine without a GPU.
-  pip_quiet install "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark hypothesis scipy faiss-cpu \
+  pip_quiet install "torch==2.14.1" "torchvision==0.29.1" "numpy<2" ninja pytest pytest-benchmark pytest-xdist hypothesis scipy faiss-cpu \
     tqdm matplotlib pyyaml
   touch "$VENV/.deps-installed"
 fi

@@ -30,6 +30,10 @@ if not torch.cuda.is_available():
 import nformer_kernels as nk  # noqa: E402
 from nformer_kernels import triton as nf_triton  # noqa: E402
 
+# pytest-xdist workers share the cores: one intra-op thread pool per core, not per worker.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 EMULATION_TIMEOUT_S = 600  # a divergent warp collective deadlocks the emulation: fail instead of hanging
 
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel variant the launchers can pick; no GPU needed.
 
     from nformer_kernels.triton.aot import compile_all, format_table
-    print(format_table(compile_all()))      # or: python -m nformer_kernels.triton.aot [--json]
+    print(format_table(compile_all()))      # or: python -m nformer_kernels.triton.aot [--json] (all cores)
 
 Each variant is compiled with triton.compile(ASTSource(fn, signature, constexprs), target=...)
 in a fresh cache directory, so ptxas really runs, and its `ptxas -v` log gives registers and spills.
@@ -12,6 +12,8 @@ kernel code.
 """
 import contextlib
 import io
+import multiprocessing
+import os
 import re
 import tempfile
 import time
@@ -46,11 +48,28 @@ def _compile(variant, target):
                           options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
 
 
-def compile_all(targets=DEFAULT_TARGETS, variants=None) -> list:
-    """Compile every variant for every target. Returns one dict per (variant, target):
-    kernel, target, regs, spill_stores, spill_loads, shared (bytes), seconds, error (None if ok)."""
+def _compile_share(share):
+    """compile_all of every workers-th variant from `first` on, in a pool process."""
+    first, workers, targets = share
+    return compile_all(targets, all_variants()[first::workers])
+
+
+def compile_all(targets=DEFAULT_TARGETS, variants=None, workers: int = 1) -> list:
+    """Compile every variant for every target. Returns one dict per (variant, target), in order:
+    kernel, target, regs, spill_stores, spill_loads, shared (bytes), seconds, error (None if ok).
+    workers > 1 (only for all variants) compiles in that many forked processes: LLVM and ptxas
+    are single-threaded, so the wall time divides by the cores."""
     if triton.knobs.runtime.interpret:
         raise RuntimeError("compile_all needs compiled kernels; unset TRITON_INTERPRET")
+    if workers > 1 and variants is None:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            shares = pool.map(_compile_share, [(i, workers, targets) for i in range(workers)])
+        per_variant = len(targets)
+        rows = []
+        for v in range(len(all_variants())):  # variant v is the (v // workers)-th of share v % workers
+            start = (v // workers) * per_variant
+            rows += shares[v % workers][start:start + per_variant]
+        return rows
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir, \
             triton.knobs.cache.scope(), triton.knobs.nvidia.scope():
@@ -95,5 +114,5 @@ if __name__ == "__main__":  # python -m nformer_kernels.triton.aot [--json]
     import json
     import sys
 
-    rows = compile_all()
+    rows = compile_all(workers=len(os.sched_getaffinity(0)))
     print(json.dumps(rows) if "--json" in sys.argv[1:] else format_table(rows))
