@@ -147,18 +147,35 @@ class NFormer(nn.Module):
     forward, as in the official code; neighbor_source="affinity" recomputes them per block from the
     landmark affinity (paper Eq. 6). inference_chunk_rows: see NFormerLayer. knn_precision: the
     `precision` of the neighbour search (nk.knn; "exact" restores the full-precision scan). Eval returns the
-    BatchNorm'd refined features (x's shape); training returns (logits, refined features) with
-    logits None when num_classes is None.
+    BatchNorm'd refined features (x's shape with dim features); training returns (logits, refined
+    features) with logits None when num_classes is None.
+
+    in_dim: the width of the features given to forward (default dim). When it differs from dim, a
+    learned `input_proj = nn.Linear(in_dim, dim)` maps them to dim first, so 2048-d ResNet-50 /
+    BoT features train a 256-d NFormer (3.4M parameters) instead of a 2048-d one (203M). A plain
+    Linear because it is what the official NFormer already sits on: its input is the backbone's
+    Linear(2048, 256) projection of the pooled features (nformer_reid's Backbone.projection), so
+    the blocks see the same kind of features; the post-LN blocks normalise what they add to it.
+    It starts as a scaled projection onto a random dim-subspace (orthogonal rows, gain
+    sqrt(in_dim / dim), zero bias), which keeps feature norms and, as closely as a map fixed
+    before training can, cosine neighbourhoods. The projection comes first: the neighbour search
+    and every block run on the projected features, and refined features are dim-wide.
+    Without it (in_dim == dim) the model is the official one, parameter for parameter.
+
+    `config` holds the constructor arguments of the architecture: NFormer(**model.config) builds
+    a model that model.state_dict() loads into.
     """
 
     def __init__(self, dim: int = 256, depth: int = 4, num_heads: int = 2, num_landmarks: int = 5,
                  topk: int = 20, ffn_dim: Optional[int] = None, dropout: float = 0.1,
                  num_classes: Optional[int] = None, neighbor_source: str = "input",
-                 inference_chunk_rows: Optional[int] = None, knn_precision: str = "auto"):
+                 inference_chunk_rows: Optional[int] = None, knn_precision: str = "auto",
+                 in_dim: Optional[int] = None):
         super().__init__()
         if neighbor_source not in ("input", "affinity"):
             raise ValueError(f"neighbor_source must be 'input' or 'affinity', got {neighbor_source!r}")
         dim, depth, topk = (_checks.positive_int(v, name) for v, name in ((dim, "dim"), (depth, "depth"), (topk, "topk")))
+        in_dim = dim if in_dim is None else _checks.positive_int(in_dim, "in_dim")
         if knn_precision not in ops.PRECISIONS:
             raise ValueError(f"knn_precision must be one of {ops.PRECISIONS}, got {knn_precision!r}")
         self.knn_precision = knn_precision
@@ -166,6 +183,12 @@ class NFormer(nn.Module):
             num_classes = _checks.positive_int(num_classes, "num_classes")
         self.dim, self.depth, self.topk, self.num_landmarks = dim, depth, topk, num_landmarks
         self.neighbor_source = neighbor_source
+        self.in_dim = in_dim
+        self.input_proj = None
+        if in_dim != dim:
+            self.input_proj = nn.Linear(in_dim, dim)
+            nn.init.orthogonal_(self.input_proj.weight, gain=math.sqrt(in_dim / dim))
+            nn.init.zeros_(self.input_proj.bias)
         self.blocks = nn.ModuleList(
             NFormerLayer(dim, num_heads, num_landmarks, ffn_dim or 4 * dim, dropout,
                          inference_chunk_rows=inference_chunk_rows) for _ in range(depth))
@@ -178,10 +201,14 @@ class NFormer(nn.Module):
 
     def forward(self, x: torch.Tensor, landmarks: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
                 generator: Optional[torch.Generator] = None, query_mask: Optional[torch.Tensor] = None):
-        """x: (N,dim)|(B,N,dim). landmarks: (depth, l) int64 or a list of per-block tensors.
-        query_mask: bool (N,)|(B,N); queries never neighbour other queries and are never landmarks."""
-        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (N,{self.dim}) or (B,N,{self.dim}), got {tuple(x.shape)}")
+        """x: (N,in_dim)|(B,N,in_dim). landmarks: (depth, l) int64 or a list of per-block tensors.
+        query_mask: bool (N,)|(B,N); queries never neighbour other queries and are never landmarks.
+        Returns (N,dim)|(B,N,dim) features (with the logits in training, see the class)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.in_dim:
+            raise ValueError(f"x must be (N,{self.in_dim}) or (B,N,{self.in_dim}) (in_dim={self.in_dim}), "
+                             f"got {tuple(x.shape)}")
         if landmarks is not None and len(landmarks) != self.depth:
             raise ValueError(f"landmarks must give one set per block ({self.depth}), got {len(landmarks)}")
         n = x.shape[-2]
@@ -197,6 +224,7 @@ class NFormer(nn.Module):
             pool = (~flat).nonzero().squeeze(1).cpu()
             if pool.numel() == 0:
                 raise ValueError("query_mask flags every position; landmarks need non-query positions")
+        x = self.project(x)
         idx = keep = None
         if self.neighbor_source == "input":
             idx = ops.knn(x, k, query_mask=query_mask, precision=self.knn_precision)
@@ -210,6 +238,28 @@ class NFormer(nn.Module):
         if self.training:
             return (self.classifier(feat) if self.classifier is not None else None), x
         return feat
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' input for features x (..., in_dim): input_proj(x) in x's dtype, or x itself
+        when in_dim == dim. Row-wise, so a subset of rows projects to the same rows."""
+        if self.input_proj is None:
+            return x
+        # In x's dtype (an autocast Linear gives bf16/fp16): the neighbour search and the first
+        # residual then see the precision they see without a projection.
+        return self.input_proj(x).to(x.dtype)
+
+    @property
+    def config(self) -> dict:
+        """The architecture's constructor arguments (dim, in_dim, depth, num_heads, num_landmarks,
+        topk, ffn_dim, dropout, num_classes, neighbor_source): NFormer(**config) rebuilds a model
+        that this model's state_dict loads into. Run settings (knn_precision,
+        inference_chunk_rows) change no weight and are not part of it."""
+        block = self.blocks[0]
+        return dict(dim=self.dim, in_dim=self.in_dim, depth=self.depth, num_heads=block.num_heads,
+                    num_landmarks=self.num_landmarks, topk=self.topk, ffn_dim=block.fc1.out_features,
+                    dropout=block.dropout.p,
+                    num_classes=None if self.classifier is None else self.classifier.out_features,
+                    neighbor_source=self.neighbor_source)
 
     # ------------------------------------------------------------------ official checkpoints
     def convert_official(self, state_dict):
@@ -233,8 +283,14 @@ class NFormer(nn.Module):
         """Build an NFormer from the official nformer_model.pth layout (keys nformer.h.{i}.attn.c_attn.w
         with Conv1D (in,out) weights, with or without the "nformer." prefix). dim, depth, ffn_dim and the
         number of classes are read from the tensors; pass dim/depth to have them checked (ValueError
-        if the checkpoint differs). num_heads/num_landmarks/topk come from kwargs (official defaults 2/5/20)."""
+        if the checkpoint differs). num_heads/num_landmarks/topk come from kwargs (official defaults 2/5/20).
+        Official checkpoints have no input projection: in_dim, if given, must equal dim."""
         config = official.architecture(state_dict)
+        in_dim = kwargs.get("in_dim")
+        if in_dim is not None and _checks.positive_int(in_dim, "in_dim") != config["dim"]:
+            raise ValueError(f"in_dim={in_dim}: an official NFormer has no input projection, its input is "
+                             f"dim={config['dim']}-d; project the features to {config['dim']}-d first or train "
+                             f"an NFormer(dim={config['dim']}, in_dim={in_dim})")
         for name, expected in (("dim", dim), ("depth", depth)):
             if expected is not None and _checks.positive_int(expected, name) != config[name]:
                 raise ValueError(f"state_dict holds an NFormer with {name}={config[name]}, but {name}={expected} "

@@ -1,4 +1,5 @@
 """NFormerLayer / NFormer: official-forward equivalence, checkpoints, train/eval, options, compile."""
+import io
 import warnings
 
 import pytest
@@ -224,6 +225,128 @@ def test_module_bad_input():
         model(torch.randn(10, 8))
     with pytest.raises(ValueError, match="landmarks"):
         model(torch.randn(10, 16), landmarks=torch.zeros(3, 5, dtype=torch.long))
+
+
+def _projected(in_dim=48, dim=16, **kwargs):
+    torch.manual_seed(0)
+    return nk.NFormer(dim=dim, in_dim=in_dim, depth=2, topk=6, **kwargs)
+
+
+def _block_landmarks(n=30):
+    return torch.stack([torch.arange(5), torch.arange(n - 5, n)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_input_projection_shapes_and_gradients(backend):
+    model = _projected(num_classes=5).train()
+    assert isinstance(model.input_proj, torch.nn.Linear) and model.in_dim == 48 and model.dim == 16
+    assert (model.input_proj.in_features, model.input_proj.out_features) == (48, 16)
+    x = ties_free(30, 48, batch=2).requires_grad_()
+    logits, refined = model(x)
+    assert logits.shape == (2, 30, 5) and refined.shape == (2, 30, 16)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 5), torch.arange(60) % 5).backward()
+    for grad in (model.input_proj.weight.grad, model.input_proj.bias.grad, x.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert model(x[0]).shape == (30, 16) and model(x).shape == (2, 30, 16)
+
+
+def test_input_projection_starts_norm_keeping_and_orthogonal():
+    w = _projected(in_dim=256, dim=32).input_proj.weight.detach().double()
+    torch.testing.assert_close(w @ w.T, 8.0 * torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-4)
+    assert not _projected().input_proj.bias.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("source", ["input", "affinity"])
+def test_projection_comes_before_the_neighbour_search(backend, source, monkeypatch):
+    """The projected model is a dim-wide NFormer on input_proj(x): the neighbours are those of the
+    projected features (what the blocks see), not of the raw in_dim-wide input."""
+    model = _projected(neighbor_source=source).eval()
+    x = ties_free(30, 48)
+    plain = nk.NFormer(dim=16, depth=2, topk=6, neighbor_source=source).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_proj.")})
+    searched, knn = [], nk.ops.knn
+    monkeypatch.setattr(nk.ops, "knn", lambda x, *a, **kw: searched.append(x) or knn(x, *a, **kw))
+    lm = _block_landmarks()
+    with torch.no_grad():
+        projected = model.input_proj(x)
+        out = model(x, landmarks=lm)
+        assert torch.equal(out, plain(projected, landmarks=lm))
+    if source == "input":
+        assert len(searched) == 2 and all(torch.equal(t, projected) for t in searched)
+        assert not torch.equal(nk.knn(x, 6), nk.knn(projected, 6))  # the choice matters on these rows
+    else:
+        assert not searched
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_in_dim_equal_to_dim_is_the_model_without_it(backend):
+    torch.manual_seed(0)
+    today = nk.NFormer(dim=32, depth=2, topk=6, num_classes=5)
+    torch.manual_seed(0)
+    same = nk.NFormer(dim=32, depth=2, topk=6, num_classes=5, in_dim=32)
+    assert same.input_proj is None and today.input_proj is None and today.in_dim == same.in_dim == 32
+    assert today.state_dict().keys() == same.state_dict().keys()
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in today.state_dict().items())
+    assert today.project(x := ties_free(40, 32)) is x
+    lm = _block_landmarks(40)
+    with torch.no_grad():
+        assert torch.equal(today.eval()(x, landmarks=lm), same.eval()(x, landmarks=lm))
+    today.train(), same.train()
+    torch.manual_seed(1)
+    a = today(x, landmarks=lm)
+    torch.manual_seed(1)
+    b = same(x, landmarks=lm)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("kwargs", [dict(in_dim=48, num_classes=5), dict(num_classes=None),
+                                    dict(in_dim=24, num_heads=4, num_landmarks=3, ffn_dim=40, dropout=0.2,
+                                         neighbor_source="affinity")])
+def test_config_rebuilds_an_equal_model(kwargs):
+    """What a checkpoint stores (config: plain values, loadable with weights_only) rebuilds the model."""
+    model = _projected(**{"in_dim": None, **kwargs})
+    with torch.no_grad():
+        model.bottleneck.running_mean.normal_()
+    buffer = io.BytesIO()
+    torch.save({"config": model.config, "state_dict": model.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert set(saved["config"]) == {"dim", "in_dim", "depth", "num_heads", "num_landmarks", "topk", "ffn_dim",
+                                    "dropout", "num_classes", "neighbor_source"}
+    torch.manual_seed(123)  # other initial weights: everything must come from the checkpoint
+    rebuilt = nk.NFormer(**saved["config"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    assert rebuilt.config == model.config
+    assert rebuilt.config["in_dim"] == (kwargs.get("in_dim") or 16)
+    x = ties_free(30, model.in_dim)
+    lm = _block_landmarks()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x, landmarks=lm), model.eval()(x, landmarks=lm))
+
+
+def test_from_official_refuses_an_input_projection():
+    sd = random_official_state_dict(dim=32, depth=2)
+    with pytest.raises(ValueError, match=r"in_dim=64: an official NFormer has no input projection.*dim=32"):
+        nk.NFormer.from_official(sd, in_dim=64)
+    model = nk.NFormer.from_official(sd, in_dim=32)
+    assert model.input_proj is None and model.in_dim == 32 and model.config["in_dim"] == 32
+
+
+def test_in_dim_bad_input():
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="in_dim must be >= 1"):
+            nk.NFormer(dim=16, in_dim=bad)
+    for bad in (1.5, "48", True):
+        with pytest.raises((TypeError, ValueError), match="in_dim"):
+            nk.NFormer(dim=16, in_dim=bad)
+    model = _projected()
+    with pytest.raises(ValueError, match=r"x must be \(N,48\) or \(B,N,48\) \(in_dim=48\), got \(10, 16\)"):
+        model(torch.randn(10, 16))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        model([[0.0] * 48])
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
