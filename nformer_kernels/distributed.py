@@ -220,11 +220,14 @@ def _same_everywhere(metas, key, name, error=ValueError):
 
 
 # -------------------------------------------------------------------- argument checks
-def _check_rows(t, name, dim=None):
-    """t must be a finite floating (n_local, d) tensor (d = dim when given)."""
+def _check_rows(t, name, dim=None, dim_name=None):
+    """t must be a finite floating (n_local, d) tensor (d = dim when given; dim_name says what
+    fixes it)."""
     _checks.check_float(t, name)
     if t.dim() != 2 or (dim is not None and t.shape[1] != dim):
         want = f"(n_local, {dim})" if dim is not None else "2-D (n_local, d)"
+        if dim is not None and dim_name:
+            want += f" ({dim_name}={dim})"
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
 
 
@@ -248,9 +251,9 @@ def _check_isolation(metas, any_query, k):
         raise ValueError(f"query_mask leaves {others} non-query rows, fewer than k-1={k - 1}")
 
 
-def _features_check(x_shard, k, query_mask, dim=None):
+def _features_check(x_shard, k, query_mask, dim=None, dim_name=None):
     def check():
-        _check_rows(x_shard, "x_shard", dim)
+        _check_rows(x_shard, "x_shard", dim, dim_name)
         k_ = _checks.as_int(k, "k")
         non_queries = _check_query_mask(query_mask, x_shard.shape[0], x_shard.device)
         return x_shard.shape[0], x_shard.device, {
@@ -578,7 +581,8 @@ def nformer_forward(model: NFormer, x_shard: torch.Tensor,
     query_mask=...)[my rows] (fp32: within 1e-5 relative on the same landmarks).
 
     Puts the model in eval mode (as model.eval() does) and runs without autograd. x_shard:
-    (n_local, model.dim); landmarks: (depth, l) int64 global positions, or a list of per-block
+    (n_local, model.in_dim), projected by the model's input_proj (if any) on its own rank before
+    the neighbour search, as model.forward does; the output is (n_local, model.dim). landmarks: (depth, l) int64 global positions, or a list of per-block
     sets, the same on every rank; None draws them on rank 0 as model.forward draws them (from
     `generator`, rank 0's, or the global RNG; among non-query rows) and sends them to every rank.
     query_mask: bool (n_local,). Neighbours (neighbor_source "input" or "affinity") come from
@@ -590,7 +594,7 @@ def nformer_forward(model: NFormer, x_shard: torch.Tensor,
         raise TypeError(f"model must be an nformer_kernels.NFormer, got {type(model).__name__}")
 
     def check():
-        rows, device, meta = _features_check(x_shard, model.topk, query_mask, model.dim)()
+        rows, device, meta = _features_check(x_shard, model.topk, query_mask, model.in_dim, "the model's in_dim")()
         meta["landmarks"] = _landmarks_check(landmarks, model.depth)
         return rows, device, meta
 
@@ -615,12 +619,12 @@ def nformer_forward(model: NFormer, x_shard: torch.Tensor,
             sets = [torch.tensor(lm, dtype=torch.int64, device=x_shard.device) for lm in explicit]
         else:
             sets = _draw_landmarks(world, model, generator, query_mask, metas)
+        x = model.project(x_shard)  # row-wise: each rank projects its own rows, before the search
         graph = None
         if model.neighbor_source == "input":
-            idx = _knn(world, x_shard, k, query_mask, any_query)
+            idx = _knn(world, x, k, query_mask, any_query)
             halo = _Halo(world, idx)
             graph = (idx, _reciprocal(idx, halo, halo.fetch([idx], "neighbours")[0]), halo)
-        x = x_shard
         for block, lm in zip(model.blocks, sets):
             x = _block_forward(world, block, x, lm, k, graph)
         return model.bottleneck(x) if x.shape[0] else x.clone()

@@ -22,10 +22,11 @@ import nformer_kernels as nk
 from nformer_bench import cli
 from nformer_bench import distributed as cost
 from nformer_kernels import distributed as nkd
-from tests.helpers import assert_close, brute_knn, gapped_rows, random_neighbours
+from tests.helpers import assert_close, brute_knn, gapped_rows, randn, random_neighbours
 
 WORLD_TIMEOUT_S = 120
 DIM, DEPTH, HEADS, LANDMARKS, TOPK, FFN = 16, 2, 2, 3, 6, 32
+IN_DIM = 48  # the features of the model with an input projection (IN_DIM -> DIM)
 
 
 # ------------------------------------------------------------------ data, shared by ranks and tests
@@ -63,16 +64,29 @@ def _query_mask(n, seed=3):
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.3
 
 
-def _model(source="input"):
+def _model(source="input", in_dim=None):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = nk.NFormer(dim=DIM, depth=DEPTH, num_heads=HEADS, num_landmarks=LANDMARKS, topk=TOPK, ffn_dim=FFN,
-                           neighbor_source=source, inference_chunk_rows=8)
+                           neighbor_source=source, inference_chunk_rows=8, in_dim=in_dim)
         with torch.no_grad():  # a BatchNorm head that does something
             model.bottleneck.running_mean.normal_()
             model.bottleneck.running_var.uniform_(0.5, 2.0)
             model.bottleneck.weight.uniform_(0.5, 2.0)
+            if model.input_proj is not None:  # a projection with a shift, as after training
+                model.input_proj.bias.normal_(0, 0.1)
     return model.eval()
+
+
+def _projected_features():
+    """(61, IN_DIM) rows that _model(in_dim=IN_DIM) projects onto gapped rows (one exact knn
+    answer, 1e-4 apart: far above the projection's rounding), plus a component it discards."""
+    proj = _model(in_dim=IN_DIM).input_proj
+    w, b = proj.weight.detach().double(), proj.bias.detach().double()
+    pinv = torch.linalg.pinv(w)
+    noise = randn((61, IN_DIM), seed=9, dtype=torch.float64)
+    x = (gapped_rows(1, 61, DIM, TOPK, gap=1e-4, dtype=torch.float64)[0] - b) @ pinv.T
+    return (x + noise - noise @ (pinv @ w).T).float()
 
 
 def _landmarks(n):
@@ -127,6 +141,16 @@ CASES = {
         lambda sh, dev, g: nkd.nformer_forward(_model().to(dev), sh(_features()), generator=_generator(), group=g,
                                           query_mask=sh(_query_mask(61))),
         lambda: _model()(_features(), generator=_generator(), query_mask=_query_mask(61))),
+    "nformer_projected": (
+        lambda w: _sizes(61, w),
+        lambda sh, dev, g: nkd.nformer_forward(_model(in_dim=IN_DIM).to(dev), sh(_projected_features()),
+                                          generator=_generator(), group=g, query_mask=sh(_query_mask(61))),
+        lambda: _model(in_dim=IN_DIM)(_projected_features(), generator=_generator(), query_mask=_query_mask(61))),
+    "nformer_projected_empty_shard": (
+        lambda w: _sizes(61, w, empty=True),
+        lambda sh, dev, g: nkd.nformer_forward(_model("affinity", IN_DIM).to(dev), sh(_projected_features()),
+                                          _landmarks(61), group=g),
+        lambda: _model("affinity", IN_DIM)(_projected_features(), landmarks=_landmarks(61))),
     "nformer_affinity": (
         lambda w: _sizes(61, w),
         lambda sh, dev, g: nkd.nformer_forward(_model("affinity").to(dev), sh(_features()), generator=_generator(),
@@ -168,6 +192,9 @@ ERRORS = {
     "landmarks_differ": (lambda sh, dev, r, s, g: nkd.nformer_forward(
         _model().to(dev), sh(_features()), _last_rank_bad(r, s, _landmarks(61), _landmarks(61).flip(0)),
         group=g), "ValueError", "landmarks must be the same on every rank"),
+    "x_shard_not_in_dim": (lambda sh, dev, r, s, g: nkd.nformer_forward(
+        _model(in_dim=IN_DIM).to(dev), sh(_features()), group=g), "ValueError",
+        f"x_shard must be (n_local, {IN_DIM}) (the model's in_dim={IN_DIM}), got shape"),
     "model_not_nformer": (lambda sh, dev, r, s, g: nkd.nformer_forward(torch.nn.Linear(DIM, DIM), sh(_features()),
                                                                        group=g),
                           "TypeError", "model must be an nformer_kernels.NFormer"),
