@@ -2,6 +2,7 @@
 files and names, picture geometry, border colours and thumbnails read back from the pixels,
 the same-pid same-camera drop, and the argument errors."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from nformer_reid.data.synthetic import make_synthetic_market
 from nformer_reid.metrics import compute_distance_matrix
 from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.visualize import (EMPTY_CELL, MATCH_COLOR, NON_MATCH_COLOR, QUERY_COLOR, DEFAULT_MAX_QUERIES,
-                                    rank_gallery, ranked_file_name, ranked_list_layout, select_queries,
+                                    MAX_LABEL_WIDTH, rank_gallery, ranked_file_name, ranked_file_names,
+                                    ranked_list_layout, select_queries,
                                     visualize_ranked_features, visualize_ranked_results)
 
 SMALL = (32, 16)  # thumbnails of most tests: small pictures, fast to write
@@ -106,6 +108,10 @@ def test_max_queries_and_query_indices_choose_the_pictures(market, tmp_path):
     paths = visualize_ranked_results(dists, market.query, market.gallery, str(tmp_path / "b"), topk=2,
                                      query_indices=[5, 1], size=SMALL)
     assert [os.path.basename(p) for p in paths] == [ranked_file_name(i, *market.query[i][1:]) for i in (5, 1)]
+    assert ranked_file_names(market.query, query_indices=[5, 1]) == [os.path.basename(p) for p in paths]
+    assert ranked_file_names(market.query, 3, image_format="png") == [
+        ranked_file_name(i, *market.query[i][1:], "png") for i in wanted]
+    assert len(ranked_file_names(market.query, None)) == len(market.query)
 
 
 def test_picture_size_follows_rows_and_columns_of_thumbnails(market, tmp_path):
@@ -130,6 +136,14 @@ def test_picture_size_follows_rows_and_columns_of_thumbnails(market, tmp_path):
     assert sizes[2, 5, (128, 64)][0] - sizes[2, 5, SMALL][0] == 6 * (64 - 16)
     assert sizes[2, 5, (128, 64)][1] - sizes[2, 5, SMALL][1] == 2 * (128 - 32)
     assert layout.label_width >= 8 and layout.size[0] > (5 + 1) * cell_w
+    # A very long method name is cut: the label column never exceeds its cap.
+    long_name = "NFormer (official) + k-reciprocal re-ranking, k1 20, k2 6, lambda 0.3" * 3
+    (path,) = visualize_ranked_results({long_name: random_dist(market)}, market.query, market.gallery,
+                                       str(tmp_path / "long"), topk=2, query_indices=[0], size=SMALL)
+    long_layout = ranked_list_layout([long_name], 2, SMALL)
+    assert long_layout.label_width <= MAX_LABEL_WIDTH + 8
+    with Image.open(path) as img:
+        assert img.size == long_layout.size
 
 
 def matches_and_others(market, q_idx):
@@ -203,13 +217,15 @@ def test_same_pid_same_camera_gallery_items_are_skipped(market, tmp_path):
     assert sorted(top[is_match].tolist()) == sorted(match)
 
 
-def test_ties_rank_by_gallery_index_and_distractor_queries_never_match():
+def test_ties_rank_by_gallery_index_and_every_pid_is_an_ordinary_id():
     g_pids = np.array([5, 0, 5, 7, 5, 0])
     g_cams = np.array([1, 0, 2, 1, 1, 2])
     top, is_match = rank_gallery(np.zeros(6), 5, 1, g_pids, g_cams, 10)
     assert top.tolist() == [1, 2, 3, 5] and is_match.tolist() == [False, True, False, False]
-    top, is_match = rank_gallery(np.zeros(6), 0, 1, g_pids, g_cams, 10)  # a pid-0 query: nothing matches
-    assert top.tolist() == [0, 1, 2, 3, 4, 5] and not is_match.any()
+    top, is_match = rank_gallery(np.zeros(6), 0, 0, g_pids, g_cams, 3)  # pid 0 too: same camera dropped
+    assert top.tolist() == [0, 2, 3] and not is_match.any()
+    top, is_match = rank_gallery(np.array([3.0, 2.0, 1.0, 0.0, 5.0, 4.0]), 0, 0, g_pids, g_cams, 10)
+    assert top.tolist() == [3, 2, 0, 5, 4] and is_match.tolist() == [False, False, False, True, False]
 
 
 def test_fewer_gallery_items_than_ranks_leave_empty_cells(market, tmp_path):
@@ -235,20 +251,20 @@ def test_numpy_and_torch_distances_and_features_give_the_same_pictures(market, t
     gen = torch.Generator().manual_seed(0)
     qf = torch.randn(len(market.query), 8, generator=gen)
     gf = torch.randn(len(market.gallery), 8, generator=gen)
-    dist = compute_distance_matrix(qf, gf)
+    dist = compute_distance_matrix(qf, gf, "euclidean", normalize=True)  # the evaluation's distance
     outs = {}
     for kind, value in (("numpy", dist.numpy()), ("torch", dist), ("float64", dist.double()),
                         ("transposed", dist.T.contiguous().T)):
         paths = visualize_ranked_results({"m": value}, market.query, market.gallery, str(tmp_path / kind), topk=3,
                                          max_queries=4, size=SMALL, image_format="png")
-        outs[kind] = [open(p, "rb").read() for p in paths]
+        outs[kind] = [Path(p).read_bytes() for p in paths]
     paths = visualize_ranked_features({"m": (qf, gf)}, market.query, market.gallery, str(tmp_path / "features"),
                                       topk=3, max_queries=4, size=SMALL, image_format="png")
-    outs["features"] = [open(p, "rb").read() for p in paths]
+    outs["features"] = [Path(p).read_bytes() for p in paths]
     assert all(v == outs["numpy"] for v in outs.values())
     shuffled = visualize_ranked_results({"m": dist.flip(1)}, market.query, market.gallery, str(tmp_path / "flip"),
                                         topk=3, max_queries=4, size=SMALL, image_format="png")
-    assert [open(p, "rb").read() for p in shuffled] != outs["numpy"]  # the pictures depend on the distances
+    assert [Path(p).read_bytes() for p in shuffled] != outs["numpy"]  # the pictures depend on the distances
 
 
 def test_bad_arguments_name_the_argument(market, tmp_path):

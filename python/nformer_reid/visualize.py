@@ -1,8 +1,8 @@
 """Ranked-list pictures: each query's top-K gallery images, one row per method (PIL, imported on first use).
 
 One picture per query: every row is [method label | query thumbnail | the K nearest gallery
-thumbnails, rank 1 first], with a green border for a true match (same pid, pid not -1 / 0) and
-a red one for a false match; the query has a grey border. Gallery items with the query's pid
+thumbnails, rank 1 first], with a green border for a true match (same pid) and a red one for a
+false match; the query has a grey border. Gallery items with the query's pid
 AND camera are skipped, as the evaluation protocol (nformer_reid.metrics.evaluate_rank) drops
 them; equal distances rank by gallery index, as there. Under each thumbnail: its pid and
 camera id (0-based, as the datasets store them); above the columns: the query index and the ranks.
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_QUERIES = 100
 THUMB_SIZE = (128, 64)  # (height, width) of every thumbnail, Market-1501's aspect ratio
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
-NON_MATCH_PIDS = (-1, 0)  # as nformer_reid.metrics: junk and distractors never match
 
 MATCH_COLOR = (0, 255, 0)
 NON_MATCH_COLOR = (255, 0, 0)
@@ -114,6 +113,17 @@ def ranked_file_name(index: int, pid: int, camid: int, image_format: str = "jpg"
     return f"query{index:05d}_pid{pid}_cam{camid}.{image_format}"
 
 
+def ranked_file_names(query: Sequence[Tuple[str, int, int]], max_queries: Optional[int] = DEFAULT_MAX_QUERIES,
+                      query_indices: Optional[Sequence[int]] = None, image_format: str = "jpg") -> List[str]:
+    """The file names visualize_ranked_results writes for these arguments, in its order (for a
+    command's output check before it runs)."""
+    query = _check_items(query, "query")
+    selected = (_check_indices(query_indices, len(query)) if query_indices is not None
+                else select_queries(len(query), max_queries))
+    image_format = _check_format(image_format)
+    return [ranked_file_name(i, query[i][1], query[i][2], image_format) for i in selected]
+
+
 def _check_items(items, name: str) -> List[Tuple[str, int, int]]:
     """items as a list of (path str, pid int, camid int)."""
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
@@ -185,11 +195,11 @@ def rank_gallery(distances: np.ndarray, q_pid: int, q_camid: int, g_pids: np.nda
                  topk: int) -> Tuple[np.ndarray, np.ndarray]:
     """(gallery indices, is_match) of the `topk` nearest gallery items of one query, nearest first
     (ties by gallery index), without the items of the query's pid and camera; fewer if the
-    gallery runs out. is_match: same pid, pid not -1 / 0."""
+    gallery runs out. is_match: same pid (as torchreid's protocol, no pid is special)."""
     order = np.argsort(distances, kind="stable")
     keep = ~((g_pids[order] == q_pid) & (g_camids[order] == q_camid))
     top = order[keep][:topk]
-    is_match = (g_pids[top] == q_pid) & (q_pid not in NON_MATCH_PIDS)
+    is_match = g_pids[top] == q_pid
     return top, is_match
 
 
@@ -275,7 +285,6 @@ def _render(rows_by_method: Dict[str, np.ndarray], selected: List[int], query, g
     font = _font()
     pad = layout.border
     written = []
-    os.makedirs(out_dir, exist_ok=True)
     for q_idx, ranked in progress(plans, "ranked lists"):
         q_path, q_pid, q_cam = query[q_idx]
         canvas = Image.new("RGB", layout.size, BACKGROUND)
@@ -367,7 +376,9 @@ def visualize_ranked_features(features: Mapping[str, Tuple[object, object]], que
     """visualize_ranked_results from features: {method name: (query features (Q, d), gallery
     features (G, d))}, ranked by the evaluation's distance (squared Euclidean of L2-normalised
     features, nformer_reid.metrics.compute_distance_matrix). Only the drawn queries' distance rows
-    are computed, so Market-1501's full 3,368 x 19,732 matrices are never built."""
+    are computed, so Market-1501's full 3,368 x 19,732 matrices are never built (a row computed
+    alone can differ from the full matrix's in the last float32 bit, which reorders only gallery
+    items at practically equal distances). Arguments and errors as visualize_ranked_results."""
     from nformer_reid.metrics import compute_distance_matrix
 
     methods = _check_methods(features, "features")
