@@ -139,6 +139,83 @@ def test_stage2_one_step_and_eval_modes(tmp_path):
         train_nformer(model, feats, pids + 10, out_dir=str(tmp_path), steps=1, seq_len=20)
 
 
+ESTIMATE_LINE = (r"stage 2: {steps} steps x \(2 x {seq}\) ~ [0-9.e+-]+ s/step, about \d+:\d\d:\d\d total on "
+                 r"cpu \(\d+ threads\)")
+
+
+def test_stage2_on_wider_features_logs_its_estimate(tmp_path, caplog):
+    """2048-d features (ResNet-50 / BoT) train a 256-d NFormer through its input projection."""
+    import re
+
+    torch.manual_seed(0)
+    model = nk.NFormer(dim=256, in_dim=2048, depth=1, topk=5, num_classes=6)
+    feats, pids = torch.randn(60, 2048), torch.arange(60) % 6
+    before = model.input_proj.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="nformer_reid"):
+        hist = train_nformer(model, feats, pids, out_dir=str(tmp_path), steps=5, seq_len=16, lr=1e-3, device="cpu",
+                             save_last=False)
+    assert len(hist) == 5 and all(torch.isfinite(torch.tensor(h["loss"])) and h["loss"] > 0 for h in hist)
+    assert not torch.equal(before, model.input_proj.weight)  # the projection is trained with the blocks
+    messages = [r.getMessage() for r in caplog.records]
+    found = [i for i, m in enumerate(messages) if re.fullmatch(ESTIMATE_LINE.format(steps=5, seq=16), m)]
+    assert len(found) == 1, messages
+    last_step = next(i for i, m in enumerate(messages) if m.startswith("stage2 step 5/5: loss "))
+    assert found[0] < last_step  # measured on the warm-up + 3 steps, logged before the rest
+    assert "2048-d, projected to 256-d" in caplog.text
+    assert "no checkpoint written (save_last=False)" in messages[-1]
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"feats are 256-d, the NFormer takes 2048-d input \(in_dim=2048, dim=256\)"):
+        train_nformer(model, torch.randn(60, 256), pids, out_dir=str(tmp_path), steps=1, seq_len=16)
+    with pytest.raises(TypeError, match="save_last"):
+        train_nformer(model, feats, pids, out_dir=str(tmp_path), steps=1, seq_len=16, save_last="no")
+
+
+def test_stage2_checkpoint_rebuilds_the_projected_nformer(tmp_path):
+    torch.manual_seed(0)
+    model = nk.NFormer(dim=16, in_dim=48, depth=1, topk=5, num_classes=6)
+    train_nformer(model, torch.randn(60, 48), torch.arange(60) % 6, out_dir=str(tmp_path), steps=1, seq_len=20,
+                  device="cpu")
+    state = load_checkpoint(str(tmp_path / "stage2_last.pth"))
+    assert state["config"] == model.config and state["config"]["in_dim"] == 48
+    rebuilt = nk.NFormer(**state["config"])
+    rebuilt.load_state_dict(state["model"])
+    x, lm = torch.randn(30, 48), torch.arange(5)[None]
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x, landmarks=lm), model.eval()(x, landmarks=lm))
+
+
+def test_step_estimate_times_the_steps_after_the_warm_up(monkeypatch, caplog):
+    from nformer_reid.engine import backbone_training as bt
+
+    clock = iter([100.0, 130.0, 132.0, 134.0, 136.0, 999.0])  # start; warm-up ends; 3 timed steps of 2 s
+    monkeypatch.setattr(bt.time, "perf_counter", lambda: next(clock))
+    estimate = bt.StepEstimate(logging.getLogger("nformer_reid.test"), "stage 2", 1000, "2 x 7000", "cpu")
+    with caplog.at_level(logging.INFO, logger="nformer_reid"):
+        assert [estimate.tick() for _ in range(4)] == [False, False, False, True]
+        assert estimate.tick()  # logged once, no more clock reads
+    assert estimate.seconds_per_step == 2.0
+    # 36 s so far + 996 steps x 2 s
+    assert caplog.messages == [f"stage 2: 1000 steps x (2 x 7000) ~ 2 s/step, about 0:33:48 total on cpu "
+                               f"({torch.get_num_threads()} threads)"]
+    clock = iter([0.0, 50.0])
+    one = bt.StepEstimate(logging.getLogger("nformer_reid.test"), "stage 1", 1, "batch", "cpu")
+    assert one.tick() and one.seconds_per_step == 50.0  # a one-step run: its one step
+
+
+def test_stage1_without_saving(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = ReIDModel(4, arch="resnet18", feat_dim=16, nformer_depth=1, verbose=False)
+    loader = [(torch.randn(8, 3, 32, 16), torch.arange(4).repeat_interleave(2), torch.zeros(8, dtype=torch.long))]
+    from nformer_reid.engine import train_backbone
+
+    with caplog.at_level(logging.INFO, logger="nformer_reid"):
+        hist = train_backbone(model, loader * 3, 4, out_dir=str(tmp_path), epochs=1, device="cpu", warmup_epochs=1,
+                              save_last=False)
+    assert len(hist) == 3 and list(tmp_path.iterdir()) == []
+    estimate = [m for m in caplog.messages if m.startswith("stage 1: 3 steps x (8 x 3 x 32 x 16) ~ ")]
+    assert len(estimate) == 1 and estimate[0].endswith(f"total on cpu ({torch.get_num_threads()} threads)")
+
+
 def test_checkpoint_roundtrip(tmp_path):
     model = ReIDModel(3, arch="resnet18", feat_dim=16, nformer_depth=1, verbose=False)
     opt = make_optimizer(model, 1e-3)

@@ -1,6 +1,8 @@
 """Stage 1: the backbone with label-smoothed CE + batch-hard triplet + center loss (reid-strong-baseline)."""
+import datetime
 import logging
 import os
+import time
 from typing import List, Optional, Sequence
 
 import torch
@@ -15,6 +17,56 @@ from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
 
+ESTIMATE_STEPS = 3  # steps timed after the warm-up step for the duration estimate ...
+ESTIMATE_SECONDS = 10.0  # ... or fewer, once the timed ones took this long
+
+
+def describe_device(device: torch.device) -> str:
+    """"cpu (2 threads)", "cuda:0 (NVIDIA H200)": what a step time was measured on."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+class StepEstimate:
+    """A training loop's speed, measured on its first steps, and the one log line that says how long
+    the run will take.
+
+    Call tick() after every step of the `steps` this run makes. The first step is a warm-up
+    (allocations, kernel choices, data-loader start) and is not timed; the next ESTIMATE_STEPS
+    are, or fewer once they took ESTIMATE_SECONDS (or the run ends). Then `log` gets, once,
+    "<stage>: N steps x (<shape>) ~ X s/step, about H:MM:SS total on <device>", the total being
+    the time so far plus the remaining steps at X (a one-step run: its one step). tick() returns
+    whether the estimate has been logged; seconds_per_step holds it from then on.
+    """
+
+    def __init__(self, log: logging.Logger, stage: str, steps: int, shape: str, device: torch.device):
+        self.log, self.stage, self.steps, self.shape = log, stage, steps, shape
+        self.device = describe_device(device)
+        self.started = time.perf_counter()
+        self.warm = None  # when the warm-up step ended
+        self.ticks = 0
+        self.seconds_per_step: Optional[float] = None
+
+    def tick(self) -> bool:
+        if self.seconds_per_step is not None:
+            return True
+        now = time.perf_counter()
+        self.ticks += 1
+        if self.warm is None:
+            self.warm = now
+        timed, elapsed = self.ticks - 1, now - self.warm
+        if timed < ESTIMATE_STEPS and elapsed < ESTIMATE_SECONDS and self.ticks < self.steps:
+            return False
+        self.seconds_per_step = elapsed / timed if timed else now - self.started
+        total = now - self.started + (self.steps - self.ticks) * self.seconds_per_step
+        self.log.info("%s: %d steps x (%s) ~ %.3g s/step, about %s total on %s", self.stage, self.steps, self.shape,
+                      self.seconds_per_step, datetime.timedelta(seconds=round(total)), self.device)
+        return True
+
 
 def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epochs: int = TrainConfig.epochs,
                    max_steps: Optional[int] = None, lr: float = TrainConfig.lr, weight_decay: float = WEIGHT_DECAY,
@@ -22,11 +74,12 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
                    warmup_epochs: int = TrainConfig.warmup_epochs, center_lr: float = CENTER_LR,
                    center_weight: float = CENTER_WEIGHT, margin: float = TRIPLET_MARGIN, amp: str = "auto",
                    device=None, resume: Optional[str] = None, checkpoint_period: int = 10,
-                   log_period: int = 50) -> List[dict]:
+                   log_period: int = 50, save_last: bool = True) -> List[dict]:
     """Train model.backbone on (images, pids, camids) batches: Adam with warm-up + step decay (per
-    epoch), checkpoint out_dir/stage1_last.pth every checkpoint_period epochs and at the end.
-    max_steps stops early (smoke runs). Returns the loss history (one dict per step).
-    TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf."""
+    epoch), checkpoint out_dir/stage1_last.pth every checkpoint_period epochs and at the end
+    (save_last=False: never). max_steps stops early (smoke runs). After the first steps it logs
+    the measured s/step and the expected duration (StepEstimate). Returns the loss history (one
+    dict per step). TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf."""
     num_classes = as_int(num_classes, "num_classes", minimum=1)
     epochs = as_int(epochs, "epochs", minimum=1)
     max_steps = None if max_steps is None else as_int(max_steps, "max_steps", minimum=1)
@@ -37,6 +90,8 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
     margin = as_float(margin, "margin", minimum=0)
     if not isinstance(out_dir, str) or not out_dir:
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    if not isinstance(save_last, bool):
+        raise TypeError(f"save_last must be True or False, got {save_last!r}")
     device = resolve_device(device)
     backbone = model.backbone.to(device)
     criterion = ReIDLoss(num_classes, backbone.feat_dim, margin, center_weight).to(device)
@@ -51,6 +106,13 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
         logger.info("resumed stage 1 from %s at epoch %d", resume, start_epoch)
     ckpt = os.path.join(out_dir, "stage1_last.pth")
     step = 0
+    try:
+        planned = (epochs - start_epoch) * len(train_loader)
+    except TypeError:  # a loader without len(): no estimate
+        planned = 0
+    if max_steps is not None:
+        planned = min(planned, max_steps)
+    estimate = StepEstimate(logger, "stage 1", planned, "batch", device) if planned else None
     for epoch in range(start_epoch, epochs):
         backbone.train()
         bar = progress(train_loader, f"stage1 epoch {epoch + 1}/{epochs}")
@@ -66,18 +128,23 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
             history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
             bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
             step += 1
+            if estimate is not None:
+                estimate.shape = " x ".join(map(str, imgs.shape))  # images x channels x height x width
+                estimate.tick()
             if step % log_period == 0:
                 logger.info("stage1 epoch %d step %d: loss %.3f acc %.3f lr %.2e", epoch + 1, step, value, acc,
                             optimizer.param_groups[0]["lr"])
             if max_steps is not None and step >= max_steps:
                 break
         scheduler.step()
-        if (epoch + 1) % checkpoint_period == 0 or epoch + 1 == epochs or (max_steps and step >= max_steps):
+        if save_last and ((epoch + 1) % checkpoint_period == 0 or epoch + 1 == epochs
+                          or (max_steps and step >= max_steps)):
             save_checkpoint(ckpt, model, 1, epoch + 1, optimizer, criterion, center_optimizer, scheduler, history)
         if max_steps is not None and step >= max_steps:
             break
     if not history:
         logger.info("stage 1: nothing to do (start epoch %d of %d)", start_epoch, epochs)
         return history
-    logger.info("stage 1 done: %d steps, last loss %.3f; checkpoint %s", step, history[-1]["loss"], ckpt)
+    logger.info("stage 1 done: %d steps, last loss %.3f; %s", step, history[-1]["loss"],
+                f"checkpoint {ckpt}" if save_last else "no checkpoint written (save_last=False)")
     return history

@@ -8,6 +8,7 @@ import torch
 
 import nformer_kernels as nk
 from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
+from nformer_reid.engine.backbone_training import StepEstimate
 from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
 from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
 from nformer_reid.losses import ReIDLoss
@@ -26,15 +27,19 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
                   lr: float = TrainConfig.nformer_lr, weight_decay: float = WEIGHT_DECAY, center_lr: float = CENTER_LR,
                   center_weight: float = CENTER_WEIGHT, margin: float = TRIPLET_MARGIN, amp: str = "auto",
                   device=None, seed: int = 0, resume: Optional[str] = None, sampling: str = "centres",
-                  log_period: int = 50) -> List[dict]:
-    """Train an NFormer on features `feats` with labels `pids` (0..C-1).
+                  log_period: int = 50, save_last: bool = True) -> List[dict]:
+    """Train an NFormer on features `feats` (M, in_dim) with labels `pids` (0..C-1).
 
     model: an nk.NFormer, or a model holding one as `.nformer` (ReIDModel); the whole model is
-    what out_dir/stage2_last.pth saves and `resume` restores. Each step draws batch_size
-    neighbourhood sequences of seq_len features (NeighborhoodSampler) and applies CE + triplet +
-    center loss to all refined features; Adam (official lr 1e-5). `steps` overrides
-    epochs x (M // 30 // batch_size). Returns the loss history (one dict per step).
-    TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf.
+    what out_dir/stage2_last.pth saves (save_last=False: nothing is written) and `resume`
+    restores. feats are the NFormer's in_dim wide (its input projection, if any, is trained
+    with it); the losses work on its dim-wide output. Each step draws batch_size neighbourhood
+    sequences of seq_len features (NeighborhoodSampler) and applies CE + triplet + center loss
+    to all refined features; Adam (official lr 1e-5). `steps` overrides
+    epochs x (M // 30 // batch_size). Before the progress bar it logs the s/step measured on the
+    first steps (after a warm-up step) and the expected duration (StepEstimate). Returns the
+    loss history (one dict per step). TrainingDiverged (a ValueError) at the first step whose
+    loss is NaN or Inf.
     """
     epochs = as_int(epochs, "epochs", minimum=1)
     steps = None if steps is None else as_int(steps, "steps", minimum=1)
@@ -47,6 +52,8 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     as_float(margin, "margin", minimum=0)
     if not isinstance(out_dir, str) or not out_dir:
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    if not isinstance(save_last, bool):
+        raise TypeError(f"save_last must be True or False, got {save_last!r}")
     if not isinstance(model, nk.NFormer) and not isinstance(getattr(model, "nformer", None), nk.NFormer):
         raise TypeError(f"model must be an nk.NFormer or hold one as .nformer, got {type(model).__name__}")
     feats, pids = as_tensor(feats, "feats"), as_tensor(pids, "pids")
@@ -60,9 +67,10 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     nformer = (model if isinstance(model, nk.NFormer) else model.nformer).to(device)
     if nformer.classifier is None:
         raise ValueError("the NFormer needs a classifier (num_classes) for training")
-    num_classes, dim = nformer.classifier.out_features, nformer.classifier.in_features
-    if feats.shape[1] != dim:
-        raise ValueError(f"feats are {feats.shape[1]}-d, the NFormer is {dim}-d")
+    num_classes, dim = nformer.classifier.out_features, nformer.dim  # dim: the refined features' width
+    if feats.shape[1] != nformer.in_dim:
+        raise ValueError(f"feats are {feats.shape[1]}-d, the NFormer takes {nformer.in_dim}-d input (in_dim="
+                         f"{nformer.in_dim}, dim={dim})")
     if int(pids.max()) >= num_classes or int(pids.min()) < 0:
         raise ValueError(f"training pids must lie in [0, {num_classes}), got [{int(pids.min())}, {int(pids.max())}]")
     criterion = ReIDLoss(num_classes, dim, margin, center_weight).to(device)
@@ -73,8 +81,9 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     sampler = NeighborhoodSampler(feats.to(device), pids.to(device), seq_len, batch_size, sampling,
                                   generator=generator, knn_precision=nformer.knn_precision)
     total = steps if steps is not None else epochs * len(sampler)
-    logger.info("stage 2: %d train features, sequences of %d x %d, %d steps, neighbour sampling '%s'",
-                feats.shape[0], sampler.seq_len, batch_size, total, sampler.strategy)
+    width = f"{nformer.in_dim}-d" + (f", projected to {dim}-d" if nformer.in_dim != dim else "")
+    logger.info("stage 2: %d train features (%s), sequences of %d x %d, %d steps, neighbour sampling '%s'",
+                feats.shape[0], width, sampler.seq_len, batch_size, total, sampler.strategy)
     history, start = [], 0
     if resume:
         state = load_checkpoint(resume, model, optimizer, criterion, center_optimizer)
@@ -86,8 +95,8 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     ckpt = os.path.join(out_dir, "stage2_last.pth")
     started = time.time()
     nformer.train()
-    bar = progress(range(start, total), "stage2")
-    for step in bar:
+
+    def train_step(step):
         x, y = sampler.sample()
         try:
             with autocast(device, amp):
@@ -101,13 +110,27 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
         loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
                                 y.reshape(-1))
         optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=f"stage 2 step {step + 1}")
-        value = float(loss.detach())
+        value = float(loss.detach())  # also waits for the device: step times are wall times
         history.append({"step": step + 1, "loss": value, **parts})
-        bar.set_postfix(loss=f"{value:.3f}")
         if (step + 1) % log_period == 0 or step + 1 == total:
             logger.info("stage2 step %d/%d: loss %.3f (ce %.3f, triplet %.3f)", step + 1, total, value, parts["ce"],
                         parts["triplet"])
-    save_checkpoint(ckpt, model, 2, epochs, optimizer, criterion, center_optimizer, history=history,
-                    extra={"step": total})
-    logger.info("stage 2 done: %d steps in %.0f s; checkpoint %s", total - start, time.time() - started, ckpt)
+        return value
+
+    # The first steps train like the others; they also tell how long the run will take.
+    estimate = StepEstimate(logger, "stage 2", total - start, f"{batch_size} x {sampler.seq_len}", device)
+    step = start
+    while step < total:
+        train_step(step)
+        step += 1
+        if estimate.tick():
+            break
+    bar = progress(range(step, total), "stage2", initial=step - start, total=total - start)
+    for step in bar:
+        bar.set_postfix(loss=f"{train_step(step):.3f}")
+    if save_last:
+        save_checkpoint(ckpt, model, 2, epochs, optimizer, criterion, center_optimizer, history=history,
+                        extra={"step": total})
+    logger.info("stage 2 done: %d steps in %.0f s; %s", total - start, time.time() - started,
+                f"checkpoint {ckpt}" if save_last else "no checkpoint written (save_last=False)")
     return history
