@@ -9,14 +9,15 @@ from nformer_reid.metrics import compute_distance_matrix, evaluate_rank, plot_cm
 
 
 def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """Per query: stable argsort, drop same pid + same camera, first-match CMC, AP over kept list."""
+    """Per query: stable argsort, drop same pid + same camera (no id is special), first-match CMC,
+    AP over the kept list."""
     num_q, num_g = distmat.shape
     max_rank = min(max_rank, num_g)
     cmcs, aps = [], []
     for i in range(num_q):
         order = sorted(range(num_g), key=lambda j: (distmat[i, j], j))
         kept = [j for j in order if not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])]
-        hits = [1.0 if (g_pids[j] == q_pids[i] and g_pids[j] not in (-1, 0)) else 0.0 for j in kept]
+        hits = [1.0 if g_pids[j] == q_pids[i] else 0.0 for j in kept]
         if sum(hits) == 0:
             continue
         first = hits.index(1.0)
@@ -32,8 +33,8 @@ def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
 
 def random_case(seed, num_q=30, num_g=120, num_ids=15, num_cams=4, integer_dist=False):
     rng = np.random.default_rng(seed)
-    q_pids = rng.integers(1, num_ids, num_q)
-    g_pids = rng.integers(-1, num_ids, num_g)  # includes junk (-1) and distractors (0)
+    q_pids = rng.integers(-1, num_ids, num_q)  # -1 and 0 are ordinary ids, in queries too
+    g_pids = rng.integers(-1, num_ids, num_g)
     q_cams = rng.integers(0, num_cams, num_q)
     g_cams = rng.integers(0, num_cams, num_g)
     if integer_dist:  # many exact ties, also between matches and non-matches
@@ -57,21 +58,28 @@ def test_matches_loop_reference(seed, integer_dist):
     assert 0 <= mAP <= 1 and np.all((cmc >= 0) & (cmc <= 1)) and np.all(np.diff(cmc) >= 0)
 
 
-def test_hand_made_camera_junk_distractor_case():
-    # query pid 1 in cam 0; gallery sorted by distance below.
+def test_hand_made_camera_case():
+    # query pid 1 in cam 0; gallery sorted by distance below; ids 0 and -1 are just other ids.
     g_pids = np.array([1, 0, -1, 1, 2, 1])
     g_cams = np.array([0, 1, 1, 1, 1, 2])  # entry 0: same pid + same cam -> dropped
     dist = np.array([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5]], dtype=np.float32)
     cmc, mAP = evaluate_rank(dist, np.array([1]), g_pids, np.array([0]), g_cams, max_rank=5)
-    # kept list: [0 (distractor), -1 (junk), 1 (match), 2, 1 (match)] -> matches at ranks 3 and 5
+    # kept list: [0, -1, 1 (match), 2, 1 (match)] -> matches at ranks 3 and 5
     np.testing.assert_allclose(cmc, [0, 0, 1, 1, 1])
     assert mAP == pytest.approx((1 / 3 + 2 / 5) / 2)
+    # a query of pid 0 is scored like any other: its match (entry 1, camera 1) is at rank 2
+    cmc, mAP = evaluate_rank(dist, np.array([0]), g_pids, np.array([0]), g_cams, max_rank=5)
+    np.testing.assert_allclose(cmc, [0, 1, 1, 1, 1])
+    assert mAP == pytest.approx(1 / 2)
 
 
 def test_skips_queries_without_match_and_warns_once():
     dist = np.array([[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]], dtype=np.float32)
-    with pytest.warns(RuntimeWarning, match="2 of 3 queries"):
+    with pytest.warns(RuntimeWarning) as caught:
         cmc, mAP = evaluate_rank(dist, [1, 5, 0], [1, 2], [0, 0, 0], [1, 1], max_rank=50)
+    messages = [str(w.message) for w in caught]
+    assert sum("2 of 3 queries" in m for m in messages) == 1
+    assert sum("gallery samples is quite small, got 2" in m for m in messages) == 1
     assert cmc.shape == (2,)  # cut to the gallery size
     assert mAP == 1.0
     with pytest.raises(ValueError, match="no query has a valid match"):
@@ -107,9 +115,11 @@ def test_input_validation():
 def test_distance_matrix_and_plot(tmp_path):
     g = torch.Generator().manual_seed(0)
     qf, gf = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
-    d = compute_distance_matrix(qf, gf)
+    d = compute_distance_matrix(qf, gf)  # torchreid's meaning: the features as given
+    torch.testing.assert_close(d, torch.cdist(qf, gf) ** 2, atol=1e-4, rtol=1e-5)
     qn, gn = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-    torch.testing.assert_close(d, torch.cdist(qn, gn) ** 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compute_distance_matrix(qf, gf, normalize=True), torch.cdist(qn, gn) ** 2, atol=1e-5,
+                               rtol=0)
     torch.testing.assert_close(compute_distance_matrix(qf, gf, "cosine"), 1 - qn @ gn.T)
     with pytest.raises(ValueError, match="metric"):
         compute_distance_matrix(qf, gf, "manhattan")

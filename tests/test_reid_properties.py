@@ -3,9 +3,10 @@ compute_distance_matrix, re_ranking and re_ranking_sparse with random shapes, dt
 torch, float16 .. float64, integers), layouts (transposed, sliced, stride-0, reversed), scales
 1e-30 .. 1e30, duplicates (exact ties), zero rows, NaN/Inf and numpy scalar arguments.
 
-Every call gives the answer of the loop transcriptions in test_reid_metrics / test_reid_rerank (the
-oracles), or raises ValueError / TypeError; never another exception, and never NaN for accepted
-finite input.
+Every call gives the answer of the loop transcriptions in test_reid_metrics / test_reid_protocol /
+test_reid_rerank (the oracles), or raises ValueError / TypeError; never another exception, and never
+NaN for accepted finite input. evaluate_features gives evaluate_rank's answer on compute_distance_matrix,
+bit for bit, or refuses where that refuses.
 
 Profiles: "ci" (default; all of this file in well under a minute on two loaded cores) and
 "thorough" (HYPOTHESIS_PROFILE=thorough, by hand: many more examples).
@@ -19,9 +20,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
+from nformer_reid.metrics import compute_distance_matrix, evaluate_features, evaluate_rank
 from nformer_reid.rerank import re_ranking, re_ranking_sparse
 from tests.test_reid_metrics import loop_reference as rank_reference
+from tests.test_reid_protocol import market_reference
 from tests.test_reid_rerank import loop_reference as rerank_reference
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
@@ -31,6 +33,7 @@ settings.register_profile("thorough", max_examples=1500, deadline=None,
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 USER_ERRORS = (ValueError, TypeError)
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
+ID_SPACES = st.sampled_from([np.arange(-1, 4), np.arange(3), np.array([-7, 0, 1 << 40, 3]), np.array([-2, -1])])
 LAYOUTS = ["contiguous", "transposed", "sliced", "stride0", "reversed"]
 
 
@@ -95,15 +98,16 @@ def rank_cases(draw):
         with np.errstate(over="ignore"):
             dist = (base * 10.0 ** draw(st.integers(-30, 30))).astype(dtype)
     bad = poison(draw, dist)
-    q_pids = rng.integers(-1, 4, num_q)
-    g_pids = rng.integers(-1, 4, num_g)
+    space = draw(ID_SPACES)  # no id is special: 0-based, negative, non-contiguous
+    q_pids, g_pids = rng.choice(space, num_q), rng.choice(space, num_g)
     q_cams, g_cams = rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
     dist = lay_out(draw, dist)
     max_rank = maybe_numpy_int(draw, draw(st.integers(1, 20)))
+    return_mINP = draw(st.booleans())
     chunk = draw(st.one_of(st.none(), st.integers(1, 4)))
     chunk = None if chunk is None else maybe_numpy_int(draw, chunk)
     return dict(distmat=as_backend(draw, dist), q_pids=q_pids, g_pids=as_backend(draw, g_pids), q_camids=q_cams,
-                g_camids=g_cams, max_rank=max_rank, chunk_size=chunk), bad
+                g_camids=g_cams, max_rank=max_rank, return_mINP=return_mINP, chunk_size=chunk), bad
 
 
 @settings(settings.get_profile(PROFILE))
@@ -113,11 +117,11 @@ def test_evaluate_rank_matches_the_loop_reference_or_refuses(case):
     values = to_float64(kwargs["distmat"])
     finite = bool(np.isfinite(values).all())
     ids = [np.asarray(kwargs[k]) for k in ("q_pids", "g_pids", "q_camids", "g_camids")]
-    valid = any(((ids[1] == p) & (ids[3] != c)).any() and p not in (-1, 0) for p, c in zip(ids[0], ids[2]))
+    valid = any(((ids[1] == p) & (ids[3] != c)).any() for p, c in zip(ids[0], ids[2]))  # no id is special
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
-            cmc, mAP = evaluate_rank(**kwargs)
+            got = evaluate_rank(**kwargs)
         except USER_ERRORS as exc:
             assert bad or not finite or not valid, f"refused a valid input: {exc!r}"
             event("refused")
@@ -125,9 +129,13 @@ def test_evaluate_rank_matches_the_loop_reference_or_refuses(case):
         event("accepted")
         assert finite and valid, "accepted NaN/Inf or a split without a valid match"
         ref_cmc, ref_map = rank_reference(values, *ids, max_rank=int(kwargs["max_rank"]))
+    cmc, mAP = got[:2]
+    assert len(got) == (3 if kwargs["return_mINP"] else 2)
     assert cmc.dtype == np.float32 and np.isfinite(cmc).all() and np.isfinite(mAP)
     np.testing.assert_allclose(cmc, ref_cmc, atol=1e-6)
     assert mAP == pytest.approx(ref_map, abs=1e-9)
+    if kwargs["return_mINP"]:
+        assert got[2] == pytest.approx(market_reference(values, *ids, int(kwargs["max_rank"]))[2], abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- compute_distance_matrix
@@ -202,6 +210,35 @@ def distance_reference(q64, g64, metric, normalize, finite):
 def as_backend_fixed(x):
     """The query side as a torch tensor (the gallery stays numpy): both kinds in one call."""
     return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
+
+
+@settings(settings.get_profile(PROFILE))
+@given(feature_pair(max_rows=10, max_dim=5, min_rows=1), st.sampled_from(["euclidean", "cosine"]), st.booleans(),
+       st.data())
+def test_evaluate_features_equals_evaluate_rank_on_the_matrix_or_both_refuse(pair, metric, normalize, data):
+    qf, gf, _ = pair
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 31 - 1)))
+    space = data.draw(ID_SPACES)
+    ids = (rng.choice(space, qf.shape[0]), rng.choice(space, gf.shape[0]), rng.integers(0, 2, qf.shape[0]),
+           rng.integers(0, 2, gf.shape[0]))
+    max_rank = data.draw(st.integers(1, 12))
+    chunks = dict(query_chunk=data.draw(st.one_of(st.none(), st.integers(1, 4))),
+                  gallery_chunk=data.draw(st.one_of(st.none(), st.integers(1, 5))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            ref = evaluate_rank(compute_distance_matrix(qf, gf, metric, normalize), *ids, max_rank,
+                                return_mINP=True)
+        except USER_ERRORS as exc:
+            with pytest.raises(type(exc)):
+                evaluate_features(qf, gf, *ids, metric, normalize, max_rank, return_mINP=True, **chunks)
+            event("both refused")
+            return
+        got = evaluate_features(as_backend_fixed(qf), gf, *ids, metric, normalize, max_rank, return_mINP=True,
+                                **chunks)
+    event("accepted")
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert got[1:] == ref[1:]
 
 
 # ------------------------------------------------------------------------------------------ re_ranking
