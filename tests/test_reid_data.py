@@ -96,9 +96,9 @@ def test_msmt17_lists_keep_train_and_test_ids_apart(tmp_path, version, train, te
     msmt_tree(str(tmp_path), version, train, test)
     ds = MSMT17(str(tmp_path), verbose=False)
     assert sorted((p, c) for _, p, c in ds.train) == [(0, 0), (1, 4)]  # train + val, relabelled
-    # test pid 0 is a real identity: shifted to 1 so evaluate_rank does not take it for a distractor
-    assert [(p, c) for _, p, c in ds.query] == [(1, 2)]
-    assert [(p, c) for _, p, c in ds.gallery] == [(1, 11)]
+    # test pid 0 is a real identity, kept as the list gives it (evaluate_rank has no special ids)
+    assert [(p, c) for _, p, c in ds.query] == [(0, 2)]
+    assert [(p, c) for _, p, c in ds.gallery] == [(0, 11)]
     assert ds.query[0][0].endswith(os.path.join(test, "0000", "0000_000_03_0303morning_0001_0.jpg"))
 
 
