@@ -1,9 +1,10 @@
 """Parsers of the standard Re-ID dataset layouts (as torchreid / reid-strong-baseline read them).
 
 Every dataset exposes train / query / gallery lists of (image_path, pid, camid) with 0-based
-camids. Train pids are relabelled to 0..C-1 (classifier targets). Query/gallery pids keep the
-dataset's ids, with -1 = junk and 0 = distractor reserved as in Market-1501 (evaluate_rank
-never counts those as matches); datasets whose test ids start at 0 are shifted by +1.
+camids. Train pids are relabelled to 0..C-1 (classifier targets). Query/gallery pids are the
+dataset's own ids, unchanged (MSMT17's test ids start at 0, Market-1501's distractors are 0):
+evaluate_rank treats no id specially, so a distractor simply matches no query. Market-style junk
+images (pid -1 in the file name) are dropped here, at parse time, as torchreid does.
 
 Checks, the same for every dataset: only regular files (symlinks followed; folders, broken links
 and other names skipped) with an image extension count as images; a file name or list line that
@@ -160,22 +161,13 @@ class DukeMTMCreID(_FolderDataset):
     num_cams = 8
     max_pid = 9999
 
-    def __init__(self, root: str, verbose: bool = True):
-        super().__init__(root, verbose=False)
-        # Duke has no distractor id; keep 0 free for evaluate_rank's convention if it ever occurs.
-        if any(p == 0 for _, p, _ in self.query + self.gallery):
-            self.query = [(f, p + 1, c) for f, p, c in self.query]
-            self.gallery = [(f, p + 1, c) for f, p, c in self.gallery]
-        if verbose:
-            self.log_statistics()
-
 
 class MSMT17(ReIDDataset):
     """MSMT17 (Wei et al. CVPR 2018) from its list files; 15 cameras.
 
     train = list_train + list_val (torchreid's default); query/gallery from list_query /
-    list_gallery. The test list pids restart at 0 and are a different id space from train: they
-    are stored +1 so that 0 keeps its distractor meaning in evaluate_rank.
+    list_gallery. The test list pids restart at 0 and are a different id space from train; they are
+    kept as the lists give them (0 is an ordinary identity).
     """
 
     name = "MSMT17"
@@ -202,8 +194,8 @@ class MSMT17(ReIDDataset):
                 raise DatasetLayoutError(f"MSMT17: missing {path}. Expected the layout\n{self.layout}")
             lists[split] = path
         train = self._parse(train_dir, lists["train"]) + self._parse(train_dir, lists["val"])
-        query = [(f, p + 1, c) for f, p, c in self._parse(test_dir, lists["query"])]
-        gallery = [(f, p + 1, c) for f, p, c in self._parse(test_dir, lists["gallery"])]
+        query = self._parse(test_dir, lists["query"])
+        gallery = self._parse(test_dir, lists["gallery"])
         super().__init__(_relabel(train), query, gallery, base)
         if verbose:
             self.log_statistics()
