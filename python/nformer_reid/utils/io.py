@@ -7,7 +7,10 @@ no partial file under the target's name (an interrupted write removes its tempor
 killed process can leave one `.<name>.tmp-*` behind, never a truncated target).
 
 Reading: `load_torch` turns every way a torch file can be unreadable (missing, a folder, text,
-truncated, not a zip/pickle) into a ReIDInputError naming the file.
+truncated, not a zip/pickle) into a ReIDInputError naming the file. It loads with
+torch.load(weights_only=True): tensors, numbers, strings and containers only, and with
+allow_numpy=True also numeric numpy arrays (the few numpy globals `numpy_safe_globals` lists);
+any other object in the pickle is refused without being built.
 
 Output policy (`check_outputs`): a run refuses to replace a previous run's outputs unless
 overwrite is set (the CLI's --overwrite), and never writes over one of its own input files.
@@ -88,21 +91,53 @@ def check_input_file(path: str, what: str) -> str:
     return path
 
 
-def load_torch(path: str, what: str, weights_only: bool = True):
+def numpy_safe_globals() -> list:
+    """What torch.load(weights_only=True) must allow to rebuild numeric numpy arrays, and nothing
+    more: numpy's array reconstructor (under its numpy 1.x and 2.x module names, so a file written
+    with either loads under either), ndarray, dtype and the dtype classes of bool, integer, float
+    and complex arrays (numpy >= 1.25 builds a dtype as an instance of such a class). Object,
+    string, bytes, void and datetime dtypes are left out: their arrays stay refused."""
+    import numpy as np
+
+    core = np.core if int(np.__version__.split(".")[0]) < 2 else np._core  # np.core warns on numpy 2
+    reconstruct = core.multiarray._reconstruct
+    allowed = [(reconstruct, "numpy.core.multiarray._reconstruct"),
+               (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    for code in "?bhilqBHILQefdgFDG":
+        cls = type(np.dtype(code))
+        if cls is not np.dtype and cls not in allowed:
+            allowed.append(cls)
+    return allowed
+
+
+def load_torch(path: str, what: str, weights_only: bool = True, allow_numpy: bool = False):
     """torch.load(path) on the CPU; ReIDInputError naming `what` and the file for a missing,
-    unreadable, truncated or non-PyTorch file."""
+    unreadable, truncated or non-PyTorch file, and (weights_only) for one holding objects that
+    weights-only loading refuses. allow_numpy (with weights_only) also rebuilds numeric numpy arrays."""
     import pickle
+    import re
     import zipfile
 
     import torch
 
     path = check_input_file(path, what)
     try:
+        if weights_only and allow_numpy:
+            with torch.serialization.safe_globals(numpy_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
             AttributeError, ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError) as exc:
         text = str(exc).strip()
-        if weights_only and "Weights only load failed" in text:
+        # weights-only refusals of an object (a global, a class to build) vs. bytes that are no pickle at all
+        if weights_only and "Weights only load failed" in text and re.search(r"GLOBAL|global|Can only build|reduce",
+                                                                              text):
+            if allow_numpy:
+                found = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", text)
+                culprit = f" (found {found.group(1) or found.group(2)})" if found else ""
+                raise ReIDInputError(f"{what} {path}: holds Python objects other than tensors, numeric numpy "
+                                     f"arrays, numbers, strings and containers{culprit}; such objects are never "
+                                     "unpickled from files: save tensors or numpy arrays of numbers") from exc
             raise ReIDInputError(f"{what} {path}: holds Python objects other than tensors, numbers and containers "
                                  "(numpy arrays, classes), which are not loaded from untrusted files; save torch "
                                  "tensors (or a .npz archive for features)") from exc
