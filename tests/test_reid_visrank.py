@@ -279,8 +279,12 @@ def test_bad_arguments_name_the_argument(market, tmp_path):
         call({"m": d[:, :-1]})
     with pytest.raises(ValueError, match=r"distmats\['m'\] must be"):
         call(query=q[:-1])
-    with pytest.raises(ValueError, match=r"distmats\['m'\].*NaN"):
-        call({"m": np.where(d > 0.5, np.nan, d)})
+    with pytest.raises(ValueError, match=r"distmats\['m'\] contains NaN or Inf \(row 3\)"):
+        with_nan = d.copy()
+        with_nan[3, 5] = np.nan
+        call({"m": with_nan}, query_indices=[0, 3])
+    with pytest.raises(ValueError, match=r"distmats\['m'\] contains NaN or Inf \(row 2\)"):
+        call({"m": torch.tensor(d).index_fill(0, torch.tensor([2]), float("inf"))})
     with pytest.raises(TypeError, match="distmats must be a"):
         call(d)
     with pytest.raises(ValueError, match="distmats is empty"):
@@ -319,6 +323,8 @@ def test_bad_arguments_name_the_argument(market, tmp_path):
         visualize_ranked_results({"m": d}, q, g, str(a_file))
     assert a_file.read_text() == "keep me"
     assert not os.path.exists(out)  # nothing was written by any failed call
+    # Only the drawn rows are read: a NaN in another query's row does not stop the pictures.
+    assert len(call({"m": with_nan}, query_indices=[0, 1], size=SMALL)) == 2
 
 
 def test_missing_or_unreadable_images_name_the_file_before_anything_is_written(market, tmp_path):

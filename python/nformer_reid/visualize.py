@@ -183,9 +183,10 @@ def _distance_rows(dist, name: str, shape: Tuple[int, int], rows: Sequence[int])
         raise TypeError(f"{name} must hold real distances, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must be (len(query), len(gallery)) = {shape}, got shape {tuple(t.shape)}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
     picked = t[torch.as_tensor(rows, dtype=torch.long, device=t.device)].cpu()
+    if picked.is_floating_point() and not bool(torch.isfinite(picked).all()):  # the rows drawn: all that is read
+        bad = int((~torch.isfinite(picked).all(1)).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (row {rows[bad]})")
     if picked.dtype in (torch.float16, torch.bfloat16):
         picked = picked.float()  # numpy has no bfloat16; float32 holds both exactly
     return picked.numpy()
@@ -243,7 +244,7 @@ def ranked_list_layout(names: Sequence[str], topk: int, size: Tuple[int, int] = 
     if not names:
         raise ValueError("names is empty: give at least one method")
     font = _font()
-    left, top, right, bottom = font.getbbox("Ag")
+    bottom = font.getbbox("Ag")[3]  # the tallest line of the captions
     label = min(MAX_LABEL_WIDTH, max(int(np.ceil(font.getlength(str(n)))) for n in names)) + 8
     return RankedListLayout(rows=len(names), topk=topk, thumb_height=height, thumb_width=width,
                             label_width=label, text_height=bottom + 3)
@@ -349,7 +350,8 @@ def visualize_ranked_results(distmats: Mapping[str, object], query: Sequence[Tup
 
     distmats: {method name: (len(query), len(gallery)) distances, smaller = nearer} (numpy arrays
     or torch tensors on any device, finite real numbers), one row of the picture each, in the
-    mapping's order (e.g. {"backbone": d0, "NFormer (official)": d1}: before and after NFormer).
+    mapping's order (e.g. {"backbone": d0, "NFormer (official)": d1}: before and after NFormer);
+    only the rows of the drawn queries are read (and checked).
     query / gallery: sequences of (image path, pid, camid), as a dataset's .query / .gallery.
     topk >= 1 ranks per row (at most len(gallery)). Which queries: query_indices if given (max_queries
     is then not used), else select_queries(len(query), max_queries): DEFAULT_MAX_QUERIES evenly
