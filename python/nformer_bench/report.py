@@ -195,22 +195,8 @@ def readme_snippet(results_root, readme_dir):
     for path, result in _latest_runs(results_root):
         write_run_files(result, path)
         meta = result["meta"]
-        methods = list(dict.fromkeys(_label(r) for r in result["rows"]))
-        cells = {(_label(r), r["n"]): r for r in result["rows"]}
         lines += ["", f"### {meta['device_name']}, {meta['dtype']}", ""] + _meta_lines(meta) + [""]
-        lines += ["| N | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-        for n in sorted({r["n"] for r in result["rows"]}):
-            row = []
-            for m in methods:
-                r = cells.get((m, n))
-                if r is None:
-                    row.append("")
-                elif r["status"] == "ok":
-                    row.append(f"{_fmt_ms(r['latency_ms'])} / {_fmt_mb(r['peak_mem_bytes'])}")
-                else:
-                    row.append(r["status"].split(" (")[0])
-            lines.append(f"| {n} | " + " | ".join(row) + " |")
-        lines += [""] + headline(result)
+        lines += _latency_memory_grid(result["rows"]) + [""] + headline(result)
         rel = _rel(path.parent, readme_dir)
         stem = path.stem
         lines += ["", f"![latency vs N]({rel}/{stem}-latency.png) ![peak memory vs N]({rel}/{stem}-memory.png)",
@@ -305,8 +291,8 @@ def _attention_rows(result):
     return lines
 
 
-def _nformer_grid(result):
-    rows = result["nformer"]["rows"]
+def _latency_memory_grid(rows):
+    """An N x method markdown table of "latency / peak memory" cells (the status where a run failed)."""
     methods = list(dict.fromkeys(_label(r) for r in rows))
     cells = {(_label(r), r["n"]): r for r in rows}
     lines = ["| N | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
@@ -321,7 +307,12 @@ def _nformer_grid(result):
             else:
                 row.append(r["status"].split(" (")[0])
         lines.append(f"| {n} | " + " | ".join(row) + " |")
-    return lines if rows else ["No NFormer measurements."]
+    return lines
+
+
+def _nformer_grid(result):
+    rows = result["nformer"]["rows"]
+    return _latency_memory_grid(rows) if rows else ["No NFormer measurements."]
 
 
 def _agreement_line(result):
