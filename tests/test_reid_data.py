@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nformer_reid.data import (CUHK03, MSMT17, DatasetLayoutError, DukeMTMCreID, Market1501, build_dataset,
-                               make_feature_benchmark, make_synthetic_market)
+from nformer_reid.data import (CUHK03, MSMT17, DatasetLayoutError, DukeMTMCreID, FeatureSet, Market1501,
+                               build_dataset, load_features, load_query_gallery, make_feature_benchmark,
+                               make_synthetic_market, save_features, save_query_gallery)
 from nformer_reid.data.loader import RandomIdentitySampler, build_transforms
 
 
@@ -187,6 +188,24 @@ def test_feature_benchmark_structure():
                                    dim=32, num_distractors=5, seed=1)
     assert torch.equal(again.gallery.feats, b.gallery.feats)
 
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_feature_benchmark_sets_reload_from_feature_files(tmp_path, suffix):
+    """The synthetic sets are checked FeatureSets (float32 features, int64 labels) that the feature
+    files give back unchanged: one set per file, and query + gallery in the torchreid layout."""
+    b = make_feature_benchmark(num_train_ids=6, num_test_ids=4, num_cams=3, images_per_cam=2, cams_per_id=2, dim=8,
+                               num_distractors=3, seed=2)
+    for fs in (b.train, b.query, b.gallery):
+        assert isinstance(fs, FeatureSet) and fs.labelled
+        assert fs.feats.dtype == torch.float32 and fs.pids.dtype == fs.camids.dtype == torch.int64
+    path = save_features(str(tmp_path / f"train{suffix}"), b.train)
+    train = load_features(path, "--train")
+    assert torch.equal(train.feats, b.train.feats) and torch.equal(train.pids, b.train.pids)
+    query, gallery = load_query_gallery(save_query_gallery(str(tmp_path / f"test{suffix}"), b.query, b.gallery))
+    for got, want in ((query, b.query), (gallery, b.gallery)):
+        assert torch.equal(got.feats, want.feats) and torch.equal(got.pids, want.pids)
+        assert torch.equal(got.camids, want.camids)
 
 def test_pk_sampler_batches():
     items = [(f"{i}.jpg", pid, 0) for i, pid in enumerate([0] * 5 + [1] * 2 + [2] * 4 + [3] * 6)]
