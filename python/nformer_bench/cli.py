@@ -4,6 +4,7 @@
   nformer-bench knn     exact k-NN: nk.knn vs chunked torch.mm + topk vs faiss, with recall
   nformer-bench certified  nk.knn precision="certified" vs "exact" vs torch.mm + topk: stages, certified rows
   nformer-bench distributed  nformer_kernels.distributed on 1..P CPU processes: time, bytes, memory
+  nformer-bench eval-features  Re-ID evaluation from features (no Q x G matrix): time, peak RSS
   nformer-bench tune    time the Triton kernels over grids of launch configurations (GPU)
   nformer-bench check   validate nformer_kernels on a CUDA machine in one budgeted run
   nformer-bench report  README sections from result folders
@@ -21,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The parser imports no nformer_kernels: `check` rebuilds the extension from this process.
-from nformer_bench import RESULT_MARK, certified, check, distributed, knn, sweep, tune
+from nformer_bench import RESULT_MARK, certified, check, distributed, knn, reid_eval, sweep, tune
 
 
 def version():
@@ -38,7 +39,8 @@ def _parser():
     parser = argparse.ArgumentParser(prog="nformer-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nformer-bench {version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,knn,certified,distributed,tune,check,report}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{run,knn,certified,distributed,eval-features,tune,check,report}")
     sweep.add_arguments(sub.add_parser("run", help="sweep N and write results", description=sweep.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     knn.add_arguments(sub.add_parser("knn", help="exact k-NN against torch and faiss", description=knn.__doc__,
@@ -49,6 +51,9 @@ def _parser():
     distributed.add_arguments(sub.add_parser("distributed", help="nformer_kernels.distributed: per-rank time, bytes, "
                                              "memory; --plan: the analytic cost", description=distributed.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    reid_eval.add_arguments(sub.add_parser("eval-features", help="Re-ID evaluation from features: time, peak RSS",
+                                           description=reid_eval.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     tune.add_arguments(sub.add_parser("tune", help="Triton launch-configuration grids (GPU)",
                                       description=tune.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -84,6 +89,8 @@ def main(argv=None):
         certified.run(args)
     elif args.command == "distributed":
         distributed.run(args)
+    elif args.command == "eval-features":
+        reid_eval.run(args)
     elif args.command == "tune":
         tune.write(tune.run(args), args.out)
     elif args.command == "check":
