@@ -253,3 +253,21 @@ def test_extracted_features_round_trip_through_the_query_gallery_file(tmp_path):
     q, g = load_query_gallery(path)
     for a, b in ((q, query), (g, gallery)):
         assert torch.equal(a.feats, b.feats) and torch.equal(a.pids, b.pids) and torch.equal(a.camids, b.camids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_fastreid_with_a_cuda_model_and_prefetched_batches():
+    """fast-reid's DataLoaderX moves every tensor of a batch to the GPU: features and labels come
+    back as CPU tensors all the same."""
+    model = FastReIDModel().cuda()
+    data = Images(7, 6, style="fastreid")
+
+    def prefetched():
+        for batch in loader(data):
+            yield {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    query, gallery = from_fastreid(model, list(prefetched()), 3, flip=True)
+    assert query.feats.device.type == query.pids.device.type == gallery.camids.device.type == "cpu"
+    want = fastreid_reference(model.cpu(), data.images, True)
+    assert torch.allclose(torch.cat([query.feats, gallery.feats]), want, rtol=1e-2, atol=1e-2)  # TF32 convolutions
+    assert torch.equal(gallery.pids, data.pids[3:])

@@ -65,7 +65,8 @@ def _labels(parts, key: str, where: str) -> Optional[torch.Tensor]:
     if not all(present):
         raise ValueError(f"{where}: some batches have {key} and some do not")
     try:
-        return torch.cat([torch.as_tensor(p).reshape(-1) for p in parts])
+        # fast-reid's DataLoaderX prefetches every tensor of a batch to the GPU: labels come back to the CPU
+        return torch.cat([torch.as_tensor(p).reshape(-1).cpu() for p in parts])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{where}: {key} of the batches are not integer tensors ({exc})") from None
 
