@@ -18,7 +18,8 @@ from nformer_reid.engine import load_checkpoint, load_model, refine_features, sa
 from nformer_reid.utils import ReIDInputError, reset_logging, setup_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = {"features": ["--query", "q.pt", "--gallery", "g.pt"], "datasets": ["--root", "data"]}
+REQUIRED = {"features": ["--query", "q.pt", "--gallery", "g.pt"], "datasets": ["--root", "data"],
+            "refine": ["--input", "i.npy", "--output", "o.npy", "--weights", "w.pth"], "rerank": ["--features", "qg.pt"]}
 
 
 def small_nformer():

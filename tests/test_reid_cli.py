@@ -27,17 +27,24 @@ def user_error(capsys, argv, match):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train"))
-    main(["train", "--data", "synthetic", "--out", out, "--eval", "--rerank", *TINY])
+    main(["train", "--data", "synthetic", "--out", out, "--eval", "--rerank", "--save-model", *TINY])
     return out
+
+
+def methods(path):
+    """The per-method metrics of a results.json."""
+    return json.load(open(path))["methods"]
 
 
 def test_train_synthetic_end_to_end(trained, capsys):
     for name in ("model_final.pth", "stage1_last.pth", "stage2_last.pth", "loss.png", "cmc.png", "results.json",
-                 "log.txt"):
+                 "log.txt", "config.yaml"):
         assert os.path.isfile(os.path.join(trained, name)), name
-    results = json.load(open(os.path.join(trained, "results.json")))
+    results = methods(os.path.join(trained, "results.json"))
     assert set(results) == {"backbone", "backbone + re-ranking", "NFormer (official)", "NFormer + re-ranking"}
     assert all(0 <= r["mAP"] <= 1 and 0 <= r["R1"] <= r["R5"] <= r["R10"] <= 1 for r in results.values())
+    timings = json.load(open(os.path.join(trained, "results.json")))["timings"]
+    assert {"training stage 1", "training stage 2", "features", "evaluation", "re-ranking", "refinement"} <= set(timings)
 
 
 def test_eval_checkpoint_paper_mode_with_flip(trained, tmp_path, capsys):
@@ -45,7 +52,7 @@ def test_eval_checkpoint_paper_mode_with_flip(trained, tmp_path, capsys):
           "--weights", os.path.join(trained, "model_final.pth"), "--mode", "paper", "--flip", *TINY])
     out = capsys.readouterr().out
     assert "NFormer (paper)" in out and "results on Market1501" in out
-    assert set(json.load(open(tmp_path / "results.json"))) == {"backbone", "NFormer (paper)"}
+    assert set(methods(tmp_path / "results.json")) == {"backbone", "NFormer (paper)"}
 
 
 def test_eval_needs_exactly_one_weights_source(trained, capsys):
@@ -56,8 +63,13 @@ def test_yaml_config_sets_options_and_rejects_unknown(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("stage: 1\nmax-steps: 1\nsize: [32, 16]\nworkers: 0\n")
     main(["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)])
-    assert os.path.isfile(tmp_path / "run" / "stage1_last.pth")
-    assert not os.path.exists(tmp_path / "run" / "stage2_last.pth")
+    # checkpoints only when asked: the final model, no resumable stage checkpoints
+    assert os.path.isfile(tmp_path / "run" / "model_final.pth")
+    assert not os.path.exists(tmp_path / "run" / "stage1_last.pth")
+    main(["train", "--data", "synthetic", "--out", str(tmp_path / "every"), "--config", str(cfg),
+          "--checkpoint-every", "1"])
+    assert os.path.isfile(tmp_path / "every" / "stage1_last.pth")
+    assert not os.path.exists(tmp_path / "every" / "stage2_last.pth")
     cfg.write_text("mode: joint\n")
     user_error(capsys, ["train", "--data", "synthetic", "--out", str(tmp_path / "run"), "--config", str(cfg)],
                "mode must be one of")
@@ -119,6 +131,7 @@ def test_features_train_then_reuse_weights(tmp_path, ext):
                                               "--nformer-steps", "3", "--seq-len", "64", "--rerank"])
     assert set(first) == {"input features", "input features + re-ranking", "NFormer (official)",
                           "NFormer + re-ranking"}
+    assert not (tmp_path / "first" / "stage2_last.pth").exists()  # no resumable checkpoint unless asked
     assert all(0 <= r["mAP"] <= 1 and 0 <= r["R1"] <= r["R5"] <= r["R10"] <= 1 for r in first.values())
     for name in ("nformer.pth", "refined_features.pt", "cmc.png", "loss.png", "log.txt"):
         assert (tmp_path / "first" / name).is_file(), name
@@ -129,7 +142,7 @@ def test_features_train_then_reuse_weights(tmp_path, ext):
 
 def main_results(out, argv):
     main([*argv, "--out", str(out)])
-    return json.load(open(out / "results.json"))
+    return methods(out / "results.json")
 
 
 def test_features_bad_input(tmp_path, capsys):
@@ -141,5 +154,5 @@ def test_features_bad_input(tmp_path, capsys):
     user_error(capsys, ["features", *common, "--train", paths["train"], "--weights", paths["train"]], "exactly one")
     torch.save({"feats": torch.randn(5, 32), "pids": torch.arange(5)}, tmp_path / "bad.pt")
     user_error(capsys, ["features", "--query", str(tmp_path / "bad.pt"), "--gallery", paths["gallery"], "--train",
-                        paths["train"], "--out", str(tmp_path / "o")], "query file .*missing \\['camids'\\]")
-    user_error(capsys, ["features", *common, "--weights", paths["train"]], "not an NFormer saved by this command")
+                        paths["train"], "--out", str(tmp_path / "o")], "query file .*missing camids")
+    user_error(capsys, ["features", *common, "--weights", paths["train"]], "not an NFormer saved by 'nformer-reid features --train'")

@@ -8,8 +8,9 @@ from nformer_reid.config import COMMANDS
 from nformer_reid.engine.checkpoints import load_model, save_checkpoint
 from tests.test_reid_cli import _feature_files, user_error
 
-NFORMER_COMMANDS = ("train", "eval", "features", "demo")
-REQUIRED = {"features": ["--query", "q.pt", "--gallery", "g.pt"]}
+NFORMER_COMMANDS = ("train", "eval", "features", "refine", "rerank", "demo")
+REQUIRED = {"features": ["--query", "q.pt", "--gallery", "g.pt"],
+            "refine": ["--input", "i.npy", "--output", "o.npy", "--official", "o.pth"], "rerank": ["--features", "qg.pt"]}
 
 
 def test_commands_with_an_nformer_take_the_option_default_auto():
@@ -48,14 +49,26 @@ def knn_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["certified", "exact"])
-def test_features_flag_reaches_the_nformer_and_re_ranking(tmp_path, knn_calls, precision):
+def test_features_flag_reaches_the_nformer_and_re_ranking(tmp_path, knn_calls, precision, monkeypatch):
+    import nformer_reid.engine.evaluation as evaluation
+
+    rerank_precisions = []
+    real_rerank = evaluation.re_ranking_sparse
+
+    def rerank_spy(*args, **kwargs):
+        rerank_precisions.append(kwargs.get("knn_precision"))
+        return real_rerank(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "re_ranking_sparse", rerank_spy)
     paths = _feature_files(tmp_path, "pt")
     rc = main(["features", "--query", paths["query"], "--gallery", paths["gallery"], "--train", paths["train"],
                "--device", "cpu", "--amp", "none", "--nformer-depth", "1", "--nformer-steps", "2", "--seq-len", "32",
                "--rerank", "--knn-precision", precision, "--out", str(tmp_path / "run")])
     assert rc == 0
-    # training steps and the refinement (NFormer), the re-ranking of input and refined features
-    assert len(knn_calls) >= 5 and set(knn_calls) == {precision}, knn_calls
+    # the two training steps and the refinement (NFormer); re-ranking of the input and refined features
+    # takes it too (its "exact" search is its own, "certified" goes through nk.knn)
+    assert len(knn_calls) >= 3 and set(knn_calls) == {precision}, knn_calls
+    assert rerank_precisions == [precision, precision]
     # not stored: a reloaded NFormer takes this run's setting
     loaded = load_model(str(tmp_path / "run" / "nformer.pth"), "NFormer", knn_precision="exact")
     assert loaded.knn_precision == "exact"

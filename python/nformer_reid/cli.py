@@ -1,4 +1,4 @@
-"""nformer-reid: train | eval | features | demo | datasets.
+"""nformer-reid: train | eval | features | refine | rerank | demo | datasets.
 
   nformer-reid demo                                   # synthetic end-to-end NFormer demo (CPU, seconds)
   nformer-reid datasets --root ~/data                 # statistics of the datasets found under a root
@@ -6,11 +6,20 @@
   nformer-reid train --data synthetic                 # tiny image-pipeline smoke run (generated images)
   nformer-reid eval --data market1501 --root ~/data --official nformer_model.pth --rerank
   nformer-reid features --query q.pt --gallery g.pt --train train.pt   # features from torchreid / fast-reid
+  nformer-reid features --features market_features.pt --train train.pt  # torchreid's qf/gf layout, one file
+  nformer-reid refine --input gallery.npy --output refined.npy --weights runs/nformer_features/nformer.pth
+  nformer-reid rerank --features market_features.pt --save-ranks 100 --out runs/rerank
 
-A YAML file given with --config sets any option by its long name (dashes or underscores);
-options given on the command line win. The defaults live in nformer_reid/config.py
-(`--data synthetic` switches train and eval to a seconds-long smoke recipe). train and eval
-need torchvision (pip install nformer_kernels[reid]); features, demo and datasets do not.
+Options come from four places; the first that sets an option wins:
+  KEY=VALUE after the options (or --set KEY=VALUE), e.g. `nformer_steps=100 out=runs/x`: option names
+      with dashes or underscores, values read as YAML scalars (100, 1e-4, true, null, [32, 16]);
+  the command-line options (--nformer-steps 100);
+  the YAML file of --config (option names as keys; required options such as --query may come from it);
+  the defaults in nformer_reid/config.py (`--data synthetic` switches train and eval to a seconds-long
+      smoke recipe).
+Every run that writes an --out folder saves its effective options there as config.yaml: rerun it with
+`--config <out>/config.yaml out=<new folder>`. train and eval need torchvision
+(pip install nformer_kernels[reid]); features, refine, rerank, demo and datasets do not.
 """
 import argparse
 import dataclasses
@@ -18,8 +27,8 @@ import sys
 from typing import List, Optional
 
 import nformer_kernels as nk
-from nformer_reid.commands import RUNNERS
-from nformer_reid.config import COMMANDS, SYNTHETIC, check_values, make_config
+from nformer_reid.commands import RUNNERS, Invocation
+from nformer_reid.config import COMMANDS, OPTION_KEYS, SYNTHETIC, check_values, make_config
 from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.utils.logging import reset_logging, setup_logging
 
@@ -50,22 +59,31 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One --option per field of the command dataclass. Defaults are SUPPRESSed so that the
-    namespace holds only what the command line sets; make_config fills in the rest."""
+    """One --option per field of the command dataclass (and one per alias). Defaults are SUPPRESSed
+    so that the namespace holds only what the command line sets; make_config fills in the rest.
+    Required options are not argparse-required: the YAML or KEY=VALUE may give them (Validated checks)."""
     for f in dataclasses.fields(cls):
-        kwargs = {k: v for k, v in f.metadata.items() if k != "check"}
-        help_text = kwargs.pop("help")
+        kwargs = {k: v for k, v in f.metadata.items() if k not in OPTION_KEYS}
+        help_text = f.metadata["help"]
         if kwargs.get("action") != "store_true":
             kwargs.setdefault("type", type(f.default))
-            if not kwargs.get("required") and f.default is not None:
+            if f.metadata.get("required"):
+                help_text += " (required)"
+            elif f.default is not None:
                 shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
                 help_text += f" (default: {shown})"
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS,
-                            help=help_text.replace("%", "%%"), **kwargs)
+        names = ["--" + name.replace("_", "-") for name in (f.name, *f.metadata.get("aliases", ()))]
+        parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"),
+                            **kwargs)
     parser.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
-                        help="YAML file of option values (options given on the command line win)")
+                        help="YAML file of option values (command-line options and KEY=VALUE win)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_values",
+                        help="set an option (like KEY=VALUE after the options); repeatable")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of a user error instead of one line")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="option overrides after the options, e.g. nformer_steps=100 out=runs/x (win over "
+                             "the options and --config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,18 +122,53 @@ def _read_yaml(path: str) -> dict:
     return values
 
 
-def parse_config(argv: Optional[List[str]] = None):
-    """The command's config dataclass (its `.command` names it): the command line over the --config
-    YAML over the defaults of nformer_reid.config. ReIDInputError (naming the option, and the YAML
-    file for its values) for any bad value."""
+def _parse_override(cls, text: str):
+    """KEY=VALUE -> (key, value): the value read as a YAML scalar (or flow list); options of type str
+    keep the text as written (`out=2024`, `device=0`), unquoted (`name="a b"`), null / empty = None."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or key.startswith("-"):
+        raise ReIDInputError(f"expected KEY=VALUE after the options (e.g. seq_len=512), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ReIDInputError(f"KEY=VALUE {text}: the value is not valid YAML: {reason[:160]}") from None
+    f = next((f for f in dataclasses.fields(cls) if key.replace("-", "_") in (f.name, *f.metadata.get("aliases", ()))),
+             None)
+    plain_str = (f is not None and f.metadata.get("type", type(f.default)) is str and "nargs" not in f.metadata
+                 and f.metadata.get("action") != "store_true")
+    if plain_str and value is not None and not isinstance(value, str):
+        value = raw.strip()
+    return key, value
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """(config, config_file): the command's config dataclass (its `.command` names it) from
+    KEY=VALUE (and --set) over the command-line options over the --config YAML over the defaults
+    of nformer_reid.config, and the --config path (None without one). ReIDInputError (naming the
+    option, and the YAML file or KEY=VALUE for their values) for any bad or missing value."""
     given = vars(build_parser().parse_args(argv))
     given.pop("debug", None)
     cls = COMMANDS[given.pop("command")]
     path = given.pop("config", None)
+    texts = given.pop("set_values", []) + given.pop("overrides", [])
+    overrides = {}
+    for text in texts:
+        key, value = _parse_override(cls, text)
+        overrides[key] = value  # the last of one key wins (checked for aliases below)
     from_yaml = _read_yaml(path) if path else {}
     from_yaml = check_values(cls, from_yaml, source=path)  # a bad YAML value names the file
     given = check_values(cls, given, flags=True)  # a bad command-line value names the flag
-    return make_config(cls, {**from_yaml, **given}, source=None, flags=True)
+    overrides = check_values(cls, overrides, source="KEY=VALUE")
+    return make_config(cls, {**from_yaml, **given, **overrides}, source=None, flags=True), path
+
+
+def parse_config(argv: Optional[List[str]] = None):
+    """The command's config dataclass (see parse_args)."""
+    return parse_args(argv)[0]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -132,8 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     prefix = f"nformer-reid {command}" if command else "nformer-reid"
     setup_logging()  # console; the command adds <out>/log.txt once its checks have passed
     try:
-        cfg = parse_config(argv)
-        RUNNERS[cfg.command](cfg)
+        cfg, config_file = parse_args(argv)
+        RUNNERS[cfg.command](cfg, Invocation(["nformer-reid", *argv], config_file))
     except ReIDInputError as exc:
         if debug:
             raise

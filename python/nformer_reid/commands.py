@@ -12,18 +12,34 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Dict, Iterable, Optional
+import time
+from typing import Dict, Iterable, Optional, Tuple
 
+import numpy as np
 import torch
 
 import nformer_kernels as nk
+from nformer_reid.config import config_values
 from nformer_reid.utils.checks import as_device
 from nformer_reid.utils.errors import ReIDInputError
-from nformer_reid.utils.io import check_input_file, check_outputs, load_torch, save_torch
+from nformer_reid.utils.io import atomic_write, check_input_file, check_outputs, load_torch, save_torch
 from nformer_reid.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
 OFFICIAL_TOPK, OFFICIAL_LANDMARKS, OFFICIAL_DEPTH = 20, 5, 4  # nk.NFormer / official release defaults
+NFORMER_DIM = 256  # the NFormer width `features --train` builds (wider features are projected to it)
+FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """How a command was started: its argv (results.json's "command") and the --config file it
+    read (an input: never overwritten by the run's config.yaml)."""
+    argv: Tuple[str, ...] = ()
+    config_file: Optional[str] = None
+
+    def run_info(self, cfg) -> dict:
+        return {"config": config_values(cfg), "command": list(self.argv)}
 
 
 def _flag(name: str) -> str:
@@ -56,14 +72,36 @@ def _input_files(cfg, names: Iterable[str]) -> Dict[str, Optional[str]]:
     return files
 
 
-def _start_run(cfg, outputs: Iterable[str], inputs: Dict[str, Optional[str]]) -> None:
-    """The last check before any write (check_outputs), then create --out and log to <out>/log.txt."""
-    check_outputs(cfg.out, outputs, inputs, cfg.overwrite)
+def _start_run(cfg, outputs: Iterable[str], inputs: Dict[str, Optional[str]], invocation: Invocation) -> None:
+    """The last check before any write (check_outputs, config.yaml included; the --config file is
+    an input), then create --out and log to <out>/log.txt. `_finish_run` writes config.yaml."""
+    inputs = {**inputs, "--config": invocation.config_file}
+    check_outputs(cfg.out, [*outputs, "config.yaml"], inputs, cfg.overwrite)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
         raise ReIDInputError(f"--out {cfg.out}: cannot create the folder: {exc.strerror or exc}") from None
     setup_logging(os.path.join(cfg.out, "log.txt"))
+
+
+def _finish_run(cfg) -> None:
+    """The effective options to <out>/config.yaml (rerun with --config <out>/config.yaml). Written
+    when the run has succeeded, so a failed run leaves no config.yaml to block its rerun (log.txt
+    has the options from the start)."""
+    path = write_config(cfg, os.path.join(cfg.out, "config.yaml"))
+    logger.info("wrote %s (rerun: nformer-reid %s --config %s out=<new folder>)", path, cfg.command, path)
+
+
+def write_config(cfg, path: str) -> str:
+    """The effective options of `cfg` (config_values) as a YAML file that --config reads back."""
+    import yaml
+
+    text = (f"# nformer-reid {cfg.command}: the effective options of a run (defaults, --config, options, "
+            f"KEY=VALUE).\n# Rerun: nformer-reid {cfg.command} --config {path} out=<new folder>\n")
+    text += yaml.safe_dump(config_values(cfg), sort_keys=False, default_flow_style=False)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return path
 
 
 def _check_root(cfg) -> None:
@@ -106,8 +144,8 @@ def _check_test_split(cfg, q_pids, g_pids, q_cams, g_cams, where: str, topk: int
     from nformer_reid.metrics import count_valid_queries
 
     if not count_valid_queries(q_pids, g_pids, q_cams, g_cams):
-        raise ReIDInputError(f"{where}: no query has a valid match in the gallery (same pid in another camera, pid "
-                             "not -1/0): check the pids / camids")
+        raise ReIDInputError(f"{where}: no query has a valid match in the gallery (same pid in another camera): "
+                             "check the pids / camids")
     if getattr(cfg, "mode", None) == "paper":
         with _user_error(f"{where}: "):
             check_paper_mode(topk, len(q_pids), len(g_pids), "--nformer-topk")
@@ -121,17 +159,22 @@ def _check_dataset_split(cfg, dataset, topk: int) -> None:
                       ids(dataset.gallery, 2), f"{dataset.name} (--root {dataset.root})", topk)
 
 
-def _evaluate_model(cfg, model, dataset, device):
+def _evaluate_model(cfg, model, dataset, device, invocation: Invocation, timings: Optional[dict] = None):
     from nformer_reid.data.loader import build_test_loader
-    from nformer_reid.engine import compare, extract_features
+    from nformer_reid.engine import RerankParams, compare, extract_features
 
+    started = time.perf_counter()
     feats = [extract_features(model.backbone, build_test_loader(items, cfg.size, cfg.test_batch, cfg.workers),
                               cfg.flip, device, cfg.amp) for items in (dataset.query, dataset.gallery)]
+    timings = {**(timings or {}), "features": round(time.perf_counter() - started, 4)}
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = feats
-    return compare(qf, gf, (q_pids, g_pids, q_cams, g_cams), nformer=None if cfg.mode == "none" else model.nformer,
-                   knn_precision=cfg.knn_precision,
-                   modes=(cfg.mode,), rerank=cfg.rerank, baseline="backbone", title=dataset.name, out_dir=cfg.out,
-                   seed=cfg.seed, device=device).results
+    comparison = compare(qf, gf, (q_pids, g_pids, q_cams, g_cams),
+                         nformer=None if cfg.mode == "none" else model.nformer, knn_precision=cfg.knn_precision,
+                         modes=("official" if cfg.mode == "none" else cfg.mode,), rerank=cfg.rerank,
+                         rerank_params=RerankParams.of(cfg), baseline="backbone", title=dataset.name,
+                         out_dir=cfg.out, seed=cfg.seed, device=device, timings=timings,
+                         run_info=invocation.run_info(cfg))
+    return comparison.results
 
 
 MODEL_FLAGS = {"num_classes": "the dataset's train identities", "arch": "--arch", "feat_dim": "--feat-dim",
@@ -139,9 +182,10 @@ MODEL_FLAGS = {"num_classes": "the dataset's train identities", "arch": "--arch"
 
 
 def _train_outputs(cfg):
+    """model_final.pth always; the resumable stage*_last.pth only with --save-model / --checkpoint-every."""
     outputs = ["model_final.pth", "loss.png"]
-    outputs += ["stage1_last.pth"] if cfg.stage in ("1", "both") else []
-    outputs += ["stage2_last.pth"] if cfg.stage in ("2", "both") else []
+    outputs += ["stage1_last.pth"] if cfg.save_last and cfg.stage in ("1", "both") else []
+    outputs += ["stage2_last.pth"] if cfg.save_last and cfg.stage in ("2", "both") else []
     return outputs + (["cmc.png", "results.json"] if cfg.eval else [])
 
 
@@ -177,7 +221,7 @@ def _check_train_dataset(cfg, dataset) -> None:
         _check_dataset_split(cfg, dataset, cfg.nformer_topk)
 
 
-def train(cfg):
+def train(cfg, invocation: Invocation = Invocation()):
     from nformer_reid.utils.deps import import_torchvision
 
     import_torchvision()
@@ -215,36 +259,42 @@ def train(cfg):
         return model
 
     model = prepare() if dataset is not None else None  # a real dataset: everything checked before any write
-    _start_run(cfg, _train_outputs(cfg), inputs)
+    _start_run(cfg, _train_outputs(cfg), inputs, invocation)
     logger.info("nformer-reid train %s", dataclasses.asdict(cfg))
     if dataset is None:  # synthetic: generated under --out (or --root) first
         dataset = _synthetic_dataset(cfg)
         model = prepare()
-    histories = {}
+    histories, timings = {}, {}
+    started = time.perf_counter()
     if cfg.stage in ("1", "both"):
         loader = build_train_loader(dataset.train, cfg.size, cfg.batch_size, cfg.num_instances, cfg.workers, cfg.seed)
         histories["stage 1"] = train_backbone(
             model, loader, dataset.num_train_pids, out_dir=cfg.out, epochs=cfg.epochs, max_steps=cfg.max_steps,
             lr=cfg.lr, milestones=cfg.milestones, warmup_epochs=cfg.warmup_epochs, amp=cfg.amp, device=device,
-            resume=cfg.resume if cfg.stage == "1" else None)
+            resume=cfg.resume if cfg.stage == "1" else None, save_last=cfg.save_last,
+            **({"checkpoint_period": cfg.checkpoint_every} if cfg.checkpoint_every else {}))
+        timings["training stage 1"] = round(time.perf_counter() - started, 4)
     if cfg.stage == "2" and not (cfg.weights or cfg.resume):
         logger.warning("--stage 2 without --weights trains the NFormer on features of an untrained backbone")
     if cfg.stage in ("2", "both"):
+        started = time.perf_counter()
         loader = build_test_loader(dataset.train, cfg.size, cfg.test_batch, cfg.workers)
         feats, pids, _ = extract_features(model.backbone, loader, False, device, cfg.amp)
         histories["stage 2"] = train_nformer(
             model, feats, pids, out_dir=cfg.out, epochs=cfg.nformer_epochs, steps=cfg.nformer_steps,
             seq_len=cfg.seq_len, batch_size=cfg.nformer_batch, lr=cfg.nformer_lr, amp=cfg.amp, device=device,
-            seed=cfg.seed, resume=cfg.resume if cfg.stage == "2" else None)
+            seed=cfg.seed, resume=cfg.resume if cfg.stage == "2" else None, save_last=cfg.save_last)
+        timings["training stage 2"] = round(time.perf_counter() - started, 4)
     final = save_checkpoint(os.path.join(cfg.out, "model_final.pth"), model, stage=2 if cfg.stage != "1" else 1,
                             epoch=cfg.epochs)
     plot_losses(histories, os.path.join(cfg.out, "loss.png"))
     logger.info("saved %s and %s", final, os.path.join(cfg.out, "loss.png"))
     if cfg.eval:
-        _evaluate_model(cfg, model, dataset, device)
+        _evaluate_model(cfg, model, dataset, device, invocation, timings)
+    _finish_run(cfg)
 
 
-def evaluate(cfg):
+def evaluate(cfg, invocation: Invocation = Invocation()):
     if bool(cfg.weights) == bool(cfg.official):
         raise ReIDInputError("give exactly one of --weights (ours) or --official (nformer_model.pth)")
     from nformer_reid.utils.deps import import_torchvision
@@ -265,16 +315,19 @@ def evaluate(cfg):
     dataset = _parse_dataset(cfg)
     if dataset is not None:
         _check_dataset_split(cfg, dataset, topk)
-    _start_run(cfg, ["cmc.png", "results.json"], inputs)
+    _start_run(cfg, ["cmc.png", "results.json"], inputs, invocation)
     if dataset is None:
         dataset = _synthetic_dataset(cfg)
         _check_dataset_split(cfg, dataset, topk)
-    return _evaluate_model(cfg, model, dataset, device)
+    results = _evaluate_model(cfg, model, dataset, device, invocation)
+    _finish_run(cfg)
+    return results
 
 
 def _load_nformer(cfg):
-    """The NFormer of --official or --weights; a depth given with --nformer-depth must match the
-    file's, --nformer-topk / --nformer-landmarks (not stored in the weights) apply as given."""
+    """The NFormer of --official or --weights; a width / depth given with --nformer-dim /
+    --nformer-depth must match the file's, --nformer-topk / --nformer-landmarks (not stored in
+    the weights) apply as given."""
     from nformer_reid.engine.checkpoints import load_weights, read_checkpoint
 
     if cfg.official:
@@ -282,23 +335,25 @@ def _load_nformer(cfg):
         if not isinstance(state, dict):
             raise ReIDInputError(f"--official {cfg.official}: expected a state dict, got {type(state).__name__}")
         with _user_error(f"--official {cfg.official}: "):
-            return nk.NFormer.from_official(state, depth=cfg.nformer_depth,
+            return nk.NFormer.from_official(state, dim=cfg.nformer_dim, depth=cfg.nformer_depth,
                                             num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS,
                                             topk=cfg.nformer_topk or OFFICIAL_TOPK, knn_precision=cfg.knn_precision)
+    not_ours = (f"--weights {cfg.weights} is not an NFormer saved by 'nformer-reid features --train' (nformer.pth; "
+                "use --official for nformer_model.pth)")
     try:
         state = read_checkpoint(cfg.weights, "--weights")
     except ReIDInputError as exc:
         if "is not an nformer-reid checkpoint" not in str(exc):
             raise
-        raise ReIDInputError(f"--weights {cfg.weights} is not an NFormer saved by this command (nformer.pth of "
-                             "'nformer-reid features --train')") from exc
+        raise ReIDInputError(not_ours) from exc
     if state["kind"] != "NFormer" or not state.get("config"):
-        raise ReIDInputError(f"--weights {cfg.weights} is not an NFormer saved by this command (nformer.pth of "
-                             "'nformer-reid features --train')")
+        raise ReIDInputError(not_ours)
     config = dict(state["config"])
-    if cfg.nformer_depth is not None and config.get("depth") != cfg.nformer_depth:
-        raise ReIDInputError(f"--weights {cfg.weights} holds an NFormer of depth {config.get('depth')}, but "
-                             f"--nformer-depth {cfg.nformer_depth} was asked for")
+    for option, key in (("nformer_depth", "depth"), ("nformer_dim", "dim")):
+        asked = getattr(cfg, option)
+        if asked is not None and config.get(key) != asked:
+            raise ReIDInputError(f"--weights {cfg.weights} holds an NFormer of {key} {config.get(key)}, but "
+                                 f"{_flag(option)} {asked} was asked for")
     config.update({k: v for k, v in (("topk", cfg.nformer_topk), ("num_landmarks", cfg.nformer_landmarks))
                    if v is not None})
     with _user_error(f"--weights {cfg.weights}: key 'config': "):
@@ -307,72 +362,275 @@ def _load_nformer(cfg):
     return nformer
 
 
+def _check_width(nformer, dim: int, source: str, what: str) -> None:
+    """The NFormer takes features of width `dim` (its in_dim: the width before its input projection)."""
+    in_dim = getattr(nformer, "in_dim", nformer.dim)
+    if in_dim != dim:
+        raise ReIDInputError(f"the NFormer of {source} takes {in_dim}-d features but {what} are {dim}-d")
+
+
+def _load_query_gallery(cfg, labels: bool):
+    """(query, gallery, where) of --features or --query / --gallery (FeatureSets), widths checked;
+    labels=False reads files without pids / camids too."""
+    from nformer_reid.data import load_features, load_query_gallery
+
+    if cfg.features:
+        if labels:
+            query, gallery = load_query_gallery(cfg.features, "--features")
+        else:
+            query, gallery = load_query_gallery(cfg.features, "--features", need_pids=False, need_camids=False)
+        where = f"--features {cfg.features}"
+        names = ("its query", "its gallery")
+    else:
+        query = load_features(cfg.query, "--query", need_pids=labels, need_camids=labels)
+        gallery = load_features(cfg.gallery, "--gallery", need_pids=labels, need_camids=labels)
+        where = f"--query {cfg.query} / --gallery {cfg.gallery}"
+        names = (f"--query {cfg.query}", f"--gallery {cfg.gallery}")
+    if gallery.feats.shape[1] != query.feats.shape[1]:
+        raise ReIDInputError(f"{names[0]} features are {query.feats.shape[1]}-d, {names[1]} "
+                             f"{gallery.feats.shape[1]}-d")
+    return query, gallery, where
+
+
 def _features_outputs(cfg):
+    """refined_features.pt, results.json, cmc.png; nformer.pth and loss.png with --train;
+    stage2_last.pth only with --train --save-model."""
     outputs = ["results.json", "cmc.png", "refined_features.pt"]
-    return outputs + (["nformer.pth", "loss.png", "stage2_last.pth"] if cfg.train else [])
+    outputs += ["nformer.pth", "loss.png"] if cfg.train else []
+    return outputs + (["stage2_last.pth"] if cfg.train and cfg.save_model else [])
 
 
-def features(cfg):
-    from nformer_reid.data import load_features
-    from nformer_reid.engine import compare, save_checkpoint, train_nformer
+def _new_nformer(cfg, dim: int, num_classes: int) -> Tuple[nk.NFormer, dict]:
+    """The NFormer `features --train` trains on dim-wide features: --nformer-dim wide (default:
+    NFORMER_DIM, or the features' width when narrower), with a learned input projection when the
+    features are of another width."""
+    width = cfg.nformer_dim if cfg.nformer_dim is not None else min(NFORMER_DIM, dim)
+    config = dict(dim=width, depth=cfg.nformer_depth or OFFICIAL_DEPTH,
+                  num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS, topk=cfg.nformer_topk or OFFICIAL_TOPK,
+                  num_classes=num_classes)
+    if width != dim:
+        config["in_dim"] = dim
+    with _user_error(f"--train {cfg.train} ({dim}-d features): "):
+        nformer = nk.NFormer(**config, knn_precision=cfg.knn_precision)
+    return nformer, dict(getattr(nformer, "config", config))
+
+
+def features(cfg, invocation: Invocation = Invocation()):
+    from nformer_reid.data import FeatureSet, load_features, save_query_gallery
+    from nformer_reid.engine import RerankParams, compare, save_checkpoint, train_nformer
     from nformer_reid.plotting import plot_losses
 
     if sum(bool(a) for a in (cfg.train, cfg.weights, cfg.official)) != 1:
         raise ReIDInputError("give exactly one of --train (train a new NFormer), --weights or --official")
     device = _device(cfg)
-    inputs = _input_files(cfg, ("query", "gallery", "train", "weights", "official"))
-    query, gallery = load_features(cfg.query, "--query"), load_features(cfg.gallery, "--gallery")
+    inputs = _input_files(cfg, ("query", "gallery", "features", "train", "weights", "official"))
+    started = time.perf_counter()
+    query, gallery, where = _load_query_gallery(cfg, labels=True)
     train = load_features(cfg.train, "--train", need_camids=False) if cfg.train else None
+    timings = {"features": round(time.perf_counter() - started, 4)}
     dim = query.feats.shape[1]
-    if gallery.feats.shape[1] != dim:
-        raise ReIDInputError(f"--query {cfg.query} features are {dim}-d, --gallery {cfg.gallery} "
-                             f"{gallery.feats.shape[1]}-d")
     if train is not None:
         if train.feats.shape[1] != dim:
-            raise ReIDInputError(f"--train {cfg.train} features are {train.feats.shape[1]}-d, --query {dim}-d")
+            raise ReIDInputError(f"--train {cfg.train} features are {train.feats.shape[1]}-d, {where} {dim}-d")
         if train.feats.shape[0] < 2:
             raise ReIDInputError(f"--train {cfg.train}: training needs at least 2 features, got {train.feats.shape[0]}")
         labels = torch.unique(train.pids, return_inverse=True)[1]  # any pid values -> 0..C-1
-        config = dict(dim=dim, depth=cfg.nformer_depth or OFFICIAL_DEPTH,
-                      num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS, topk=cfg.nformer_topk or OFFICIAL_TOPK,
-                      num_classes=int(labels.max()) + 1)
-        with _user_error(f"--train {cfg.train} ({dim}-d features): "):
-            nformer = nk.NFormer(**config, knn_precision=cfg.knn_precision)
+        nformer, config = _new_nformer(cfg, dim, int(labels.max()) + 1)
+        logger.info("NFormer: %d-d features%s, %.1fM parameters", dim,
+                    f" projected to {nformer.dim}-d" if nformer.dim != dim else "",
+                    sum(p.numel() for p in nformer.parameters()) / 1e6)
     else:
         nformer = _load_nformer(cfg)
-    if nformer.dim != dim:
-        raise ReIDInputError(f"the NFormer of {cfg.weights or cfg.official} is {nformer.dim}-d but the features of "
-                             f"--query {cfg.query} are {dim}-d")
-    _check_test_split(cfg, query.pids, gallery.pids, query.camids, gallery.camids,
-                      f"--query {cfg.query} / --gallery {cfg.gallery}", nformer.topk)
-    _start_run(cfg, _features_outputs(cfg), inputs)
+    _check_width(nformer, dim, cfg.weights or cfg.official or f"--train {cfg.train}", where)
+    _check_test_split(cfg, query.pids, gallery.pids, query.camids, gallery.camids, where, nformer.topk)
+    _start_run(cfg, _features_outputs(cfg), inputs, invocation)
     if train is not None:
+        started = time.perf_counter()
         history = train_nformer(nformer, train.feats, labels, out_dir=cfg.out, steps=cfg.nformer_steps,
                                 seq_len=cfg.seq_len, batch_size=cfg.nformer_batch, lr=cfg.nformer_lr, amp=cfg.amp,
-                                device=device, seed=cfg.seed)
+                                device=device, seed=cfg.seed, save_last=cfg.save_model)
+        timings["training"] = round(time.perf_counter() - started, 4)
         plot_losses({"NFormer": history}, os.path.join(cfg.out, "loss.png"))
         path = save_checkpoint(os.path.join(cfg.out, "nformer.pth"), nformer, stage=2, epoch=0, history=history,
                                extra={"step": len(history)}, config=config)
         logger.info("saved %s (reuse it with --weights)", path)
     comparison = compare(query.feats, gallery.feats, (query.pids, gallery.pids, query.camids, gallery.camids),
-                         nformer=nformer, modes=(cfg.mode,), rerank=cfg.rerank, baseline="input features",
-                         title=f"{dim}-d precomputed features", out_dir=cfg.out, seed=cfg.seed, device=device,
-                         knn_precision=cfg.knn_precision)
+                         nformer=nformer, modes=(cfg.mode,), rerank=cfg.rerank, rerank_params=RerankParams.of(cfg),
+                         baseline="input features", title=f"{dim}-d precomputed features", out_dir=cfg.out,
+                         seed=cfg.seed, device=device, knn_precision=cfg.knn_precision, timings=timings,
+                         run_info=invocation.run_info(cfg))
     qn, gn = comparison.refined[cfg.mode]
-    save_torch({"query": qn, "gallery": gn}, os.path.join(cfg.out, "refined_features.pt"))
-    logger.info("wrote %s", os.path.join(cfg.out, "refined_features.pt"))
+    path = os.path.join(cfg.out, "refined_features.pt")
+    save_query_gallery(path, FeatureSet(qn, query.pids, query.camids), FeatureSet(gn, gallery.pids, gallery.camids))
+    logger.info("wrote %s (query and gallery with their pids / camids: reload it with --features)", path)
+    _finish_run(cfg)
     return comparison.results
 
 
-def demo(cfg):
+def _check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Optional[str]], overwrite: bool) -> None:
+    """For runs that write named files (not an --out folder): each output ({option: path}) is no
+    folder, under a folder that can be created, not one of the inputs ({option: path}: refused even
+    with --overwrite), not another output, and new unless overwrite."""
+    seen = {}
+    for option, path in outputs.items():
+        if not path:
+            continue
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            raise ReIDInputError(f"{option} {path} is a folder; name the file to write")
+        probe = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            raise ReIDInputError(f"{option} {path}: cannot create files under {probe}")
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ReIDInputError(f"{seen[real]} and {option} name the same file {path}")
+        seen[real] = option
+        for flag, given in inputs.items():
+            if given and os.path.exists(path) and os.path.samefile(path, given):
+                raise ReIDInputError(f"{option} {path} is the input {flag} {given}; write to another file (inputs "
+                                     "are never overwritten)")
+        if os.path.exists(path) and not overwrite:
+            raise ReIDInputError(f"{option} {path} already exists; pass --overwrite to replace it, or choose another "
+                                 "file")
+
+
+def _check_suffix(option: str, path: Optional[str], suffixes) -> None:
+    if path and not str(path).lower().endswith(tuple(suffixes)):
+        raise ReIDInputError(f"{option} {path}: the file name must end in {' / '.join(suffixes)} (the format is "
+                             "chosen by it)")
+
+
+def _save_array(path: str, array) -> str:
+    """A numpy .npy file, or torch.save of a tensor for any other suffix, atomically."""
+    if str(path).lower().endswith(".npy"):
+        with atomic_write(path) as fh:
+            np.save(fh, np.asarray(array), allow_pickle=False)
+        return path
+    return save_torch(torch.as_tensor(array), path)
+
+
+def refine_command(cfg, invocation: Invocation = Invocation()):
+    """`nformer-reid refine`: one set of features through an NFormer, no labels needed."""
+    from nformer_reid.data import FeatureSet, load_features, save_features
+    from nformer_reid.engine import refine
+
+    _check_suffix("--output", cfg.output, FEATURE_SUFFIXES)
+    _check_suffix("--save-neighbors", cfg.save_neighbors, (".npy", ".pt", ".pth"))
+    device = _device(cfg)
+    inputs = {**_input_files(cfg, ("input", "weights", "official")), "--config": invocation.config_file}
+    outputs = {"--output": cfg.output, "--save-neighbors": cfg.save_neighbors}
+    _check_output_files(outputs, inputs, cfg.overwrite)
+    feats = load_features(cfg.input, "--input", need_pids=False, need_camids=False)
+    nformer = _load_nformer(cfg)
+    _check_width(nformer, feats.feats.shape[1], cfg.weights or cfg.official, f"the features of --input {cfg.input}")
+    started = time.perf_counter()
+    with _user_error(f"--input {cfg.input}: "):
+        got = refine(nformer, feats.feats, seed=cfg.seed, device=device, neighbors=bool(cfg.save_neighbors))
+    refined, neighbours = got if cfg.save_neighbors else (got, None)
+    logger.info("NFormer refined %d features (%d-d -> %d-d) on %s in %.1f s", refined.shape[0], feats.feats.shape[1],
+                refined.shape[1], device, time.perf_counter() - started)
+    labelled = [name for name in ("pids", "camids") if getattr(feats, name) is not None]
+    if str(cfg.output).lower().endswith(".npy"):  # features only
+        if labelled:
+            logger.warning("--output %s: .npy holds the features only; the %s of --input are not written (use .pt "
+                           "or .npz to keep them)", cfg.output, " and ".join(labelled))
+        save_features(cfg.output, FeatureSet(refined))
+    else:
+        save_features(cfg.output, FeatureSet(refined, feats.pids, feats.camids))
+    logger.info("wrote %s", cfg.output)
+    if neighbours is not None:
+        _save_array(cfg.save_neighbors, neighbours.numpy())
+        logger.info("wrote %s ((%d, %d) neighbour indices, self first)", cfg.save_neighbors, *neighbours.shape)
+    return refined
+
+
+def _rerank_outputs(cfg, labelled: bool):
+    outputs = ["results.json", "cmc.png"] if labelled else []
+    outputs += ["distmat.npy"] if cfg.save_distmat else []
+    return outputs + (["ranks.npy"] if cfg.save_ranks else [])
+
+
+def top_ranks(dist: np.ndarray, r: int, chunk: int = 1024) -> np.ndarray:
+    """The r smallest-distance column indices of each row, nearest first, equal distances by
+    index (a stable sort, as the evaluation ranks them): (Q, r) int64."""
+    out = np.empty((dist.shape[0], r), dtype=np.int64)
+    for start in range(0, dist.shape[0], chunk):
+        out[start:start + chunk] = np.argsort(dist[start:start + chunk], axis=1, kind="stable")[:, :r]
+    return out
+
+
+def rerank_command(cfg, invocation: Invocation = Invocation()):
+    """`nformer-reid rerank`: exact k-reciprocal re-ranking of query x gallery features; the
+    distances / ranks written when asked, CMC / mAP when the files hold pids and camids."""
+    from nformer_reid.engine import RerankParams, score, score_distances
+    from nformer_reid.engine.evaluation import write_results
+    from nformer_reid.rerank import re_ranking_sparse
+
+    device = _device(cfg)
+    inputs = _input_files(cfg, ("query", "gallery", "features"))
+    started = time.perf_counter()
+    query, gallery, where = _load_query_gallery(cfg, labels=False)
+    timings = {"features": round(time.perf_counter() - started, 4)}
+    sets = {"query": query, "gallery": gallery}
+    missing = [f"{side} {name}" for side, fs in sets.items() for name in ("pids", "camids") if getattr(fs, name) is None]
+    labelled = not missing
+    if not labelled and not (cfg.save_distmat or cfg.save_ranks):
+        raise ReIDInputError(f"{where} holds no labels to score ({', '.join(missing)} missing): give --save-distmat "
+                             "and/or --save-ranks R to write the re-ranked distances / ranks")
+    num_q, num_g = query.feats.shape[0], gallery.feats.shape[0]
+    if max(cfg.rerank_k1 + 1, cfg.rerank_k2) > num_q + num_g:
+        raise ReIDInputError(f"--rerank-k1 {cfg.rerank_k1} + 1 and --rerank-k2 {cfg.rerank_k2} must not exceed the "
+                             f"{num_q + num_g} query + gallery features of {where}")
+    if cfg.save_ranks and cfg.save_ranks > num_g:
+        raise ReIDInputError(f"--save-ranks {cfg.save_ranks} exceeds the {num_g} gallery features of {where}")
+    if labelled:
+        _check_test_split(cfg, query.pids, gallery.pids, query.camids, gallery.camids, where, 1)
+    _start_run(cfg, _rerank_outputs(cfg, labelled), inputs, invocation)
+    if not labelled:
+        logger.info("%s: no %s: writing the re-ranked outputs without scores", where, ", ".join(missing))
+    params = RerankParams.of(cfg)
+    started = time.perf_counter()
+    dist = re_ranking_sparse(query.feats, gallery.feats, params.k1, params.k2, params.lambda_value, device=device,
+                             knn_precision=cfg.knn_precision)
+    timings["re-ranking"] = round(time.perf_counter() - started, 4)
+    logger.info("re-ranked %d query x %d gallery (k1 %d, k2 %d, lambda %g) in %.1f s", num_q, num_g, params.k1,
+                params.k2, params.lambda_value, timings["re-ranking"])
+    if cfg.save_distmat:
+        logger.info("wrote %s", _save_array(os.path.join(cfg.out, "distmat.npy"), dist))
+    if cfg.save_ranks:
+        logger.info("wrote %s", _save_array(os.path.join(cfg.out, "ranks.npy"), top_ranks(dist, cfg.save_ranks)))
+    if not labelled:
+        _finish_run(cfg)
+        return dist
+    ids = (query.pids, gallery.pids, query.camids, gallery.camids)
+    started = time.perf_counter()
+    results = {"input features": score(query.feats, gallery.feats, *ids),
+               "input features + re-ranking": score_distances(dist, *ids)}
+    timings["evaluation"] = round(time.perf_counter() - started, 4)
+    from nformer_reid.engine import format_result
+
+    logger.info("results on %s (%d query / %d gallery):", where, num_q, num_g)
+    for name, res in results.items():
+        logger.info("  %s", format_result(name, res))
+    write_results(cfg.out, results, title=f"{query.feats.shape[1]}-d features", device=device, timings=timings,
+                  run_info=invocation.run_info(cfg))
+    _finish_run(cfg)
+    return dist
+
+
+def demo(cfg, invocation: Invocation = Invocation()):
     from nformer_reid.demo import run_demo
 
     _device(cfg)
-    _start_run(cfg, ["results.json", "cmc.png", "loss.png", "stage2_last.pth"], {})
-    return run_demo(cfg)
+    _start_run(cfg, ["results.json", "cmc.png", "loss.png"], {}, invocation)
+    results = run_demo(cfg, run_info=invocation.run_info(cfg))
+    _finish_run(cfg)
+    return results
 
 
-def datasets(cfg):
+def datasets(cfg, invocation: Invocation = Invocation()):
     from nformer_reid.data import DATASETS, DatasetLayoutError, Market1501, build_dataset, make_synthetic_market
 
     if cfg.name == "synthetic":
@@ -394,4 +652,5 @@ def datasets(cfg):
                              "--name <dataset> for the expected layout")
 
 
-RUNNERS = {"train": train, "eval": evaluate, "features": features, "demo": demo, "datasets": datasets}
+RUNNERS = {"train": train, "eval": evaluate, "features": features, "refine": refine_command, "rerank": rerank_command,
+           "demo": demo, "datasets": datasets}

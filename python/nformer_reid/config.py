@@ -1,9 +1,12 @@
 """Every default of nformer-reid, written once: one frozen dataclass per command.
 
 The CLI derives each command's options from its dataclass (field `seq_len` -> `--seq-len`, help
-and argparse settings from the field metadata); a YAML file given with --config sets the same
-names; the library functions (training stages, model, demo) take their defaults from here too.
-Precedence: command line > YAML > the `--data synthetic` recipe (SYNTHETIC) > the field default.
+and argparse settings from the field metadata); a YAML file given with --config and KEY=VALUE
+overrides (`seq_len=512`, or `--set seq_len=512`) set the same names; the library functions
+(training stages, model, demo) take their defaults from here too.
+Precedence: KEY=VALUE > command-line options > YAML > the `--data synthetic` recipe (SYNTHETIC) >
+the field default. Required options (`required=True` in the field metadata) and options that go
+together are checked once all of these are merged (Validated), so a YAML file can supply any of them.
 """
 import math
 import numbers
@@ -46,19 +49,33 @@ def one_of(names):
     return check
 
 
+def unit_interval(value):
+    """Value check: a number in [0, 1]."""
+    return None if 0 <= value <= 1 else f"must be in [0, 1], got {value}"
+
+
 def seed_range(value):
     return None if 0 <= value <= MAX_SEED else f"must be in [0, 2**63 - 1], got {value}"
 
 
-def option(default, help: str, check=None, **argparse_kwargs):
+def option(default, help: str, check=None, *, required: bool = False, aliases: Tuple[str, ...] = (),
+           **argparse_kwargs):
     """A command option: default, help text, an optional value check (value -> error text or None;
-    applied to each element of a tuple, never to None) and argparse settings (type, nargs, choices, ...)."""
-    return field(default=default, metadata={"help": help, "check": check, **argparse_kwargs})
+    applied to each element of a tuple, never to None) and argparse settings (type, nargs, choices, ...).
+    required: the merged config (command line, KEY=VALUE, YAML) must set it (checked by Validated).
+    aliases: other names of the option (`"k1"`: the flag --k1 and the key k1)."""
+    return field(default=default, metadata={"help": help, "check": check, "required": required,
+                                            "aliases": tuple(aliases), **argparse_kwargs})
 
 
 def flag(help: str):
     """An on/off option (`--rerank`), off by default."""
-    return field(default=False, metadata={"help": help, "check": None, "action": "store_true"})
+    return field(default=False, metadata={"help": help, "check": None, "required": False, "aliases": (),
+                                          "action": "store_true"})
+
+
+# metadata keys that are not argparse settings
+OPTION_KEYS = ("help", "check", "required", "aliases")
 
 
 class Validated:
@@ -68,6 +85,10 @@ class Validated:
     def __post_init__(self):
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name), None, _flag(f.name)))
+        for f in fields(self):
+            if f.metadata.get("required") and getattr(self, f.name) is None:
+                raise ReIDInputError(f"{_flag(f.name)} is required (give it on the command line, as "
+                                     f"{f.name}=VALUE, or in the --config YAML)")
         self._check()
 
     def _check(self) -> None:
@@ -125,11 +146,23 @@ class RunOptions:
     overwrite: bool = flag("replace the outputs of an earlier run in --out (refused without it)")
 
 
+RERANK_HELP = "also report k-reciprocal re-ranking (parameters: --rerank-k1, --rerank-k2, --rerank-lambda)"
+
+
 @dataclass(frozen=True)
-class EvalOptions:
+class RerankOptions:
+    """k-reciprocal re-ranking parameters (Zhong et al. 2017; defaults: the paper's Market-1501 values)."""
+    rerank_k1: int = option(20, "re-ranking k1: the k of the k-reciprocal neighbour sets", at_least(1))
+    rerank_k2: int = option(6, "re-ranking k2: neighbours of the local query expansion (1: none)", at_least(1))
+    rerank_lambda: float = option(0.3, "re-ranking lambda: weight of the original distance against the Jaccard "
+                                       "distance, in [0, 1]", unit_interval)
+
+
+@dataclass(frozen=True)
+class EvalOptions(RerankOptions):
     mode: str = option("official", "NFormer refinement: official (joint query+gallery), paper (query-query "
                                    "isolation), none", choices=("official", "paper", "none"))
-    rerank: bool = flag("also report k-reciprocal re-ranking (k1=20, k2=6, 0.3)")
+    rerank: bool = flag(RERANK_HELP)
     flip: bool = flag("flip test-time augmentation")
 
 
@@ -141,7 +174,8 @@ class TrainConfig(Validated, KnnOptions, EvalOptions, NFormerTrainingOptions, NF
 
     stage: str = option("both", "which stages to train", choices=("1", "2", "both"))
     weights: Optional[str] = option(None, "checkpoint to start from (e.g. stage 1 weights for --stage 2)", type=str)
-    resume: Optional[str] = option(None, "resume a stage from its *_last.pth checkpoint", type=str)
+    resume: Optional[str] = option(None, "resume a stage from its *_last.pth checkpoint (written with --save-model "
+                                         "or --checkpoint-every)", type=str)
     epochs: int = option(120, "stage-1 epochs", at_least(1))
     max_steps: Optional[int] = option(None, "stop stage 1 after this many steps (smoke runs)", at_least(1), type=int)
     batch_size: int = option(64, "P x K images per stage-1 batch (64 = 16 identities x 4)", at_least(1))
@@ -152,6 +186,10 @@ class TrainConfig(Validated, KnnOptions, EvalOptions, NFormerTrainingOptions, NF
     warmup_epochs: int = option(10, "stage-1 linear warm-up epochs", at_least(0))
     nformer_epochs: int = option(20, "stage-2 epochs (of M // 30 sequences)", at_least(1))
     eval: bool = flag("evaluate at the end")
+    save_model: bool = flag("also write the resumable checkpoints stage1_last.pth / stage2_last.pth (weights and "
+                            "optimizer state, what --resume continues; model_final.pth is always written)")
+    checkpoint_every: Optional[int] = option(None, "write stage1_last.pth every N stage-1 epochs (and at the end "
+                                                   "of each stage; implies --save-model)", at_least(1), type=int)
 
     def _check(self):
         if self.batch_size % self.num_instances:
@@ -161,6 +199,11 @@ class TrainConfig(Validated, KnnOptions, EvalOptions, NFormerTrainingOptions, NF
             raise ReIDInputError("--resume continues one stage: give --stage 1 or --stage 2 with it")
         if self.resume and self.weights:
             raise ReIDInputError("give --resume (continue a stage) or --weights (start from a checkpoint), not both")
+
+    @property
+    def save_last(self) -> bool:
+        """Whether the stages write their resumable *_last.pth checkpoints."""
+        return self.save_model or self.checkpoint_every is not None
 
 
 @dataclass(frozen=True)
@@ -172,31 +215,119 @@ class EvalConfig(Validated, KnnOptions, EvalOptions, RunOptions, DataOptions):
     official: Optional[str] = option(None, "official NFormer release file nformer_model.pth", type=str)
 
 
-@dataclass(frozen=True)
-class FeaturesConfig(Validated, KnnOptions, RunOptions, NFormerTrainingOptions, NFormerOptions):
-    command: ClassVar[str] = "features"
-    summary: ClassVar[str] = ("NFormer on precomputed features (e.g. dumped from torchreid or fast-reid): train it "
-                              "on --train and/or evaluate query/gallery")
+FEATURE_FILE_HELP = (".pt / .pth (dict), .npz archive or .npy (features only) with feats (N,d), pids (N,), "
+                     "camids (N,)")
 
-    query: Optional[str] = option(None, ".pt (dict) or .npz file with feats (N,d), pids (N,), camids (N,)",
-                                  type=str, required=True)
-    gallery: Optional[str] = option(None, "same layout as --query", type=str, required=True)
-    train: Optional[str] = option(None, "training features (feats, pids): train a new NFormer on them first", type=str)
-    weights: Optional[str] = option(None, "an NFormer saved by 'nformer-reid features' (nformer.pth)", type=str)
+# `features --train` on a 2-core CPU in minutes (see the README's table per device class); the
+# official recipe (--seq-len 7000 --nformer-batch 2 --nformer-steps 2000 --nformer-lr 1e-5) stays
+# reachable by options.
+FEATURES_STEPS = 300
+FEATURES_SEQ_LEN = 1000
+
+
+@dataclass(frozen=True)
+class NFormerFileOptions:
+    """The NFormer of a features / refine run: trained on --train, or read from --weights / --official."""
+    weights: Optional[str] = option(None, "an NFormer saved by 'nformer-reid features --train' (nformer.pth)", type=str)
     official: Optional[str] = option(None, "official NFormer release file nformer_model.pth (256-d features)",
                                      type=str)
+    nformer_dim: Optional[int] = option(None, "NFormer width (default: 256 for --train; wider features are projected "
+                                              "to it by a learned input projection, narrower ones keep their "
+                                              "width; that of --weights / --official, checked if given)",
+                                        at_least(2), type=int)
     nformer_depth: Optional[int] = option(None, "NFormer blocks (default: 4 for --train; that of --weights / "
                                                 "--official, checked if given)", at_least(1), type=int)
     nformer_landmarks: Optional[int] = option(None, "landmarks of the landmark-agent attention (default: 5; that of "
                                                     "--weights)", at_least(1), type=int)
     nformer_topk: Optional[int] = option(None, "neighbours each feature attends to (default: 20; that of --weights)",
                                          at_least(1), type=int)
-    nformer_steps: Optional[int] = option(2000, "training steps on --train", at_least(1), type=int)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig(Validated, KnnOptions, RerankOptions, RunOptions, NFormerTrainingOptions, NFormerFileOptions):
+    command: ClassVar[str] = "features"
+    summary: ClassVar[str] = ("NFormer on precomputed features (e.g. dumped from torchreid or fast-reid): train it "
+                              "on --train and/or evaluate query/gallery")
+
+    query: Optional[str] = option(None, "query features: " + FEATURE_FILE_HELP + " (with --gallery)", type=str)
+    gallery: Optional[str] = option(None, "gallery features, same layout as --query", type=str)
+    features: Optional[str] = option(None, "query and gallery in one file (torchreid layout: qf, q_pids, q_camids, "
+                                           "gf, g_pids, g_camids), instead of --query / --gallery", type=str)
+    train: Optional[str] = option(None, "training features (feats, pids): train a new NFormer on them first", type=str)
+    nformer_steps: Optional[int] = option(FEATURES_STEPS, "training steps on --train (official recipe: 2000)",
+                                          at_least(1), type=int)
+    seq_len: int = option(FEATURES_SEQ_LEN, "NFormer training sequence length (official recipe: 7000)", at_least(2))
     nformer_lr: float = option(3e-4, "NFormer learning rate (Adam)", positive_finite)
-    out: str = option("runs/nformer_features", "output folder (nformer.pth, refined features, logs, plots)")
+    out: str = option("runs/nformer_features", "output folder (refined features, results, logs, plots; nformer.pth "
+                                               "with --train)")
     mode: str = option("official", "official (joint query+gallery sequence) or paper (query-query isolation)",
                        choices=("official", "paper"))
-    rerank: bool = flag("also report k-reciprocal re-ranking (k1=20, k2=6, 0.3)")
+    rerank: bool = flag(RERANK_HELP)
+    save_model: bool = flag("also write the resumable stage2_last.pth (NFormer, optimizer and loss state) with --train")
+
+    def _check(self):
+        check_query_gallery(self)
+
+
+def check_query_gallery(cfg) -> None:
+    """Exactly one of the two ways to give query and gallery features: --features, or --query and --gallery."""
+    if cfg.features and (cfg.query or cfg.gallery):
+        given = " and ".join(f for f, v in (("--query", cfg.query), ("--gallery", cfg.gallery)) if v)
+        raise ReIDInputError(f"give --features FILE (query and gallery in one file) or --query and --gallery, not "
+                             f"--features with {given}")
+    if not cfg.features and not (cfg.query and cfg.gallery):
+        missing = " and ".join(f for f, v in (("--query", cfg.query), ("--gallery", cfg.gallery)) if not v)
+        raise ReIDInputError(f"{missing} required: give --query and --gallery, or --features FILE with both (on the "
+                             "command line, as KEY=VALUE or in the --config YAML)")
+
+
+@dataclass(frozen=True)
+class RefineConfig(Validated, KnnOptions, NFormerFileOptions):
+    command: ClassVar[str] = "refine"
+    summary: ClassVar[str] = ("refine one set of features with an NFormer, no labels needed (e.g. a deployment "
+                              "gallery): --input FILE --output FILE with --weights or --official")
+
+    input: Optional[str] = option(None, "features to refine: " + FEATURE_FILE_HELP + " (pids / camids optional, "
+                                        "carried over to --output)", type=str, required=True)
+    output: Optional[str] = option(None, "refined features, written in the format of its suffix (.pt / .pth, .npz, "
+                                         ".npy: features only)", type=str, required=True)
+    save_neighbors: Optional[str] = option(None, "also write each feature's top-k neighbour indices, (N, k) int64, "
+                                                 "as .npy or .pt (k = --nformer-topk)", type=str)
+    device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    seed: int = option(0, "seed of the landmark draws", seed_range)
+    overwrite: bool = flag("replace --output / --save-neighbors if they exist (refused without it)")
+
+    def _check(self):
+        if bool(self.weights) == bool(self.official):
+            raise ReIDInputError("give exactly one of --weights (nformer.pth of 'nformer-reid features --train') or "
+                                 "--official (nformer_model.pth)")
+
+
+@dataclass(frozen=True)
+class RerankConfig(Validated, KnnOptions):
+    command: ClassVar[str] = "rerank"
+    summary: ClassVar[str] = ("exact k-reciprocal re-ranking of query x gallery features; scored when the files hold "
+                              "pids and camids")
+
+    query: Optional[str] = option(None, "query features: " + FEATURE_FILE_HELP + " (pids / camids optional)",
+                                  type=str)
+    gallery: Optional[str] = option(None, "gallery features, same layout as --query", type=str)
+    features: Optional[str] = option(None, "query and gallery in one file (torchreid layout: qf, q_pids, q_camids, "
+                                           "gf, g_pids, g_camids), instead of --query / --gallery", type=str)
+    rerank_k1: int = option(20, "k1: the k of the k-reciprocal neighbour sets", at_least(1), aliases=("k1",))
+    rerank_k2: int = option(6, "k2: neighbours of the local query expansion (1: none)", at_least(1), aliases=("k2",))
+    rerank_lambda: float = option(0.3, "lambda: weight of the original distance against the Jaccard distance, in "
+                                       "[0, 1]", unit_interval, aliases=("lambda",))
+    save_distmat: bool = flag("write the re-ranked (Q, G) distances to <out>/distmat.npy (float32)")
+    save_ranks: Optional[int] = option(None, "write the R nearest gallery indices of each query after re-ranking to "
+                                             "<out>/ranks.npy ((Q, R) int64)", at_least(1), type=int, metavar="R")
+    out: str = option("runs/nformer_rerank", "output folder (results.json with labels, distmat.npy, ranks.npy, "
+                                             "config.yaml, log.txt)")
+    device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    overwrite: bool = flag("replace the outputs of an earlier run in --out (refused without it)")
+
+    def _check(self):
+        check_query_gallery(self)
 
 
 @dataclass(frozen=True)
@@ -225,8 +356,8 @@ class DatasetsConfig(Validated):
                                  type=str)
 
 
-COMMANDS: Dict[str, type] = {cls.command: cls for cls in (TrainConfig, EvalConfig, FeaturesConfig, DemoConfig,
-                                                           DatasetsConfig)}
+COMMANDS: Dict[str, type] = {cls.command: cls for cls in (TrainConfig, EvalConfig, FeaturesConfig, RefineConfig,
+                                                           RerankConfig, DemoConfig, DatasetsConfig)}
 
 # `--data synthetic`: a seconds-long smoke run of the image pipeline (resnet18 on 64 x 32 images,
 # two steps per stage). Replaces the defaults of the options that are not set explicitly.
@@ -294,6 +425,7 @@ def check_values(cls, values: Mapping[str, Any], source: Optional[str] = None, f
     """The option values (dashes or underscores in the names) coerced and checked one by one;
     ReIDInputError naming `source` and the option (as --flag with flags, else as written)."""
     by_name = {f.name: f for f in fields(cls)}
+    by_name.update({alias: f for f in fields(cls) for alias in f.metadata.get("aliases", ())})
     out = {}
     unknown = []
     for key, value in values.items():
@@ -301,7 +433,10 @@ def check_values(cls, values: Mapping[str, Any], source: Optional[str] = None, f
         if name not in by_name:
             unknown.append(str(key))
             continue
-        out[name] = _coerce(by_name[name], value, source, _flag(name) if flags else str(key))
+        f = by_name[name]
+        if f.name in out:
+            raise ReIDInputError(f"{source + ': ' if source else ''}{key} sets {_flag(f.name)} a second time")
+        out[f.name] = _coerce(f, value, source, _flag(name) if flags else str(key))
     if unknown:
         where = f"{source}: " if source else ""
         raise ReIDInputError(f"{where}unknown option(s) for '{cls.command}': {sorted(unknown)}")
@@ -317,3 +452,16 @@ def make_config(cls, values: Mapping[str, Any], source: str = "options", flags: 
     if "data" in {f.name for f in fields(cls)} and values.get("data", cls.data) == "synthetic":
         values = {**{k: v for k, v in SYNTHETIC.items() if k in {f.name for f in fields(cls)}}, **values}
     return cls(**values)
+
+
+def config_values(cfg) -> Dict[str, Any]:
+    """The effective options of a config as plain YAML values (tuples as lists), in field order,
+    without --overwrite (a run policy: a rerun from the saved config.yaml must ask for it again).
+    `--config` with this mapping rebuilds `cfg` (the same --out aside)."""
+    values = {}
+    for f in fields(cfg):
+        if f.name == "overwrite":
+            continue
+        value = getattr(cfg, f.name)
+        values[f.name] = list(value) if isinstance(value, tuple) else value
+    return values

@@ -8,7 +8,7 @@ results.json. Needs no torchvision.
 import logging
 import os
 import time
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -30,11 +30,13 @@ DEMO_NFORMER = dict(depth=2, num_heads=2, num_landmarks=5, topk=20)
 QUICK_BENCHMARK = dict(DEMO_BENCHMARK, num_train_ids=60, num_test_ids=30, num_distractors=20)
 
 
-def run_demo(config: DemoConfig = DemoConfig()) -> Dict[str, Dict[str, float]]:
-    """Run the demo with `config` (the `nformer-reid demo` options); returns {name: {mAP, R1, R5, R10}}."""
+def run_demo(config: DemoConfig = DemoConfig(), run_info: Optional[Mapping] = None) -> Dict[str, Dict[str, float]]:
+    """Run the demo with `config` (the `nformer-reid demo` options); returns {name: {mAP, mINP, R1,
+    R5, R10}}. run_info ({"config", "command"}) goes into results.json (engine.evaluation.compare)."""
     if not isinstance(config, DemoConfig):
         raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
     start = time.time()
+    timings = {}
     benchmark = QUICK_BENCHMARK if config.quick else DEMO_BENCHMARK
     torch.manual_seed(config.seed)  # the NFormer's initial weights
     os.makedirs(config.out, exist_ok=True)
@@ -47,11 +49,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> Dict[str, Dict[str, float]]:
                          knn_precision=config.knn_precision, **DEMO_NFORMER)
     history = train_nformer(nformer, bench.train.feats, bench.train.pids, out_dir=config.out, steps=config.steps,
                             seq_len=config.seq_len, batch_size=2, lr=config.lr, seed=config.seed, amp="none",
-                            device=config.device, log_period=max(1, config.steps // 4))
+                            device=config.device, log_period=max(1, config.steps // 4), save_last=False)
+    timings["training"] = round(time.time() - start, 4)
     results = compare(q.feats, g.feats, (q.pids, g.pids, q.camids, g.camids), nformer=nformer,
                       modes=("official", "paper"), rerank=not config.no_rerank, baseline="baseline",
                       title="synthetic benchmark, test identities unseen in training", out_dir=config.out,
-                      seed=config.seed, device=config.device, knn_precision=config.knn_precision).results
+                      seed=config.seed, device=config.device, knn_precision=config.knn_precision, timings=timings,
+                      run_info=run_info).results
     gain = results["NFormer (official)"]["mAP"] - results["baseline"]["mAP"]
     logger.info("NFormer changes mAP by %+.1f%% over the input features", 100 * gain)
     plot_losses({"NFormer stage 2": history}, os.path.join(config.out, "loss.png"))

@@ -1,16 +1,19 @@
-"""Feature extraction, NFormer refinement, mAP / CMC, and `compare`: the one evaluation pipeline of
-the eval, features and demo commands."""
+"""Feature extraction, NFormer refinement, mAP / mINP / CMC (`score`), and `compare`: the one
+evaluation pipeline of the eval, features and demo commands (and results.json)."""
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from nformer_reid.config import KnnOptions
+import nformer_kernels as nk
+from nformer_reid.config import KnnOptions, RerankOptions
 from nformer_reid.engine.device import autocast, resolve_device
-from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
+from nformer_reid.metrics import evaluate_features, evaluate_rank
 from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking_sparse
 from nformer_reid.utils.checks import as_features, as_int
@@ -42,37 +45,65 @@ def extract_features(backbone, loader, flip: bool = False, device=None,
 
 
 @torch.no_grad()
+def refine(nformer, feats: torch.Tensor, *, seed: int = 0, device=None, amp: str = "none",
+           query_mask: Optional[torch.Tensor] = None, neighbors: bool = False):
+    """NFormer refinement of one set of features (no labels needed): the eval-mode NFormer on the
+    L2-normalised feats (N, nformer.in_dim), landmarks drawn by a torch.Generator seeded with
+    `seed` (so numbers are reproducible). query_mask (N,) bool: those rows never neighbour each
+    other nor serve as landmarks (paper mode). Returns the refined (N, nformer.dim) float32 CPU
+    features, and with neighbors=True also the (N, min(topk, N)) int64 neighbour lists of the
+    NFormer's search (self first; nk.knn on the projected features, as the NFormer's forward)."""
+    feats = as_features(feats, "feats")
+    in_dim = getattr(nformer, "in_dim", nformer.dim)
+    if feats.shape[1] != in_dim:
+        raise ValueError(f"feats must be (N,{in_dim}) for this NFormer (in_dim={in_dim}), got {tuple(feats.shape)}")
+    seed = as_int(seed, "seed", minimum=0)
+    device = resolve_device(device)
+    nformer = nformer.to(device).eval()
+    x = torch.nn.functional.normalize(feats.float(), dim=1).to(device)
+    if query_mask is not None:
+        query_mask = query_mask.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    with autocast(device, amp):
+        out = nformer(x, generator=generator, query_mask=query_mask).float().cpu()
+        if not neighbors:
+            return out
+        projected = nformer.project(x) if hasattr(nformer, "project") else x
+        idx = nk.ops.knn(projected, min(nformer.topk, x.shape[0]), query_mask=query_mask,
+                         precision=nformer.knn_precision)
+    return out, idx.long().cpu()
+
+
+@torch.no_grad()
 def refine_features(nformer, qf: torch.Tensor, gf: torch.Tensor, mode: str = "official", seed: int = 0,
                     device=None, amp: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
-    """NFormer refinement of query + gallery features as one set.
+    """NFormer refinement of query + gallery features as one set (see `refine`).
 
     mode "official": one joint query+gallery sequence (as the released code); "paper": the same
     with query-query isolation (queries never neighbour each other nor serve as landmarks).
     Inputs are L2-normalised first (as the official evaluation); landmarks come from a
     torch.Generator seeded with `seed`, so numbers are reproducible. Paper mode needs
     G >= min(topk, Q + G) - 1 gallery rows (each query's neighbours are itself and gallery rows).
+    Features are nformer.in_dim wide (the NFormer projects them to its dim when they differ).
     """
     if mode not in REFINE_MODES:
         raise ValueError(f"mode must be 'official' or 'paper', got {mode!r}")
     qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
-    if qf.shape[1] != gf.shape[1] or qf.shape[1] != nformer.dim:
-        raise ValueError(f"qf and gf must be (Q,{nformer.dim}) and (G,{nformer.dim}) for this NFormer, got "
+    in_dim = getattr(nformer, "in_dim", nformer.dim)
+    if qf.shape[1] != gf.shape[1] or qf.shape[1] != in_dim:
+        raise ValueError(f"qf and gf must be (Q,{in_dim}) and (G,{in_dim}) for this NFormer (in_dim={in_dim}), got "
                          f"{tuple(qf.shape)} and {tuple(gf.shape)}")
     seed = as_int(seed, "seed", minimum=0)
     if mode == "paper":
         check_paper_mode(nformer.topk, qf.shape[0], gf.shape[0])
     device = resolve_device(device)
-    nformer = nformer.to(device).eval()
-    x = torch.nn.functional.normalize(torch.cat([qf, gf]).float(), dim=1).to(device)
     query_mask = None
     if mode == "paper":
-        query_mask = torch.arange(x.shape[0], device=device) < qf.shape[0]
-    generator = torch.Generator().manual_seed(seed)
+        query_mask = torch.arange(qf.shape[0] + gf.shape[0]) < qf.shape[0]
     started = time.time()
-    with autocast(device, amp):
-        out = nformer(x, generator=generator, query_mask=query_mask).float()
-    logger.info("NFormer (%s) refined %d features on %s in %.1f s", mode, x.shape[0], device, time.time() - started)
-    return out[: qf.shape[0]].cpu(), out[qf.shape[0]:].cpu()
+    out = refine(nformer, torch.cat([qf, gf]), seed=seed, device=device, amp=amp, query_mask=query_mask)
+    logger.info("NFormer (%s) refined %d features on %s in %.1f s", mode, out.shape[0], device, time.time() - started)
+    return out[: qf.shape[0]], out[qf.shape[0]:]
 
 
 def check_paper_mode(topk: int, num_query: int, num_gallery: int, topk_name: str = "topk") -> None:
@@ -84,70 +115,186 @@ def check_paper_mode(topk: int, num_query: int, num_gallery: int, topk_name: str
                          f"{num_gallery} (lower {topk_name}, or use mode official)")
 
 
-def evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank: bool = False, max_rank: int = 50,
-                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                      knn_precision: str = KnnOptions.knn_precision) -> Dict:
-    """mAP / CMC of L2-normalised features (squared Euclidean), optionally k-reciprocal re-ranked
-    (neighbour lists by nk.knn with precision=knn_precision)."""
+@dataclass(frozen=True)
+class RerankParams:
+    """k-reciprocal re-ranking parameters (rerank.re_ranking_sparse's k1, k2, lambda_value)."""
+    k1: int = RerankOptions.rerank_k1
+    k2: int = RerankOptions.rerank_k2
+    lambda_value: float = RerankOptions.rerank_lambda
+
+    @classmethod
+    def of(cls, cfg) -> "RerankParams":
+        """The parameters of a command config (its rerank_k1 / rerank_k2 / rerank_lambda)."""
+        return cls(cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda)
+
+
+def _metrics(cmc, mAP: float, mINP: float) -> Dict:
+    cmc = np.asarray(cmc, dtype=np.float64)
+    return {"mAP": float(mAP), "mINP": float(mINP), "R1": float(cmc[0]), "R5": float(cmc[min(4, len(cmc) - 1)]),
+            "R10": float(cmc[min(9, len(cmc) - 1)]), "cmc": cmc}
+
+
+def score_distances(dist, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> Dict:
+    """mAP, mINP, R1 / R5 / R10 and the CMC (numpy, to min(max_rank, G)) of a query x gallery
+    distance matrix (metrics.evaluate_rank: torchreid's protocol)."""
+    max_rank = min(max_rank, len(dist[0]) if len(dist) else max_rank)  # a small gallery: its length, no warning
+    cmc, mAP, mINP = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, return_mINP=True)
+    return _metrics(cmc, mAP, mINP)
+
+
+def score(qf, gf, q_pids, g_pids, q_camids, g_camids, rerank: bool = False, max_rank: int = 50,
+          params: RerankParams = RerankParams(), knn_precision: str = KnnOptions.knn_precision) -> Dict:
+    """mAP, mINP, R1 / R5 / R10 and the CMC of query features qf against gallery features gf:
+    squared Euclidean distances of the L2-normalised features (metrics.evaluate_features, which
+    streams them: no Q x G matrix), or with rerank their k-reciprocal re-ranking
+    (rerank.re_ranking_sparse with `params`, neighbour lists by nk.knn with
+    precision=knn_precision; that (Q, G) matrix is rerank's output)."""
     if rerank:
-        dist = re_ranking_sparse(qf, gf, k1, k2, lambda_value, knn_precision=knn_precision)
-    else:
-        dist = compute_distance_matrix(qf, gf, "euclidean", normalize=True)
-    cmc, mAP = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
-    return {"mAP": mAP, "cmc": cmc, "R1": float(cmc[0]), "R5": float(cmc[min(4, len(cmc) - 1)]),
-            "R10": float(cmc[min(9, len(cmc) - 1)])}
+        dist = re_ranking_sparse(qf, gf, params.k1, params.k2, params.lambda_value, knn_precision=knn_precision)
+        return score_distances(dist, q_pids, g_pids, q_camids, g_camids, max_rank)
+    return _score_plain(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank)
+
+
+def _score_plain(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank):
+    # streamed: no Q x G matrix (the same numbers as evaluate_rank on compute_distance_matrix)
+    max_rank = min(max_rank, len(gf)) if len(gf) else max_rank  # a small gallery: its length, no warning
+    cmc, mAP, mINP = evaluate_features(qf, gf, q_pids, g_pids, q_camids, g_camids, metric="euclidean",
+                                       normalize=True, max_rank=max_rank, return_mINP=True)
+    return _metrics(cmc, mAP, mINP)
 
 
 def format_result(name: str, res: Dict) -> str:
-    return f"{name:<24} mAP {res['mAP']:6.1%}  R1 {res['R1']:6.1%}  R5 {res['R5']:6.1%}  R10 {res['R10']:6.1%}"
+    return (f"{name:<24} mAP {res['mAP']:6.1%}  mINP {res['mINP']:6.1%}  R1 {res['R1']:6.1%}  R5 {res['R5']:6.1%}  "
+            f"R10 {res['R10']:6.1%}")
 
 
 def summarize(results: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
-    """The scalar metrics of each result (what results.json holds)."""
-    return {name: {m: res[m] for m in ("mAP", "R1", "R5", "R10")} for name, res in results.items()}
+    """The scalar metrics of each result (mAP, mINP, R1, R5, R10)."""
+    return {name: {m: res[m] for m in ("mAP", "mINP", "R1", "R5", "R10")} for name, res in results.items()}
+
+
+def versions() -> Dict[str, str]:
+    """Versions of what produced the numbers: nformer_kernels, torch, numpy, python, triton (if installed)."""
+    import platform
+    from importlib import metadata
+
+    import nformer_kernels
+
+    out = {"nformer_kernels": nformer_kernels.__version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version()}
+    try:
+        out["triton"] = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+def describe_device(device) -> str:
+    """'cpu', or 'cuda:0 (<GPU name>)'."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+def results_document(results: Dict[str, Dict], *, device=None, timings: Optional[Dict] = None,
+                     run_info: Optional[Mapping] = None) -> Dict:
+    """What results.json holds: {"methods": {name: {mAP, mINP, R1, R5, R10, cmc (list to max_rank)}},
+    "config", "command" (from run_info: the effective options and the argv), "versions", "device",
+    "timings" (seconds per stage)}."""
+    methods = {name: {**{k: v for k, v in res.items() if k != "cmc"}, "cmc": [float(c) for c in res["cmc"]]}
+               for name, res in results.items()}
+    run_info = dict(run_info or {})
+    return {"methods": methods, "config": run_info.get("config"), "command": run_info.get("command"),
+            "versions": versions(), "device": describe_device(device), "timings": dict(timings or {})}
 
 
 @dataclass
 class Comparison:
-    results: Dict[str, Dict]  # name -> evaluate_features result, in report order
+    results: Dict[str, Dict]  # name -> score result, in report order
     refined: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # mode -> (query, gallery)
+    timings: Dict[str, object] = field(default_factory=dict)  # seconds per stage (as in results.json)
+
+
+class _Stopwatch:
+    """Accumulates seconds per stage name into a dict."""
+
+    def __init__(self, timings: Dict):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, *keys: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            target = self.timings
+            for key in keys[:-1]:
+                target = target.setdefault(key, {})
+            target[keys[-1]] = round(target.get(keys[-1], 0.0) + elapsed, 4)
 
 
 def compare(qf: torch.Tensor, gf: torch.Tensor, ids: Sequence[torch.Tensor], *, nformer=None,
             modes: Sequence[str] = ("official",), rerank: bool = False, baseline: str = "baseline",
             title: str = "features", out_dir: Optional[str] = None, seed: int = 0, device=None,
-            knn_precision: str = KnnOptions.knn_precision) -> Comparison:
-    """mAP / CMC of the `baseline` features and, unless nformer is None, of their NFormer refinement
-    in each of `modes`; with rerank, also the baseline and the first mode k-reciprocal re-ranked.
+            knn_precision: str = KnnOptions.knn_precision, rerank_params: RerankParams = RerankParams(),
+            max_rank: int = 50, timings: Optional[Mapping] = None, run_info: Optional[Mapping] = None) -> Comparison:
+    """mAP / mINP / CMC of the `baseline` features and, unless nformer is None, of their NFormer
+    refinement in each of `modes`; with rerank, also the baseline and the first mode k-reciprocal
+    re-ranked (rerank.re_ranking_sparse with rerank_params).
 
     ids = (q_pids, g_pids, q_camids, g_camids). knn_precision: nk.knn's precision for the
-    re-ranking neighbour lists (the NFormer searches with its own knn_precision). Logs the table; with out_dir, writes cmc.png and
-    results.json ({name: {mAP, R1, R5, R10}}) there.
+    re-ranking neighbour lists (the NFormer searches with its own knn_precision). Logs the table;
+    with out_dir, writes cmc.png and results.json there (results_document: every method's metrics
+    and full CMC, run_info's "config" and "command", versions, device, and the timings: those
+    given, e.g. {"features": s}, plus "refinement" {mode: s}, "evaluation" and "re-ranking").
     """
     if len(ids) != 4:
         raise ValueError(f"ids must be (q_pids, g_pids, q_camids, g_camids), got {len(ids)} arrays")
     unknown = [m for m in modes if m not in REFINE_MODES]
     if unknown or not modes:
         raise ValueError(f"modes must be a non-empty sequence of {REFINE_MODES}, got {list(modes)}")
-    results = {baseline: evaluate_features(qf, gf, *ids)}
+    if not isinstance(rerank_params, RerankParams):
+        raise TypeError(f"rerank_params must be a RerankParams, got {type(rerank_params).__name__}")
+    stages = dict(timings or {})
+    clock = _Stopwatch(stages)
+
+    def reranked(q, g):
+        with clock("re-ranking"):
+            return score(q, g, *ids, rerank=True, max_rank=max_rank, params=rerank_params,
+                         knn_precision=knn_precision)
+
+    def plain(q, g):
+        with clock("evaluation"):
+            return score(q, g, *ids, max_rank=max_rank)
+
+    results = {baseline: plain(qf, gf)}
     if rerank:
-        results[f"{baseline} + re-ranking"] = evaluate_features(qf, gf, *ids, rerank=True,
-                                                                   knn_precision=knn_precision)
+        results[f"{baseline} + re-ranking"] = reranked(qf, gf)
     refined = {}
     if nformer is not None:
         for mode in modes:
-            refined[mode] = refine_features(nformer, qf, gf, mode, seed, device)
-            results[f"NFormer ({mode})"] = evaluate_features(*refined[mode], *ids)
+            with clock("refinement", mode):
+                refined[mode] = refine_features(nformer, qf, gf, mode, seed, device)
+            results[f"NFormer ({mode})"] = plain(*refined[mode])
         if rerank:
-            results["NFormer + re-ranking"] = evaluate_features(*refined[modes[0]], *ids, rerank=True,
-                                                                knn_precision=knn_precision)
+            results["NFormer + re-ranking"] = reranked(*refined[modes[0]])
     logger.info("results on %s (%d query / %d gallery):", title, len(ids[0]), len(ids[1]))
     for name, res in results.items():
         logger.info("  %s", format_result(name, res))
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        plot_cmc({k: (v["cmc"], v["mAP"]) for k, v in results.items()}, os.path.join(out_dir, "cmc.png"),
-                 title=f"CMC, {title}")
-        write_json(summarize(results), os.path.join(out_dir, "results.json"))
-        logger.info("wrote %s and results.json", os.path.join(out_dir, "cmc.png"))
-    return Comparison(results, refined)
+        write_results(out_dir, results, title=title, device=device, timings=stages, run_info=run_info)
+    return Comparison(results, refined, stages)
+
+
+def write_results(out_dir: str, results: Dict[str, Dict], *, title: str, device=None,
+                  timings: Optional[Mapping] = None, run_info: Optional[Mapping] = None) -> None:
+    """cmc.png and results.json (results_document) of `results` into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot_cmc({k: (v["cmc"], v["mAP"]) for k, v in results.items()}, os.path.join(out_dir, "cmc.png"),
+             title=f"CMC, {title}")
+    write_json(results_document(results, device=device, timings=timings, run_info=run_info),
+               os.path.join(out_dir, "results.json"))
+    logger.info("wrote %s and results.json", os.path.join(out_dir, "cmc.png"))
