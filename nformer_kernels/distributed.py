@@ -28,6 +28,11 @@ variable splits, through a plan built once per neighbour graph.
 Every argument is checked on every rank and the checks are compared across ranks before any
 other communication: a bad argument on one rank raises its TypeError/ValueError on all of them.
 traffic() counts the bytes each rank sends and receives, by kind.
+
+Other sharded computations build on the same machinery: gather_checked (the compared argument
+checks, giving a RowShards: group, rank, every rank's row count and offsets, counted collectives)
+and ring_blocks (every rank's block of rows passed round the ring, the next transfer overlapped
+with the work on the block in hand).
 """
 import collections
 import contextlib
@@ -43,7 +48,8 @@ from nformer_kernels import _checks, ops
 from nformer_kernels.modules import NFormer, draw_landmarks
 from nformer_kernels.ops.knn import _unit_rows
 
-__all__ = ["knn", "nformer_forward", "reciprocal_mask", "reset_traffic", "traffic"]
+__all__ = ["RowShards", "gather_checked", "knn", "nformer_forward", "reciprocal_mask", "reset_traffic",
+           "ring_blocks", "traffic"]
 
 _QUERY_ROWS = 512  # query rows per score tile
 _KEY_COLS = 8192  # key columns per score tile: a tile is 16 MiB of fp32
@@ -61,7 +67,8 @@ def traffic() -> Dict[str, Dict[str, float]]:
 
     Kinds: "ring" (knn and affinity key blocks), "halo" (R and v rows, per block), "neighbours"
     (neighbour lists for reciprocal_mask), "plan" (the halo plans' row requests), "landmarks"
-    (drawn positions and landmark rows), "meta" (the shard sizes and argument checks, pickled).
+    (drawn positions and landmark rows), "meta" (the shard sizes and argument checks, pickled);
+    callers of ring_blocks and RowShards's collectives count under the kinds they name.
     Point-to-point and all_to_all traffic is counted exactly; all_reduce at the ring algorithm's
     2(P-1)/P times the payload, all_gather at (P-1) times it.
     """
@@ -212,6 +219,45 @@ def _gather_checked(group, local_check):
     return _World(group, rank, size, tuple(g[0][0] for g in gathered), device), [g[0][2] for g in gathered]
 
 
+RowShards = _World  # the public name: what gather_checked returns and ring_blocks walks
+
+
+def gather_checked(local_check, group=None) -> Tuple[RowShards, list]:
+    """Run local_check() -> (rows, device, metadata) on every rank and compare the outcomes:
+    returns (RowShards of the group with every rank's row count, [every rank's metadata] in rank
+    order). A TypeError/ValueError raised by local_check on any rank is raised on every rank
+    (prefixed "on rank r: " elsewhere), so no rank is left waiting in a later collective; call it
+    on every rank, also after a local computation whose errors must not strand the others.
+    metadata is pickled to the other ranks: keep it small (shapes, options, a few numbers).
+    Without an initialised process group (group=None) it is a world of 1 and communicates nothing.
+    An NCCL group with a non-CUDA device on any rank is refused on every rank."""
+    return _gather_checked(group, local_check)
+
+
+def ring_blocks(shards: RowShards, tensors: Sequence[torch.Tensor], kind: str = "ring"):
+    """Every rank's block of rows, round the ring: yields (owner, block) for owner = rank,
+    rank - 1, ... (mod size), block being the owner's `tensors` (each with the owner's row count
+    as its first dim; same dtypes and trailing shapes on every rank). Before yielding a block it
+    starts sending it to the next rank and receiving the next one from the previous rank
+    (isend/irecv), so the transfer overlaps the caller's work on the block in hand; it waits on
+    the transfer when the caller asks for the next block. The caller must not modify a yielded
+    block and must draw every block on every rank (an error mid-way: keep drawing, skip the
+    work, and agree on it afterwards with gather_checked). A rank holds at most two blocks.
+    Bytes are counted in traffic() under `kind`."""
+    block = list(tensors)
+    for step in range(shards.size):
+        owner = (shards.rank - step) % shards.size
+        requests, arriving = [], None
+        if step + 1 < shards.size:  # start passing the block on before it is worked on
+            rows = shards.counts[(owner - 1) % shards.size]
+            arriving = [t.new_empty((rows, *t.shape[1:])) for t in block]
+            requests = shards.shift(block, arriving, kind)
+        yield owner, block
+        shards.wait(requests, kind)
+        if arriving is not None:
+            block = arriving
+
+
 def _same_everywhere(metas, key, name, error=ValueError):
     values = [m[key] for m in metas]
     if any(v != values[0] for v in values):
@@ -345,29 +391,18 @@ def _ring_topk(world: _World, queries, keys, k, query_flags=None, key_flags=None
     ranks by queries @ keys^T, self forced first, (score desc, global id asc). Queries and keys are
     this rank's rows; key blocks go round the ring. query_flags/key_flags (bool, this rank's rows):
     a flagged query never takes a flagged key other than itself."""
-    n, d = queries.shape[0], keys.shape[1]
+    n = queries.shape[0]
     acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
     vals = torch.empty((n, 0), dtype=acc, device=queries.device)
     ids = torch.empty((n, 0), dtype=torch.int64, device=queries.device)
-    block = keys.contiguous()
-    flags = None if key_flags is None else key_flags.to(torch.uint8)
+    tensors = [keys.contiguous()] + ([] if key_flags is None else [key_flags.to(torch.uint8)])
     offsets = world.offsets
     with _exact_matmul(queries.device):
-        for step in range(world.size):
-            owner = (world.rank - step) % world.size
-            requests, arriving = [], None
-            if step + 1 < world.size:  # start passing the block on before working on it
-                rows = world.counts[(owner - 1) % world.size]
-                arriving = (block.new_empty((rows, d)), None if flags is None else flags.new_empty(rows))
-                sends = [block] + ([] if flags is None else [flags])
-                recvs = [arriving[0]] + ([] if flags is None else [arriving[1]])
-                requests = world.shift(sends, recvs, "ring")
+        for owner, held in ring_blocks(world, tensors, "ring"):
+            block, flags = held[0], (held[1].bool() if key_flags is not None else None)
             if n and block.shape[0]:
                 vals, ids = _block_topk(queries, block, offsets[owner], owner == world.rank, vals, ids, k,
-                                        query_flags, None if flags is None else flags.bool())
-            world.wait(requests, "ring")
-            if arriving is not None:
-                block, flags = arriving
+                                        query_flags, flags)
     return ids if n else torch.empty((0, k), dtype=torch.int64, device=queries.device)
 
 

@@ -9,22 +9,19 @@ compare them with nk.knn / nk.reciprocal_mask / the NFormer on all rows.
 import argparse
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import nformer_kernels as nk
 from nformer_bench import cli
 from nformer_bench import distributed as cost
 from nformer_kernels import distributed as nkd
+from tests.distributed_helpers import WORLD_TIMEOUT_S, free_port, spawn
 from tests.helpers import assert_close, brute_knn, gapped_rows, randn, random_neighbours
 
-WORLD_TIMEOUT_S = 120
 DIM, DEPTH, HEADS, LANDMARKS, TOPK, FFN = 16, 2, 2, 3, 6, 32
 IN_DIM = 48  # the features of the model with an input projection (IN_DIM -> DIM)
 
@@ -235,34 +232,8 @@ def _child(rank, world, backend, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _spawn(world, backend, out_dir, child=None):
-    """Run `child` (default _child) on `world` processes; fails with the first failing rank's
-    traceback, or after WORLD_TIMEOUT_S, and never leaves a child behind."""
-    ctx = mp.start_processes(child or _child, args=(world, backend, _free_port(), str(out_dir)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + WORLD_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"a {backend} world of {world} did not finish within {WORLD_TIMEOUT_S} s")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        pytest.fail(f"a {backend} world of {world} failed:\n{exc}")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 def _in_process_world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         return [run_cases(0, 1, torch.device("cpu"))]
     except Exception:  # the traceback of a case, not of the teardown
@@ -288,7 +259,7 @@ def world(request, tmp_path_factory):
     size = int(size)
     if backend == "nccl" and torch.cuda.device_count() < size:
         pytest.skip(f"NCCL needs {size} CUDA GPUs, this machine has {torch.cuda.device_count()}")
-    return size, _spawn(size, backend, tmp_path_factory.mktemp(kind))
+    return size, spawn(size, backend, tmp_path_factory.mktemp(kind), _child)
 
 
 def _gathered(results, name):
