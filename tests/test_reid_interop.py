@@ -157,10 +157,14 @@ def test_extract_torchreid_old_tuple_batches_unlabelled_sets_and_bad_output():
     assert torch.allclose(fs.feats, reference(model, data.images), atol=1e-6) and torch.equal(fs.pids, data.pids)
     unlabelled = extract_torchreid(model, loader(Images(4, 1, labels=False)))
     assert unlabelled.pids is None and unlabelled.camids is None and unlabelled.feats.shape == (4, 6)
+    mixed = [next(iter(loader(Images(3, 1)))), next(iter(loader(Images(3, 1, labels=False))))]
+    with pytest.raises(ValueError, match="loader: some batches have pids and some do not"):
+        extract_torchreid(model, mixed)
     with pytest.raises(ValueError, match=r"loader: a torchreid batch is a dict with 'img', 'pid', 'camid', got the "
                                          r"keys \['camids', 'images', 'img_paths', 'targets'\]"):
         extract_torchreid(model, loader(Images(4, 1, style="fastreid")))
-    with pytest.raises(ValueError, match="market1501 query: a batch has no key 'pid'"):  # an Engine's parser on unlabelled data
+    # an Engine's own parser on unlabelled batches
+    with pytest.raises(ValueError, match="market1501 query: a batch has no key 'pid'"):
         from_torchreid(Engine(DataManager(labels=False), model))
 
     class Logits(torch.nn.Module):  # a model that returns its training outputs in eval mode too
@@ -239,6 +243,8 @@ def test_from_fastreid_checks():
         from_fastreid(model, loader(data))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         from_fastreid("model_final.pth", loader(data), 3)
+    with pytest.raises(TypeError, match=r"cfg has no TEST.FLIP.ENABLED \(a fast-reid CfgNode has\), got dict"):
+        from_fastreid(model, loader(data), 3, cfg={"TEST": {}})
     with pytest.raises(ValueError, match=r"test loader: a fast-reid batch is a dict with 'images', 'targets', "
                                          r"'camids', got \['camid', 'dsetid', 'img', 'impath', 'pid'\]"):
         from_fastreid(model, loader(Images(6, 5)), 3)

@@ -211,9 +211,14 @@ def from_fastreid(model, loader, num_query: Optional[int] = None, *, cfg=None, d
                         f"{type(num_query).__name__}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if flip is None:
-        flip = bool(cfg.TEST.FLIP.ENABLED) if cfg is not None else False
-    everything = extract_fastreid(model, loader, device=device, flip=flip, normalize=normalize, where="test loader")
+    if flip is None and cfg is not None:
+        try:
+            flip = bool(cfg.TEST.FLIP.ENABLED)
+        except AttributeError:
+            raise TypeError(f"cfg has no TEST.FLIP.ENABLED (a fast-reid CfgNode has), got "
+                            f"{type(cfg).__name__}") from None
+    everything = extract_fastreid(model, loader, device=device, flip=bool(flip), normalize=normalize,
+                                  where="test loader")
     n = everything.feats.shape[0]
     if not 1 <= num_query < n:
         raise ValueError(f"num_query must be in 1..{n - 1} (the loader yielded {n} images), got {num_query}")
