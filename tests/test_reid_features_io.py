@@ -310,6 +310,8 @@ def test_bad_layouts_are_named(tmp_path):
         (write(tmp_path / "short.pt", {"feat": feats, "pid": pids[:3], "camid": camids}),
          r"pid must be integers of shape \(6,\) like feat, got \(3,\)"),
         (write(tmp_path / "none.pt", {"img_paths": ["a.jpg"]}), r"missing feats\|features\|feat\|embeddings"),
+        (write(tmp_path / "state_dict.pt", {f"layer{i:02d}.weight": feats for i in range(30)}),  # a checkpoint
+         r"missing feats.*\(has \['layer00.weight', .*'layer11.weight', '...'\]\)$"),
     ]
     for path, message in cases:
         with pytest.raises(ReIDInputError, match=rf"--query file {path}: {message}"):

@@ -164,8 +164,8 @@ def _suffix(path) -> str:
 
 
 def _read(path: str, what: str, wanted: Iterable[str]):
-    """(values {key: raw value} for the keys in `wanted` the file has, all key names) of a dict-like
-    file, or (None, [], bare value) for a file holding one array."""
+    """(values {key: raw value} for the keys in `wanted` the file has, all its key names, None) of a
+    dict-like file; (None, [], the array) of a file holding one array."""
     suffix = _suffix(path)
     if suffix in (".npz", ".npy"):
         path = check_input_file(path, what)
@@ -214,7 +214,8 @@ def _build(what: str, path: str, values: dict, has: List[str], aliases: Dict[str
     missing = [field for field in FIELDS if keys[field] is None and needed[field]]
     if missing:
         wanted = ", ".join("|".join(aliases[field]) for field in missing)
-        raise ReIDInputError(f"{what} {path}: missing {wanted} (has {sorted(has)})")
+        shown = sorted(has)[:12] + (["..."] if len(has) > 12 else [])  # a state_dict has hundreds
+        raise ReIDInputError(f"{what} {path}: missing {wanted} (has {shown})")
     raw = [values[keys[field]] if keys[field] is not None else None for field in FIELDS]
     try:
         fs = FeatureSet._from_checked(*_checked(*raw, labels=tuple(keys[f] or f for f in FIELDS)))
