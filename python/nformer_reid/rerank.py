@@ -14,12 +14,15 @@ Algorithm (N = Q + G probe+gallery items, d = Euclidean distance):
   jaccard[i, j] = 1 - s / (2 - s), s = sum_m min(V[i, m], V[j, m])
   final     = (1 - lambda) * jaccard + lambda * od, query rows x gallery columns.
 """
+import contextlib
 import math
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
 import nformer_kernels as nk
+from nformer_kernels.ops import PRECISIONS as KNN_PRECISIONS
 from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_device, as_float, as_int, as_tensor, pow2_row_scale
 
@@ -132,7 +135,7 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
 
 def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
                       pair_budget: int = 1 << 22, device=None,
-                      knn_precision: str = KnnOptions.knn_precision) -> np.ndarray:
+                      knn_precision: str = KnnOptions.knn_precision, topk: Optional[int] = None):
     """k-reciprocal re-ranking from features in O(N*k1) working memory (plus the (Q,G) output).
 
     Equal to re_ranking(q_g, q_q, g_g) where the distances are the Euclidean distances between
@@ -142,18 +145,101 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     version's stable sort, but cosine vs squared-distance rounding can order near-ties differently).
 
     Neighbour lists: nk.knn(features, max(k1+1, k2), precision=knn_precision: every precision
-    gives the exact lists, "certified" proves them from fp16 scans) (cosine order = Euclidean order for unit
-    vectors) and nk.reciprocal_mask for R(i) and R_half(i). The column maxima of the squared
-    distances and the query x gallery distances come from one chunked matmul pass (O(N^2 d)
-    time, O(chunk*N) memory). V and its query expansion are sparse (about N*k1*k2 entries); the
-    Jaccard term is computed per chunk of queries through an inverted index over gallery items,
-    at most `pair_budget` (query entry, gallery entry) pairs at a time.
+    gives the exact lists, "certified" proves them from fp16 scans) (cosine order = Euclidean order
+    for unit vectors) and nk.reciprocal_mask for R(i) and R_half(i). The largest squared distance
+    of every item (the column maxima od divides by) and the query x gallery products come from one
+    pass over the upper triangle of x x^T in tiles (one GEMM and two min-reductions per tile:
+    N^2 d / 2 multiply-adds, O(tile) memory). V and its query expansion are sparse (about
+    N*k1*k2 entries); the Jaccard term is computed per chunk of queries through an inverted index
+    over gallery items, at most `pair_budget` (query entry, gallery entry) pairs and pair_budget
+    float64 scratch entries at a time, and only where a query and a gallery item share mass
+    (jaccard = 1 elsewhere). Runs on the device of the features (or `device`): CPU or CUDA
+    tensors, no host round trip until the result (CUDA matmuls in full fp32 for the call,
+    whatever torch.set_float32_matmul_precision says).
+
     Features: numpy arrays or tensors of real numbers (any precision and strides), finite
     (ValueError for NaN/Inf); normalisation is scale-free (1e-30 and 1e30 rows normalise like 1), a
     zero row stays zero. Identical features give od = 0 and a finite result in [0, 1 - lambda_value]
     (their neighbour order is then by index). pair_budget: a positive int.
-    Returns the re-ranked (Q, G) distances as a float32 numpy array.
+    topk: None (default) returns the re-ranked (Q, G) distances as a float32 numpy array (3.8 GB
+    at MSMT17 size, 11,659 x 82,161). An int R >= 1 returns (indices, distances) instead: per
+    query the R' = min(R, G) gallery items of smallest re-ranked distance, as (Q, R') int64 and
+    float32 numpy arrays in increasing distance (ties by gallery index, as a stable argsort of
+    the full rows orders them), in O(pair_budget + N*k1*k2) memory besides them (the query x
+    gallery distances are recomputed per chunk of queries: Q*G*d more multiply-adds).
+    re_ranking_sparse_chunks streams the full rows instead.
     """
+    if topk is not None:
+        topk = as_int(topk, "topk", minimum=1)
+    plan = _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_precision,
+                    store=topk is None)
+    num_q, num_g = plan.num_q, plan.num_g
+    if topk is None:
+        if plan.s_qg is None:  # no queries or no gallery items
+            return np.zeros((num_q, num_g), dtype=np.float32)
+        with _full_fp32_matmul():
+            for _ in _final_chunks(plan):
+                pass  # each chunk is finished in place in plan.s_qg
+        return plan.s_qg.cpu().numpy()
+    r = min(topk, num_g)
+    idx = np.zeros((num_q, r), dtype=np.int64)
+    dist = np.zeros((num_q, r), dtype=np.float32)
+    if num_q == 0 or num_g == 0:
+        return idx, dist
+    with _full_fp32_matmul():
+        for start, stop, block in _final_chunks(plan):
+            i, d = _stable_smallest(block, r)
+            idx[start:stop], dist[start:stop] = i.cpu().numpy(), d.cpu().numpy()
+    return idx, dist
+
+
+def re_ranking_sparse_chunks(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, *,
+                             pair_budget: int = 1 << 22, device=None,
+                             knn_precision: str = KnnOptions.knn_precision) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """re_ranking_sparse's (Q, G) result as a stream: yields (start, stop, rows) with rows the
+    float32 numpy (stop - start, G) re-ranked distances of queries start..stop-1, for consecutive
+    slices covering all Q queries in order (each at most pair_budget // G rows, at least one).
+    Memory: O(pair_budget + N*k1*k2) besides the rows yielded; the query x gallery distances
+    are recomputed per slice. Same arguments and checks as re_ranking_sparse (raised at the
+    first next(), as for any generator); same values."""
+    plan = _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_precision, store=False)
+    if plan.num_q and not plan.num_g:
+        yield 0, plan.num_q, np.zeros((plan.num_q, 0), dtype=np.float32)
+    if plan.num_q == 0 or plan.num_g == 0:
+        return
+    with _full_fp32_matmul():
+        for start, stop, block in _final_chunks(plan):
+            yield start, stop, block.cpu().numpy()
+
+
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """float32 matmuls in full fp32 (no TF32 on CUDA): neighbour ranks and ties need the exact products."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class _Plan(NamedTuple):
+    x: torch.Tensor  # (N, d) unit rows (queries first), float32
+    sq_norm: torch.Tensor  # (N,) float64 squared norms (1, or 0 for a zero row)
+    num_q: int
+    num_g: int
+    safe_max: torch.Tensor  # (N,) float64 max squared distance of each item (1 where it is 0)
+    s_qg: Optional[torch.Tensor]  # (Q, G) float32 x_q . x_g (store=True), turned into the result in place
+    rows: torch.Tensor  # sparse V (after the query expansion): rows, cols, float64 values
+    cols: torch.Tensor
+    vals: torch.Tensor
+    lambda_value: float
+    pair_budget: int
+
+
+def _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_precision, store):
+    """Checks the arguments and computes everything but the (Q, G) combination: the neighbour
+    lists, the maximum distances, sparse V (and with store the (Q, G) squared distances)."""
     q, g = as_tensor(q_feat, "q_feat"), as_tensor(g_feat, "g_feat")
     if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
         raise ValueError(f"q_feat and g_feat must be (Q,d) and (G,d), got {tuple(q.shape)} and {tuple(g.shape)}")
@@ -161,60 +247,129 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
         if t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
     pair_budget = as_int(pair_budget, "pair_budget", minimum=1)
+    if not isinstance(knn_precision, str) or knn_precision not in KNN_PRECISIONS:
+        raise ValueError(f"knn_precision must be one of {KNN_PRECISIONS}, got {knn_precision!r}")
     device = as_device(device) if device is not None else q.device
     if q.device != g.device:
         raise ValueError(f"q_feat and g_feat must be on one device, got {q.device} and {g.device}")
     num_q, num_g = q.shape[0], g.shape[0]
     n = num_q + num_g
     k1, k2, lambda_value = _check_params(k1, k2, lambda_value, n)
-    x = torch.cat([q.to(torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32),
-                   g.to(torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32)])
+    wide = torch.float64 if torch.float64 in (q.dtype, g.dtype) else torch.float32
+    x = torch.cat([q.to(wide), g.to(wide)])
     if not bool(torch.isfinite(x).all()):
         raise ValueError("q_feat or g_feat contains NaN or Inf")
     x = torch.nn.functional.normalize(pow2_row_scale(x).to(device, torch.float32), dim=1)
+    sq_norm = (x.double() ** 2).sum(1)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
     if num_q == 0 or num_g == 0:
-        return np.zeros((num_q, num_g), dtype=np.float32)
+        return _Plan(x, sq_norm, num_q, num_g, sq_norm, None, empty, empty, empty.double(), lambda_value,
+                     pair_budget)
 
     kk = max(k1 + 1, k2)
-    rank = nk.knn(x, kk, precision=knn_precision)
-    fwd = rank[:, :k1 + 1]
-    keep = nk.reciprocal_mask(fwd)
-    half = rank[:, :_half_k(k1) + 1]
-    keep_half = nk.reciprocal_mask(half)
-
-    sq_norm = (x.double() ** 2).sum(1)
-    col_max, od_qg = _column_max_and_query_dist(x, sq_norm, num_q)
-    rows, cols = _expansion(fwd, keep, half, keep_half)
-    d2 = _pair_sq_dist(x, sq_norm, rows, cols)
-    safe_max = torch.where(col_max > 0, col_max, torch.ones_like(col_max))  # all-zero column: od = 0
+    with _full_fp32_matmul():
+        rank = nk.knn(x, kk, precision=knn_precision)
+        max_d2, s_qg = _max_sq_dist_pass(x, sq_norm.float(), num_q, store)
+        fwd = rank[:, :k1 + 1]
+        keep = nk.reciprocal_mask(fwd)
+        half = rank[:, :_half_k(k1) + 1]
+        keep_half = nk.reciprocal_mask(half)
+        rows, cols = _expansion(fwd, keep, half, keep_half)
+        d2 = _pair_sq_dist(x, sq_norm, rows, cols)
+    safe_max = torch.where(max_d2 > 0, max_d2, torch.ones_like(max_d2))  # all-zero column: od = 0
     w = torch.exp(-d2 / safe_max[rows])
     w_sum = torch.zeros(n, dtype=torch.float64, device=device).index_add_(0, rows, w)
     vals = w / w_sum[rows]
     if k2 != 1:
         rows, cols, vals = _query_expansion(rows, cols, vals, rank[:, :k2], n)
-    final = od_qg.mul_(lambda_value)  # the only (Q, G) buffer
-    for start, stop, shared in _shared_mass(rows, cols, vals, num_q, n, pair_budget):
-        final[start:stop] += (1 - lambda_value) * (1 - shared / (2 - shared)).float()
-    return final.cpu().numpy()
+    return _Plan(x, sq_norm, num_q, num_g, safe_max, s_qg, rows, cols, vals, lambda_value, pair_budget)
 
 
-def _column_max_and_query_dist(x, sq_norm, num_q, chunk_elems=1 << 25):
-    """max_j d(i,j)^2 for every item i (= column max by symmetry) and od for query x gallery."""
-    n = x.shape[0]
-    chunk = max(1, min(2048, chunk_elems // n))
-    sq = sq_norm.float()
-    col_max = torch.empty(n, dtype=torch.float64, device=x.device)
-    od_qg = torch.empty(num_q, n - num_q, dtype=torch.float32, device=x.device)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        part = torch.addmm(sq[None], x[s:e], x.T, alpha=-2)  # |x_j|^2 - 2 x_i.x_j in the GEMM epilogue
-        col_max[s:e] = (part.amax(1) + sq[s:e]).clamp_(min=0).double()
-        if s < num_q:
-            q = min(e, num_q) - s
-            od = part[:q, num_q:].add_(sq[s:s + q, None]).clamp_(min=0)
-            top = col_max[s:s + q, None].float()
-            od_qg[s:s + q] = od.div_(torch.where(top > 0, top, torch.ones_like(top)))
-    return col_max, od_qg
+def _final_chunks(plan):
+    """Yields (start, stop, block): the finished float32 re-ranked distances of queries
+    start..stop-1 (plan.s_qg's rows turned into them in place when it is stored, else new rows)."""
+    lam, num_q = plan.lambda_value, plan.num_q
+    x, sq = plan.x, plan.sq_norm.float()
+    for start, stop, pos, shared in _shared_mass(plan.rows, plan.cols, plan.vals, num_q, num_q + plan.num_g,
+                                                 plan.pair_budget, lam < 1):
+        if plan.s_qg is not None:
+            block = torch.add(sq[None, num_q:], plan.s_qg[start:stop], alpha=-2, out=plan.s_qg[start:stop])
+        else:
+            block = torch.addmm(sq[None, num_q:], x[start:stop], x[num_q:].T, alpha=-2)
+        block.add_(sq[start:stop, None]).clamp_(min=0)  # d2; rounding below 0 for (near-)duplicates
+        scale = (lam / plan.safe_max[start:stop]).float()[:, None]
+        # lambda * od + (1 - lambda) * jaccard, jaccard = 1 where nothing is shared ...
+        torch.addcmul(torch.full((), 1 - lam, dtype=block.dtype, device=block.device), block, scale, out=block)
+        if pos is not None:  # ... and 1 - s / (2 - s) where s > 0
+            block.view(-1).index_add_(0, pos, (-(1 - lam) * shared / (2 - shared)).float())
+        yield start, stop, block
+
+
+def _stable_smallest(block, r):
+    """(indices, values) of the r smallest entries of each row, increasing, ties by column index."""
+    kth = block.topk(r, dim=1, largest=False).values[:, -1:]
+    below = block < kth
+    tied = block == kth
+    chosen = below | (tied & (tied.cumsum(dim=1) <= r - below.sum(dim=1, keepdim=True)))
+    ids = chosen.nonzero()[:, 1].view(-1, r)  # per row, in column order
+    vals = torch.gather(block, 1, ids)
+    order = torch.sort(vals, dim=1, stable=True).indices
+    return torch.gather(ids, 1, order), torch.gather(vals, 1, order)
+
+
+def _blocks(start, stop, step):
+    return [(s, min(s + step, stop)) for s in range(start, stop, step)]
+
+
+def _max_sq_dist_pass(x, sq, num_q, store, block_rows=None, tile_cols=None):
+    """(max_d2, s_qg): every item's largest squared distance to any item (itself included;
+    float64, >= 0) and, with store, the (Q, G) float32 inner products x_q . x_g (None otherwise).
+
+    One pass over the tiles I <= J of S = x x^T (queries first; a tile never straddles the
+    query/gallery border), one GEMM and two min-reductions per tile: for unit rows
+    max_j d2(i, j) = sq_i + max_j (sq_j - 2 x_i.x_j) = sq_i + 1 - 2 min_j x_i.x_j up to the
+    rounding of sq_j = 1. Zero rows (sq = 0) enter the pass as copies of a nonzero row, so the
+    minima are over the nonzero rows; their own distances (d2(i, zero) = sq_i) are added exactly."""
+    n, device = x.shape[0], x.device
+    on_gpu = device.type == "cuda"
+    rows_per_block = block_rows or (4096 if on_gpu else 512)
+    cols_per_tile = tile_cols or (32768 if on_gpu else 8192)
+    num_g = n - num_q
+    zero = sq == 0
+    s_qg = torch.empty((num_q, num_g), device=device) if store else None
+    if bool(zero.all()):  # every row zero: every distance is 0
+        return torch.zeros(n, dtype=torch.float64, device=device), (s_qg.zero_() if store else None)
+    has_zero = bool(zero.any())
+    if has_zero:
+        x = torch.where(zero[:, None], x[(~zero).nonzero()[0, 0]], x)
+    min_s = torch.full((n,), float("inf"), device=device)
+    scratch = torch.empty(rows_per_block * max(rows_per_block, cols_per_tile), device=device)
+    strip_rows = min(rows_per_block, max(1, (1 << 24) // max(1, num_g)))
+    strip = None if store or not num_q else torch.empty(min(strip_rows, num_q) * num_g, device=device)
+
+    def visit(r0, r1, c0, c1, out=None):
+        if out is None:  # a contiguous view: BLAS writes it directly
+            out = scratch[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        s = torch.mm(x[r0:r1], x[c0:c1].T, out=out)
+        torch.minimum(min_s[r0:r1], s.amin(1), out=min_s[r0:r1])
+        if c0 >= r1:  # off the diagonal: the same pairs for the column items
+            torch.minimum(min_s[c0:c1], s.amin(0), out=min_s[c0:c1])
+
+    for r0, r1 in _blocks(0, num_q, rows_per_block) + _blocks(num_q, n, rows_per_block):
+        visit(r0, r1, r0, r1)
+        for c0, c1 in _blocks(r1, num_q if r0 < num_q else n, cols_per_tile):
+            visit(r0, r1, c0, c1)
+        if r0 < num_q and num_g:  # the query x gallery strip: whole rows, one GEMM per few rows
+            for a0, a1 in _blocks(r0, r1, strip_rows):
+                out = s_qg[a0:a1] if store else strip[:(a1 - a0) * num_g].view(a1 - a0, num_g)
+                visit(a0, a1, num_q, n, out)
+    max_d2 = sq.double() + 1 - 2 * min_s.double()  # nonzero rows
+    if has_zero:
+        max_d2 = torch.where(zero, torch.ones_like(max_d2), torch.maximum(max_d2, sq.double()))
+        if store:  # the true products of zero rows
+            s_qg[zero[:num_q]] = 0
+            s_qg[:, zero[num_q:]] = 0
+    return max_d2.clamp_(min=0), s_qg
 
 
 def _pair_sq_dist(x, sq_norm, rows, cols, chunk=1 << 16):
@@ -270,11 +425,19 @@ def _query_expansion(rows, cols, vals, nbrs, n, chunk=4096):
     return torch.cat(out_r), torch.cat(out_c), torch.cat(out_v)
 
 
-def _shared_mass(rows, cols, vals, num_q, n, pair_budget):
-    """Yields (start, stop, s) with s[i, l] = sum_m min(V[start+i, m], V[num_q+l, m]) (float64)
-    for chunks of queries, each within pair_budget pairs and pair_budget entries of s."""
+def _shared_mass(rows, cols, vals, num_q, n, pair_budget, needed=True):
+    """Yields (start, stop, pos, s) for consecutive chunks of queries: pos (int64) the flat
+    positions i * G + l in the chunk's (stop - start, G) block of the (query, gallery) pairs
+    that share mass and s (float64) their sum_m min(V[start+i, m], V[num_q+l, m]); every other
+    pair shares none. Each chunk is within pair_budget pairs and pair_budget scratch entries.
+    needed=False (lambda = 1): the same chunks with pos = s = None."""
     num_g = n - num_q
     device = rows.device
+    max_rows = max(1, pair_budget // num_g)
+    if not needed:
+        for start in range(0, num_q, max_rows):
+            yield start, min(start + max_rows, num_q), None, None
+        return
     gal = rows >= num_q  # inverted index over gallery items, grouped by column m
     g_cols, order = torch.sort(cols[gal], stable=True)
     g_rows, g_vals = rows[gal][order] - num_q, vals[gal][order]
@@ -283,23 +446,28 @@ def _shared_mass(rows, cols, vals, num_q, n, pair_budget):
     q_sel = (rows < num_q).nonzero().squeeze(1)  # query entries, grouped by row
     q_rows, q_cols, q_vals = rows[q_sel], cols[q_sel], vals[q_sel]
     pairs_per_q = torch.zeros(num_q, dtype=torch.int64, device=device).index_add_(0, q_rows, col_count[q_cols])
-    max_rows = max(1, pair_budget // num_g)
     entry_ptr = torch.cumsum(torch.bincount(q_rows, minlength=num_q), 0)
+    cum_pairs = torch.cumsum(pairs_per_q, 0)
+    scratch = torch.zeros(min(max_rows, num_q) * num_g, dtype=torch.float64, device=device)
     start = 0
     while start < num_q:
         # as many queries as fit the pair budget (at least one)
-        cum = torch.cumsum(pairs_per_q[start:], 0)
-        fit = int(torch.searchsorted(cum, torch.tensor(pair_budget, device=device), right=True))
-        stop = start + min(max(1, fit), max_rows)
+        before = 0 if start == 0 else int(cum_pairs[start - 1])
+        fit = int(torch.searchsorted(cum_pairs, torch.tensor(before + pair_budget, device=device), right=True))
+        stop = min(max(start + 1, fit), start + max_rows, num_q)
         e0 = 0 if start == 0 else int(entry_ptr[start - 1])
         e1 = int(entry_ptr[stop - 1])
         r, c, v = q_rows[e0:e1], q_cols[e0:e1], q_vals[e0:e1]
         cnt = col_count[c]
         total = int(cnt.sum())
-        offs = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-        pos = torch.repeat_interleave(col_ptr[c], cnt) + offs
-        target = (torch.repeat_interleave(r, cnt) - start) * num_g + g_rows[pos]
-        shared = torch.zeros(stop - start, num_g, dtype=torch.float64, device=device)
-        shared.view(-1).index_add_(0, target, torch.minimum(torch.repeat_interleave(v, cnt), g_vals[pos]))
-        yield start, stop, shared
+        offs = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt,
+                                                                            output_size=total)
+        pos = torch.repeat_interleave(col_ptr[c], cnt, output_size=total) + offs
+        target = (torch.repeat_interleave(r, cnt, output_size=total) - start) * num_g + g_rows[pos]
+        block = scratch[:(stop - start) * num_g]
+        block.index_add_(0, target, torch.minimum(torch.repeat_interleave(v, cnt, output_size=total), g_vals[pos]))
+        touched = block.nonzero().squeeze(1)  # V > 0 on its support: shared mass > 0 exactly there
+        shared = block[touched]
+        block[touched] = 0  # the scratch is all zero again for the next chunk
+        yield start, stop, touched, shared
         start = stop
