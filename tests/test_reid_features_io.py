@@ -5,6 +5,7 @@ import io
 import logging
 import os
 import pickle
+import stat
 import tempfile
 import zipfile
 
@@ -406,3 +407,18 @@ def test_save_refusals_and_what_is_written(tmp_path):
     assert sorted(torch.load(path, weights_only=True)) == ["gf", "q_pids", "qf"]
     assert sorted(np.load(save_query_gallery(str(tmp_path / "qg.npz"), FeatureSet(feats), FeatureSet(feats))).files) \
         == ["gf", "qf"]
+
+
+def test_written_files_get_the_umask_mode_like_open(tmp_path):
+    from nformer_reid.utils.io import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        with atomic_write(str(tmp_path / "a.bin")) as fh:
+            fh.write(b"x")
+        with open(tmp_path / "b.bin", "wb") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("a.bin") == mode("b.bin") == 0o640

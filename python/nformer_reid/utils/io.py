@@ -24,6 +24,12 @@ from typing import Dict, Iterable, Iterator, Optional
 from nformer_reid.utils.errors import ReIDInputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator:
     """Open a temporary file beside `path` for writing; on a clean exit it is flushed, fsync'ed
@@ -44,6 +50,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file written with open() gets the umask's mode
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
