@@ -115,9 +115,10 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
     receives about (P-1)/P x G x (8 d + 16) bytes in two passes round the ring (counted in
     nformer_kernels.distributed.traffic() as "ring"; the final all_reduce as "scores").
     A bad argument on any rank raises its TypeError/ValueError on every rank (elsewhere prefixed
-    "on rank r: "); no query with a valid match on any rank raises ValueError on every rank;
-    skipped queries and a gallery smaller than max_rank give one RuntimeWarning per rank, with
-    the counts of all ranks. Returns (cmc, mAP) or (cmc, mAP, mINP) as evaluate_features does.
+    "on rank r: "); no query with a valid match on any rank raises ValueError on every rank.
+    Skipped queries, and a gallery smaller than max_rank, each give evaluate_features' RuntimeWarning
+    on every rank, with the counts of all ranks. Returns (cmc, mAP) or (cmc, mAP, mINP) as
+    evaluate_features does.
     """
     inputs = {}
 
