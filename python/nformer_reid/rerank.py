@@ -329,7 +329,8 @@ def _max_sq_dist_pass(x, sq, num_q, store, block_rows=None, tile_cols=None):
     query/gallery border), one GEMM and two min-reductions per tile: for unit rows
     max_j d2(i, j) = sq_i + max_j (sq_j - 2 x_i.x_j) = sq_i + 1 - 2 min_j x_i.x_j up to the
     rounding of sq_j = 1. Zero rows (sq = 0) enter the pass as copies of a nonzero row, so the
-    minima are over the nonzero rows; their own distances (d2(i, zero) = sq_i) are added exactly."""
+    minima are over the nonzero rows; their own distances (d2(i, zero) = sq_i) are added exactly.
+    A maximum within fp32 rounding of 0 is 0 (identical features)."""
     n, device = x.shape[0], x.device
     on_gpu = device.type == "cuda"
     rows_per_block = block_rows or (4096 if on_gpu else 512)
@@ -369,14 +370,18 @@ def _max_sq_dist_pass(x, sq, num_q, store, block_rows=None, tile_cols=None):
         if store:  # the true products of zero rows
             s_qg[zero[:num_q]] = 0
             s_qg[:, zero[num_q:]] = 0
-    return max_d2.clamp_(min=0), s_qg
+    # Below the rounding of an fp32 d2 of unit rows an item is at distance 0 from everything
+    # (all features identical): od = 0, as the dense version's 0/0 convention gives.
+    rounding = (x.shape[1] + 2) * 2.0 ** -22
+    return torch.where(max_d2 > rounding, max_d2, torch.zeros_like(max_d2)), s_qg
 
 
-def _pair_sq_dist(x, sq_norm, rows, cols, chunk=1 << 16):
+def _pair_sq_dist(x, sq_norm, rows, cols, chunk=1 << 13):
+    """d2(rows[p], cols[p]) in float64 from fp32 dot products (chunks small enough to stay in cache)."""
     out = torch.empty(rows.numel(), dtype=torch.float64, device=x.device)
     for s in range(0, rows.numel(), chunk):
         r, c = rows[s:s + chunk], cols[s:s + chunk]
-        dot = (x[r] * x[c]).sum(1).double()  # fp32 products: ~1e-7 error, well inside the 1e-6 contract
+        dot = torch.bmm(x[r].unsqueeze(1), x[c].unsqueeze(2)).view(-1).double()  # ~1e-7 error: inside 1e-6
         out[s:s + chunk] = (sq_norm[r] + sq_norm[c] - 2 * dot).clamp_(min=0)
     return out
 
