@@ -63,8 +63,10 @@ def _tied():
     protos = torch.randint(-1, 2, (5, 6), generator=g).float()
     protos[4] = 0  # a zero row: cosine distance 1 to everything
     nq, ng = 29, 64
-    return {"qf": protos[torch.randint(0, 5, (nq,), generator=g)], "gf": protos[torch.randint(0, 5, (ng,), generator=g)],
-            "q_pids": torch.randint(0, 4, (nq,), generator=g) * 10, "g_pids": torch.randint(0, 4, (ng,), generator=g) * 10,
+    return {"qf": protos[torch.randint(0, 5, (nq,), generator=g)],
+            "gf": protos[torch.randint(0, 5, (ng,), generator=g)],
+            "q_pids": torch.randint(0, 4, (nq,), generator=g) * 10,
+            "g_pids": torch.randint(0, 4, (ng,), generator=g) * 10,
             "q_camids": torch.randint(1, 3, (nq,), generator=g), "g_camids": torch.randint(1, 3, (ng,), generator=g)}
 
 
@@ -157,7 +159,8 @@ ERRORS = {
     "metric_on_one_rank": (lambda r, w, dev, g: _call(_clustered(), r, w, dev, g,
                                                       metric=_last(r, w, "euclidean", "cityblock")),
                            "ValueError", "metric must be 'euclidean' or 'cosine', got 'cityblock'", True),
-    "metrics_differ": (lambda r, w, dev, g: _call(_clustered(), r, w, dev, g, metric=_last(r, w, "euclidean", "cosine")),
+    "metrics_differ": (lambda r, w, dev, g: _call(_clustered(), r, w, dev, g,
+                                                  metric=_last(r, w, "euclidean", "cosine")),
                        "ValueError", "metric must be the same on every rank", False),
     "feature_dims_differ": (lambda r, w, dev, g: _call(_clustered(), r, w, dev, g, change=_last(
         r, w, None, lambda a: a.update(qf_shard=a["qf_shard"][:, 1:], gf_shard=a["gf_shard"][:, 1:]))),
@@ -196,6 +199,10 @@ def run_cases(rank, world, device, group=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out[name] = _error(lambda: run(rank, world, device, group))
+    if dist.is_initialized() and world > 1:  # a group of ranks 1.. (rank 0 outside it is refused by name)
+        sub = dist.new_group(list(range(1, world)))
+        out["subgroup"] = _error(lambda: _call(_clustered(), rank, world, device, sub)) if rank == 0 else \
+            _call(_clustered(), rank - 1, world - 1, device, sub, return_mINP=True)
     return out
 
 
@@ -264,7 +271,8 @@ def _assert_equal(got, expected, what, exact=True):
     """Equal cmc, mAP and mINP; exact=False (CUDA) allows mAP/mINP one rounding apart: CUDA's
     index_add_ adds a query's AP terms in no fixed order (in evaluate_features too)."""
     assert len(got) == len(expected), what
-    assert got[0].dtype == expected[0].dtype and np.array_equal(got[0], expected[0]), f"{what}: cmc {got[0]} != {expected[0]}"
+    assert got[0].dtype == expected[0].dtype and np.array_equal(got[0], expected[0]), \
+        f"{what}: cmc {got[0]} != {expected[0]}"
     if exact:
         assert list(got[1:]) == list(expected[1:]), f"{what}: mAP/mINP {got[1:]} != {expected[1:]}"
     else:
@@ -311,6 +319,20 @@ def test_a_bad_argument_on_one_rank_raises_on_every_rank(world, name):
     if last_rank_alone and size > 1:  # the others say where it was found
         assert all(r[name][1].startswith(f"on rank {size - 1}: ") for r in results[:-1]), results
         assert not results[-1][name][1].startswith("on rank")
+
+
+def test_a_subgroup_evaluates_its_own_shards(world):
+    """group= is honoured: ranks 1.. of the world shard the data among themselves (a group of 1 in
+    a world of 2), rank 0 is refused by name."""
+    size, results, kind = world
+    if size == 1:
+        pytest.skip("needs a second rank")
+    assert results[0]["subgroup"] == ("ValueError", "group: this process is not a member of the group")
+    data = _clustered()
+    expected = metrics.evaluate_features(data["qf"], data["gf"], *[data[k] for k in ID_NAMES], return_mINP=True,
+                                         device="cpu")
+    for rank, r in enumerate(results[1:], start=1):
+        _assert_equal(r["subgroup"], expected, f"rank {rank}", exact=not kind.startswith("nccl"))
 
 
 def test_single_process_errors_match():
