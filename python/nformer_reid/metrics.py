@@ -327,6 +327,11 @@ def _ceil_log2(n: int) -> int:
     return max(0, int(n) - 1).bit_length()
 
 
+def _scale(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """x * 2**exponent (exact barring over/underflow): one multiply where 2**exponent is a float64."""
+    return x * 2.0 ** exponent if abs(exponent) <= 1000 else ldexp(x, exponent)
+
+
 def _ldexp_rows(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """x * 2**exponent[:, None] in two factors (each finite in float64 for |exponent| <= 2046)."""
     half = torch.div(exponent, 2, rounding_mode="floor")
@@ -368,23 +373,27 @@ class _Grid:
             q = torch.round(ldexp(q / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None], self.bits))
         return q, (q * q).sum(1)
 
-    def finish(self, dot: torch.Tensor, q_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
-        """float32 distances from exact dot products and squared norms (broadcast shapes);
-        elementwise, so a block entry and the same pair computed alone have the same bits."""
-        if self.metric == "cosine":
-            return (1 - ldexp(dot, -2 * self.bits)).float().clamp_(0, 2)
-        out = ldexp((q_sq + g_sq) - 2 * dot, self.scale).float()
+    def _to_float32(self, squared: torch.Tensor) -> torch.Tensor:
+        """float32 of the exact integer squared distances times 2**scale (one rounding)."""
+        out = _scale(squared, self.scale).float()
         if self.may_overflow and out.numel() and not bool(torch.isfinite(out).all()):
             raise ValueError("squared distances between qf and gf exceed the float32 range; rescale the features "
                              "or use normalize=True")
         return out
 
     def block(self, q, q_sq, g, g_sq) -> torch.Tensor:
-        return self.finish(q @ g.T, q_sq[:, None], g_sq[None, :])
+        """float32 distances of every q row to every g row (rows and norms from `rows`)."""
+        if self.metric == "cosine":
+            return (1 - _scale(q @ g.T, -2 * self.bits)).float().clamp_(0, 2)
+        # q_sq + g_sq - 2 q.g: every partial sum is an integer below 2**53, so addmm is exact in any order
+        return self._to_float32(torch.addmm(q_sq[:, None] + g_sq[None, :], q, g.T, alpha=-2))
 
     def pairs(self, q, q_sq, g, g_sq) -> torch.Tensor:
-        """Distances of matched rows q[i] - g[i] (same bits as the block entries)."""
-        return self.finish((q * g).sum(1), q_sq, g_sq)
+        """Distances of matched rows q[i] - g[i]: the same bits as the block entries."""
+        dot = (q * g).sum(1)
+        if self.metric == "cosine":
+            return (1 - _scale(dot, -2 * self.bits)).float().clamp_(0, 2)
+        return self._to_float32((q_sq + g_sq) - 2 * dot)
 
 
 def _check_metric(metric, normalize):
@@ -464,7 +473,7 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
 
     qf (Q, d), gf (G, d): finite real features (numpy or torch); ids as for evaluate_rank.
     use_metric_cuhk03=True is refused (ValueError): CUHK03 is small, use evaluate_rank on
-    compute_distance_matrix. query_chunk (default min(Q, 4096)) and gallery_chunk (default ~4M
+    compute_distance_matrix. query_chunk (default min(Q, 4096)) and gallery_chunk (default ~2M
     distances per block) are positive ints. Runs on `device`, else on qf's device for a tensor,
     else on CUDA when available; the features are moved there chunk by chunk.
     Returns (cmc, mAP) or (cmc, mAP, mINP), as evaluate_rank.
@@ -482,7 +491,7 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
         raise ValueError(f"qf and gf must be non-empty, got shapes {tuple(qf.shape)} and {tuple(gf.shape)}")
     query_chunk = min(num_q, 4096) if query_chunk is None else as_int(query_chunk, "query_chunk", minimum=1)
     if gallery_chunk is None:
-        gallery_chunk = max(1, (1 << 22) // min(query_chunk, num_q))
+        gallery_chunk = max(1, (1 << 21) // min(query_chunk, num_q))
     gallery_chunk = as_int(gallery_chunk, "gallery_chunk", minimum=1)
     ids = {name: _as_ids(arr, name, n, device) for name, arr, n in (
         ("q_pids", q_pids, num_q), ("g_pids", g_pids, num_g), ("q_camids", q_camids, num_q),
