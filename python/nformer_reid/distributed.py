@@ -109,7 +109,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
     process group, or in a world of 1, this is evaluate_features on the shards as given. With NCCL
     the features must be CUDA tensors on every rank.
 
-    Runs on the features' device. Per rank it holds its own rows (quantised: 4 bytes per feature),
+    Runs on the features' device. Per rank it holds its own rows quantised (4 bytes per feature),
     at most two gallery blocks in flight (g_r x (4 d + 16) bytes), its queries' same-pid pairs, one
     (query_chunk x gallery_chunk) float64 tile and O(Q) floats for the final sums; it sends and
     receives about (P-1)/P x G x (8 d + 16) bytes in two passes round the ring (counted in
@@ -163,9 +163,9 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
                          f"gallery rows over {world.size} ranks")
     device, nq = world.device, qf.shape[0]
     grid = _Grid(meta["d"], metric, normalize_, max(m["peak"] for m in metas))  # as _grid_for on all rows
-    q_rows = _quantised(grid, qf, device)
-    q, q_sq = _grid_rows(q_rows)  # float64 queries, kept for the pair distances and the tiles
-    del q_rows
+    q_rows = _quantised(grid, qf, device)  # made float64 a chunk at a time
+    q_sq = torch.cat([_grid_rows(q_rows[s:s + _QUANTISE_ROWS])[1] for s in range(0, nq, _QUANTISE_ROWS)]
+                     + [q_rows.new_empty(0, dtype=torch.float64)])
     g_rows = _quantised(grid, gf, device)  # this rank's gallery block, as it travels
     offsets = world.offsets
 
@@ -179,7 +179,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
             dist = torch.empty(r.numel(), dtype=torch.float32, device=device)
             for s in range(0, r.numel(), _PAIR_ROWS):
                 rr, cc = r[s:s + _PAIR_ROWS], c[s:s + _PAIR_ROWS]
-                dist[s:s + _PAIR_ROWS] = grid.pairs(q[rr], q_sq[rr], *_grid_rows(rows_b[cc]))
+                dist[s:s + _PAIR_ROWS] = grid.pairs(q_rows[rr].double(), q_sq[rr], *_grid_rows(rows_b[cc]))
             pieces.append((r, c + offsets[owner], is_match, dropped, dist))
         except (TypeError, ValueError) as exc:  # agreed on below, once every rank has passed its blocks on
             err = exc
@@ -231,9 +231,10 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
                               for s in range(0, rows_b.shape[0], _QUANTISE_ROWS)])
             for qs in range(0, nq, query_chunk):
                 qe = min(qs + query_chunk, nq)
+                q = q_rows[qs:qe].double()
                 for gs in range(0, rows_b.shape[0], gallery_chunk):
                     ge = min(gs + gallery_chunk, rows_b.shape[0])
-                    block = grid.block(q[qs:qe], q_sq[qs:qe], rows_b[gs:ge].double(), b_sq[gs:ge])
+                    block = grid.block(q, q_sq[qs:qe], rows_b[gs:ge].double(), b_sq[gs:ge])
                     if matches is None:
                         continue
                     flat = (block <= far[qs:qe, None]).view(-1).nonzero().squeeze(1)
