@@ -5,6 +5,7 @@
   nformer-bench certified  nk.knn precision="certified" vs "exact" vs torch.mm + topk: stages, certified rows
   nformer-bench distributed  nformer_kernels.distributed on 1..P CPU processes: time, bytes, memory
   nformer-bench eval-features  Re-ID evaluation from features (no Q x G matrix): time, peak RSS
+  nformer-bench rerank  k-reciprocal re-ranking (re_ranking_sparse, --dense: vs re_ranking): time, peak RSS
   nformer-bench tune    time the Triton kernels over grids of launch configurations (GPU)
   nformer-bench check   validate nformer_kernels on a CUDA machine in one budgeted run
   nformer-bench report  README sections from result folders
@@ -22,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The parser imports no nformer_kernels: `check` rebuilds the extension from this process.
-from nformer_bench import RESULT_MARK, certified, check, distributed, knn, reid_eval, sweep, tune
+from nformer_bench import RESULT_MARK, certified, check, distributed, knn, reid_eval, rerank_bench, sweep, tune
 
 
 def version():
@@ -40,7 +41,7 @@ def _parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nformer-bench {version()}")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{run,knn,certified,distributed,eval-features,tune,check,report}")
+                                metavar="{run,knn,certified,distributed,eval-features,rerank,tune,check,report}")
     sweep.add_arguments(sub.add_parser("run", help="sweep N and write results", description=sweep.__doc__,
                                        formatter_class=argparse.RawDescriptionHelpFormatter))
     knn.add_arguments(sub.add_parser("knn", help="exact k-NN against torch and faiss", description=knn.__doc__,
@@ -54,6 +55,9 @@ def _parser():
     reid_eval.add_arguments(sub.add_parser("eval-features", help="Re-ID evaluation from features: time, peak RSS",
                                            description=reid_eval.__doc__,
                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+    rerank_bench.add_arguments(sub.add_parser("rerank", help="k-reciprocal re-ranking: time, peak RSS, speed-up",
+                                              description=rerank_bench.__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     tune.add_arguments(sub.add_parser("tune", help="Triton launch-configuration grids (GPU)",
                                       description=tune.__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -91,6 +95,8 @@ def main(argv=None):
         distributed.run(args)
     elif args.command == "eval-features":
         reid_eval.run(args)
+    elif args.command == "rerank":
+        rerank_bench.run(args)
     elif args.command == "tune":
         tune.write(tune.run(args), args.out)
     elif args.command == "check":
