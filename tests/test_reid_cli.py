@@ -47,12 +47,25 @@ def test_train_synthetic_end_to_end(trained, capsys):
     assert {"training stage 1", "training stage 2", "features", "evaluation", "re-ranking", "refinement"} <= set(timings)
 
 
-def test_eval_checkpoint_paper_mode_with_flip(trained, tmp_path, capsys):
-    main(["eval", "--data", "synthetic", "--root", os.path.join(trained, "synthetic_market"), "--out", str(tmp_path),
-          "--weights", os.path.join(trained, "model_final.pth"), "--mode", "paper", "--flip", *TINY])
+def test_eval_checkpoint_paper_mode_with_flip_and_visrank(trained, tmp_path, capsys):
+    argv = ["eval", "--data", "synthetic", "--root", os.path.join(trained, "synthetic_market"), "--out", str(tmp_path),
+            "--weights", os.path.join(trained, "model_final.pth"), "--mode", "paper", "--flip", "--visrank", "3", *TINY]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "NFormer (paper)" in out and "results on Market1501" in out
     assert set(methods(tmp_path / "results.json")) == {"backbone", "NFormer (paper)"}
+    pictures = os.listdir(tmp_path / "visrank")
+    from nformer_reid.data import Market1501
+
+    num_query = len(Market1501(os.path.join(trained, "synthetic_market"), verbose=False).query)
+    assert len(pictures) == min(100, num_query) and all(p.startswith("query") and p.endswith(".jpg") for p in pictures)
+    assert "visrank" in json.load(open(tmp_path / "results.json"))["timings"]
+    other = [a if a != str(tmp_path) else str(tmp_path / "other") for a in argv]
+    user_error(capsys, [*other, "--visrank", "100000"], "--visrank 100000 exceeds the")
+    for name in ("results.json", "cmc.png", "config.yaml"):
+        (tmp_path / name).unlink()
+    user_error(capsys, argv, "already holds visrank/ pictures from an earlier run")  # kept without --overwrite
+    assert sorted(os.listdir(tmp_path / "visrank")) == sorted(pictures)
 
 
 def test_eval_needs_exactly_one_weights_source(trained, capsys):

@@ -38,7 +38,12 @@ outputs:
   interrupted or killed run never leaves a truncated file (log.txt, appended line by line, is the
   one exception). A run refuses an --out that already holds one of the files it would write,
   naming them; --overwrite replaces them. An output never replaces one of the run's input files
-  (--weights, --resume, --query, ...): that is refused even with --overwrite.
+  (--weights, --resume, --query, --config, ...): that is refused even with --overwrite. A run with
+  an --out folder writes config.yaml there once it succeeds (its effective options: rerun with
+  --config). Checkpoints only when asked: train writes model_final.pth, and the resumable
+  stage*_last.pth with --save-model or --checkpoint-every N; features writes nformer.pth with
+  --train, stage2_last.pth with --train --save-model. refine writes the files it names (--output,
+  --save-neighbors) and no folder.
 
 exit status:
   0    success
@@ -186,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()  # console; the command adds <out>/log.txt once its checks have passed
     try:
         cfg, config_file = parse_args(argv)
-        RUNNERS[cfg.command](cfg, Invocation(["nformer-reid", *argv], config_file))
+        RUNNERS[cfg.command](cfg, Invocation(("nformer-reid", *argv), config_file))
     except ReIDInputError as exc:
         if debug:
             raise

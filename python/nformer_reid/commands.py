@@ -6,7 +6,9 @@ folder free to write: `_start_run`), then works. A user error is a ReIDInputErro
 file or option; the CLI prints it as one line (exit 2).
 
 Imports are inside the commands so that each pulls in only what it needs: train and eval the
-image pipeline (torchvision), features / demo / datasets not.
+image pipeline (torchvision), features / refine / rerank / demo / datasets not. Each runner takes
+the config and an Invocation (argv and --config file: results.json's "command", an input never
+overwritten); a run with an --out folder ends by writing its effective options to config.yaml.
 """
 import contextlib
 import dataclasses
@@ -168,13 +170,54 @@ def _evaluate_model(cfg, model, dataset, device, invocation: Invocation, timings
                               cfg.flip, device, cfg.amp) for items in (dataset.query, dataset.gallery)]
     timings = {**(timings or {}), "features": round(time.perf_counter() - started, 4)}
     (qf, q_pids, q_cams), (gf, g_pids, g_cams) = feats
+    visrank = getattr(cfg, "visrank", None)
     comparison = compare(qf, gf, (q_pids, g_pids, q_cams, g_cams),
                          nformer=None if cfg.mode == "none" else model.nformer, knn_precision=cfg.knn_precision,
                          modes=("official" if cfg.mode == "none" else cfg.mode,), rerank=cfg.rerank,
                          rerank_params=RerankParams.of(cfg), baseline="backbone", title=dataset.name,
-                         out_dir=cfg.out, seed=cfg.seed, device=device, timings=timings,
+                         out_dir=None if visrank else cfg.out, seed=cfg.seed, device=device, timings=timings,
                          run_info=invocation.run_info(cfg))
+    if visrank:
+        from nformer_reid.engine.evaluation import write_results
+        from nformer_reid.visualize import visualize_ranked_features
+
+        started = time.perf_counter()
+        methods = {"backbone": (qf, gf), **{f"NFormer ({mode})": pair for mode, pair in comparison.refined.items()}}
+        folder = os.path.join(cfg.out, VISRANK_DIR)
+        with _user_error("--visrank: "):
+            paths = visualize_ranked_features(methods, dataset.query, dataset.gallery, folder, topk=visrank)
+        comparison.timings["visrank"] = round(time.perf_counter() - started, 4)
+        logger.info("wrote %d ranked-list pictures (top %d, %s) under %s", len(paths), visrank,
+                    " / ".join(methods), folder)
+        write_results(cfg.out, comparison.results, title=dataset.name, device=device, timings=comparison.timings,
+                      run_info=invocation.run_info(cfg))
     return comparison.results
+
+
+VISRANK_DIR = "visrank"
+
+
+def _check_visrank(cfg, dataset) -> None:
+    """--visrank K: K gallery images exist, Pillow is installed, and <out>/visrank holds no earlier
+    pictures (unless --overwrite; a file of that name is refused)."""
+    if not getattr(cfg, "visrank", None):
+        return
+    from nformer_reid.utils.deps import INSTALL_HINT, MissingDependency
+
+    if cfg.visrank > len(dataset.gallery):
+        raise ReIDInputError(f"--visrank {cfg.visrank} exceeds the {len(dataset.gallery)} gallery images of "
+                             f"{dataset.name}")
+    try:
+        import PIL  # noqa: F401  (what the pictures are drawn with)
+    except ImportError:
+        raise MissingDependency(f"--visrank: Pillow is not installed; the ranked-list pictures need it: {INSTALL_HINT} "
+                                "(or: pip install pillow)") from None
+    folder = os.path.join(os.path.expanduser(cfg.out), VISRANK_DIR)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ReIDInputError(f"--out {cfg.out}: {VISRANK_DIR} is a file, but --visrank writes a folder of that name")
+    if os.path.isdir(folder) and os.listdir(folder) and not cfg.overwrite:
+        raise ReIDInputError(f"--out {cfg.out} already holds {VISRANK_DIR}/ pictures from an earlier run; pass "
+                             "--overwrite to replace them, or choose another --out")
 
 
 MODEL_FLAGS = {"num_classes": "the dataset's train identities", "arch": "--arch", "feat_dim": "--feat-dim",
@@ -315,10 +358,12 @@ def evaluate(cfg, invocation: Invocation = Invocation()):
     dataset = _parse_dataset(cfg)
     if dataset is not None:
         _check_dataset_split(cfg, dataset, topk)
+        _check_visrank(cfg, dataset)
     _start_run(cfg, ["cmc.png", "results.json"], inputs, invocation)
     if dataset is None:
         dataset = _synthetic_dataset(cfg)
         _check_dataset_split(cfg, dataset, topk)
+        _check_visrank(cfg, dataset)
     results = _evaluate_model(cfg, model, dataset, device, invocation)
     _finish_run(cfg)
     return results

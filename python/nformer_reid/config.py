@@ -152,10 +152,11 @@ RERANK_HELP = "also report k-reciprocal re-ranking (parameters: --rerank-k1, --r
 @dataclass(frozen=True)
 class RerankOptions:
     """k-reciprocal re-ranking parameters (Zhong et al. 2017; defaults: the paper's Market-1501 values)."""
-    rerank_k1: int = option(20, "re-ranking k1: the k of the k-reciprocal neighbour sets", at_least(1))
-    rerank_k2: int = option(6, "re-ranking k2: neighbours of the local query expansion (1: none)", at_least(1))
+    rerank_k1: int = option(20, "re-ranking k1: the k of the k-reciprocal neighbour sets", at_least(1), metavar="K1")
+    rerank_k2: int = option(6, "re-ranking k2: neighbours of the local query expansion (1: none)", at_least(1),
+                            metavar="K2")
     rerank_lambda: float = option(0.3, "re-ranking lambda: weight of the original distance against the Jaccard "
-                                       "distance, in [0, 1]", unit_interval)
+                                       "distance, in [0, 1]", unit_interval, metavar="LAMBDA")
 
 
 @dataclass(frozen=True)
@@ -213,16 +214,20 @@ class EvalConfig(Validated, KnnOptions, EvalOptions, RunOptions, DataOptions):
 
     weights: Optional[str] = option(None, "nformer-reid checkpoint", type=str)
     official: Optional[str] = option(None, "official NFormer release file nformer_model.pth", type=str)
+    visrank: Optional[int] = option(None, "also draw ranked lists: each query (up to 100, spread over the query list) "
+                                          "with its K nearest gallery images, before and after NFormer, under "
+                                          "<out>/visrank/ (needs Pillow)", at_least(1), type=int, metavar="K")
 
 
 FEATURE_FILE_HELP = (".pt / .pth (dict), .npz archive or .npy (features only) with feats (N,d), pids (N,), "
                      "camids (N,)")
 
-# `features --train` on a 2-core CPU in minutes (see the README's table per device class); the
-# official recipe (--seq-len 7000 --nformer-batch 2 --nformer-steps 2000 --nformer-lr 1e-5) stays
-# reachable by options.
-FEATURES_STEPS = 300
-FEATURES_SEQ_LEN = 1000
+# `features --train` on a 2-core CPU in minutes: a step of 2 x 512 features (2048-d projected to
+# a 256-d, 4-block NFormer) costs about 1.9 CPU-seconds there, so 200 steps take 3-6 minutes (see
+# the README's table per device class). The official recipe (--seq-len 7000 --nformer-batch 2
+# --nformer-steps 2000 --nformer-lr 1e-5) stays reachable by options.
+FEATURES_STEPS = 200
+FEATURES_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -314,10 +319,12 @@ class RerankConfig(Validated, KnnOptions):
     gallery: Optional[str] = option(None, "gallery features, same layout as --query", type=str)
     features: Optional[str] = option(None, "query and gallery in one file (torchreid layout: qf, q_pids, q_camids, "
                                            "gf, g_pids, g_camids), instead of --query / --gallery", type=str)
-    rerank_k1: int = option(20, "k1: the k of the k-reciprocal neighbour sets", at_least(1), aliases=("k1",))
-    rerank_k2: int = option(6, "k2: neighbours of the local query expansion (1: none)", at_least(1), aliases=("k2",))
+    rerank_k1: int = option(20, "k1: the k of the k-reciprocal neighbour sets", at_least(1), aliases=("k1",),
+                            metavar="K1")
+    rerank_k2: int = option(6, "k2: neighbours of the local query expansion (1: none)", at_least(1),
+                            aliases=("k2",), metavar="K2")
     rerank_lambda: float = option(0.3, "lambda: weight of the original distance against the Jaccard distance, in "
-                                       "[0, 1]", unit_interval, aliases=("lambda",))
+                                       "[0, 1]", unit_interval, aliases=("lambda",), metavar="LAMBDA")
     save_distmat: bool = flag("write the re-ranked (Q, G) distances to <out>/distmat.npy (float32)")
     save_ranks: Optional[int] = option(None, "write the R nearest gallery indices of each query after re-ranking to "
                                              "<out>/ranks.npy ((Q, R) int64)", at_least(1), type=int, metavar="R")

@@ -47,10 +47,11 @@ def run_demo(config: DemoConfig = DemoConfig(), run_info: Optional[Mapping] = No
                 q.feats.shape[0], g.feats.shape[0], benchmark["dim"], nk.get_backend("cpu"))
     nformer = nk.NFormer(dim=benchmark["dim"], num_classes=benchmark["num_train_ids"],
                          knn_precision=config.knn_precision, **DEMO_NFORMER)
+    started = time.time()
     history = train_nformer(nformer, bench.train.feats, bench.train.pids, out_dir=config.out, steps=config.steps,
                             seq_len=config.seq_len, batch_size=2, lr=config.lr, seed=config.seed, amp="none",
                             device=config.device, log_period=max(1, config.steps // 4), save_last=False)
-    timings["training"] = round(time.time() - start, 4)
+    timings["training"] = round(time.time() - started, 4)
     results = compare(q.feats, g.feats, (q.pids, g.pids, q.camids, g.camids), nformer=nformer,
                       modes=("official", "paper"), rerank=not config.no_rerank, baseline="baseline",
                       title="synthetic benchmark, test identities unseen in training", out_dir=config.out,

@@ -25,7 +25,7 @@ from nformer_reid.utils.io import load_torch, save_torch
 KINDS = ("ReIDModel", "NFormer")
 # config keys that change the shapes or the number of the weights
 ARCHITECTURE_KEYS = ("num_classes", "arch", "feat_dim", "last_stride", "nformer_depth", "nformer_heads",
-                     "nformer_ffn_dim", "dim", "depth", "num_heads", "ffn_dim")
+                     "nformer_ffn_dim", "dim", "in_dim", "depth", "num_heads", "ffn_dim")
 
 
 def _non_finite(state: Mapping[str, torch.Tensor]):
