@@ -617,9 +617,10 @@ def nformer_forward(model: NFormer, x_shard: torch.Tensor,
 
     Puts the model in eval mode (as model.eval() does) and runs without autograd. x_shard:
     (n_local, model.in_dim), projected by the model's input_proj (if any) on its own rank before
-    the neighbour search, as model.forward does; the output is (n_local, model.dim). landmarks: (depth, l) int64 global positions, or a list of per-block
-    sets, the same on every rank; None draws them on rank 0 as model.forward draws them (from
-    `generator`, rank 0's, or the global RNG; among non-query rows) and sends them to every rank.
+    the neighbour search, as model.forward does; the output is (n_local, model.dim). landmarks:
+    (depth, l) int64 global positions, or a list of per-block sets, the same on every rank; None
+    draws them on rank 0 as model.forward draws them (from `generator`, rank 0's, or the global
+    RNG; among non-query rows) and sends them to every rank.
     query_mask: bool (n_local,). Neighbours (neighbor_source "input" or "affinity") come from
     knn/reciprocal_mask over all ranks; each block then fetches the R and v rows of its rows'
     neighbours from their owners (a plan built once per neighbour graph) and runs the fused ops
