@@ -332,13 +332,6 @@ def _scale(x: torch.Tensor, exponent: int) -> torch.Tensor:
     return x * 2.0 ** exponent if abs(exponent) <= 1000 else ldexp(x, exponent)
 
 
-def _ldexp_rows(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """x * 2**exponent[:, None] in two factors (each finite in float64 for |exponent| <= 2046)."""
-    half = torch.div(exponent, 2, rounding_mode="floor")
-    one = torch.ones(exponent.shape, dtype=x.dtype, device=x.device)
-    return x * torch.ldexp(one, half)[:, None] * torch.ldexp(one, exponent - half)[:, None]
-
-
 class _Grid:
     """Distances on an integer grid: rows are quantised to integers of at most `bits` bits (exact
     in float64), so a dot product of two rows, by BLAS or elementwise, is an exact float64 integer
@@ -361,21 +354,29 @@ class _Grid:
         self.may_overflow = not self.unit and self.scale + 2 + _ceil_log2(dim) + 2 * self.bits >= 127
 
     def rows(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(integer-valued float64 rows, their exact squared norms) of a chunk of feature rows."""
-        x = x.double()
+        """(integer-valued float64 rows, their exact squared norms) of a chunk of feature rows
+        (never modifies x; in-place work on one float64 copy)."""
+        x = x.to(dtype=torch.float64, copy=True)
         if not self.unit:
-            q = torch.round(ldexp(x, self.bits - self.exponent))
+            half = (self.bits - self.exponent) // 2  # in two factors: each is a finite float64
+            x.mul_(2.0 ** half).mul_(2.0 ** (self.bits - self.exponent - half)).round_()
         else:
             peak = x.abs().amax(1) if x.shape[1] else x.new_zeros(x.shape[0])
-            exp = torch.frexp(peak).exponent.to(torch.int64)
-            q = torch.round(_ldexp_rows(x, self.norm_bits - exp))
-            norm = torch.sqrt((q * q).sum(1))
-            q = torch.round(ldexp(q / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None], self.bits))
-        return q, (q * q).sum(1)
+            exp = self.norm_bits - torch.frexp(peak).exponent.to(torch.int64)
+            half = torch.div(exp, 2, rounding_mode="floor")
+            one = torch.ones(exp.shape, dtype=x.dtype, device=x.device)
+            x.mul_(torch.ldexp(one, half)[:, None]).mul_(torch.ldexp(one, exp - half)[:, None]).round_()
+            norm = torch.sqrt((x * x).sum(1))  # exact sum of integer squares, one rounding
+            x.div_(torch.where(norm > 0, norm, torch.ones_like(norm))[:, None]).mul_(2.0 ** self.bits).round_()
+        return x, (x * x).sum(1)
 
     def _to_float32(self, squared: torch.Tensor) -> torch.Tensor:
         """float32 of the exact integer squared distances times 2**scale (one rounding)."""
-        out = _scale(squared, self.scale).float()
+        if abs(self.scale) <= 1000:  # scale and round to float32 in one pass (computed in float64)
+            out = torch.mul(squared, 2.0 ** self.scale, out=torch.empty(squared.shape, dtype=torch.float32,
+                                                                        device=squared.device))
+        else:
+            out = _scale(squared, self.scale).float()
         if self.may_overflow and out.numel() and not bool(torch.isfinite(out).all()):
             raise ValueError("squared distances between qf and gf exceed the float32 range; rescale the features "
                              "or use normalize=True")
@@ -502,11 +503,20 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
     s_row, s_col, s_match, s_drop = _same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
                                                       ids["g_camids"])
     s_dist = torch.empty(s_row.numel(), dtype=torch.float32, device=device)
-    for s in range(0, s_row.numel(), 1 << 14):
-        r, c = s_row[s:s + (1 << 14)], s_col[s:s + (1 << 14)]
-        q, q_sq = grid.rows(qf[r.to(qf.device)].to(device))
-        g, g_sq = grid.rows(gf[c.to(gf.device)].to(device))
-        s_dist[s:s + (1 << 14)] = grid.pairs(q, q_sq, g, g_sq)
+    s_end = torch.cumsum(torch.bincount(s_row, minlength=num_q), 0).tolist()  # pairs are grouped by query
+    for qs in range(0, num_q, query_chunk):
+        qe = min(qs + query_chunk, num_q)
+        lo, hi = (s_end[qs - 1] if qs else 0), s_end[qe - 1]
+        if lo == hi:
+            continue
+        q, q_sq = grid.rows(qf[qs:qe].to(device))
+        by_col = torch.argsort(s_col[lo:hi], stable=True) + lo  # a gallery row is prepared ~once per chunk
+        for s in range(0, hi - lo, 1 << 14):
+            idx = by_col[s:s + (1 << 14)]
+            r = s_row[idx] - qs
+            cols, at = torch.unique(s_col[idx], return_inverse=True)
+            g, g_sq = grid.rows(gf[cols.to(gf.device)].to(device))
+            s_dist[idx] = grid.pairs(q[r], q_sq[r], g[at], g_sq[at])
     matches = _Matches(s_row, s_col, s_match, s_drop, s_dist, num_q, torch.float32, "evaluate_features")
     m_row, m_col, m_dist = matches.row, matches.col, matches.dist
     m_keys = _row_key(m_row, m_dist)  # sorted: matches are in (query, distance, gallery index) order
