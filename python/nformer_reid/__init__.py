@@ -5,9 +5,10 @@ backbone, the two-stage training recipe, evaluation (CMC/mAP), k-reciprocal re-r
 `nformer-reid` command line. Uses only the public API of nformer_kernels. The image pipeline
 (backbone, loaders) needs torchvision: pip install nformer_kernels[reid].
 
-Layout: config (every default), data/, model, losses, solver, neighborhood, metrics, rerank,
-plotting, engine/ (training stages, evaluation, checkpoints), demo, commands, cli, utils/ (logging,
-optional dependencies). Library calls log to the "nformer_reid" logger and print nothing unless
+Layout: config (every default), data/ (datasets, feature files), interop (features from torchreid
+and fast-reid models), model, losses, solver, neighborhood, metrics, rerank, distributed
+(evaluation over ranks), plotting, visualize (ranked-list pictures), engine/ (training stages,
+evaluation, checkpoints), demo, commands, cli, utils/ (logging, optional dependencies). Library calls log to the "nformer_reid" logger and print nothing unless
 logging is configured (nformer_reid.utils.setup_logging, which the CLI calls).
 
 Bad input raises ValueError / TypeError naming the argument; user errors of files and options
@@ -18,12 +19,12 @@ that the CLI prints as one line (exit status 2). Every file is written atomicall
 import logging
 
 from nformer_kernels import __version__
-from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
+from nformer_reid.metrics import compute_distance_matrix, evaluate_features, evaluate_rank
 from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking, re_ranking_sparse
 from nformer_reid.utils.errors import ReIDInputError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet unless the application configures logging
 
-__all__ = ["ReIDInputError", "__version__", "compute_distance_matrix", "evaluate_rank", "plot_cmc", "re_ranking",
-           "re_ranking_sparse"]
+__all__ = ["ReIDInputError", "__version__", "compute_distance_matrix", "evaluate_features", "evaluate_rank",
+           "plot_cmc", "re_ranking", "re_ranking_sparse"]

@@ -70,35 +70,49 @@ PROGRESS_LOG_SECONDS = 30.0
 _progress_logger = logging.getLogger(ROOT_LOGGER + ".progress")
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class LogProgress:
     """The non-terminal stand-in of a tqdm bar: iterates, keeps set_postfix values, and logs
-    "<desc>: i/total (p%) key=value ..." at most every `interval` seconds (none for short loops)."""
+    "<desc>: i/total (p%) elapsed H:MM:SS eta H:MM:SS key=value ..." at most every `interval`
+    seconds (none for short loops). initial/total as tqdm's: the count starts at `initial` (items
+    done before), of `total` (default initial + len(iterable)); the ETA is the remaining items at
+    the rate of this loop's own items."""
 
-    def __init__(self, iterable: Iterable, desc: str, interval: float = None):
-        self.iterable, self.desc = iterable, desc
+    def __init__(self, iterable: Iterable, desc: str, interval: float = None, initial: int = 0,
+                 total: Optional[int] = None):
+        self.iterable, self.desc, self.initial = iterable, desc, initial
         self.interval = PROGRESS_LOG_SECONDS if interval is None else interval
-        try:
-            self.total = len(iterable)
-        except TypeError:
-            self.total = None
+        if total is None:
+            try:
+                total = initial + len(iterable)
+            except TypeError:
+                total = None
+        self.total = total
         self.postfix = {}
 
     def set_postfix(self, **kwargs) -> None:
         self.postfix = kwargs
 
-    def _line(self, done: int) -> str:
+    def _line(self, done: int, elapsed: float) -> str:
         count = f"{done}/{self.total} ({100 * done / self.total:.0f}%)" if self.total else f"{done}"
+        timing = f"elapsed {_clock(elapsed)}"
+        if self.total and done > self.initial:
+            timing += f" eta {_clock(elapsed / (done - self.initial) * max(0, self.total - done))}"
         extra = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-        return f"{self.desc}: {count}" + (f" {extra}" if extra else "")
+        return f"{self.desc}: {count} {timing}" + (f" {extra}" if extra else "")
 
     def __iter__(self):
-        last = time.monotonic()
-        for done, item in enumerate(self.iterable, 1):
+        start = last = time.monotonic()
+        for done, item in enumerate(self.iterable, self.initial + 1):
             yield item
             now = time.monotonic()
             if now - last >= self.interval:
                 last = now
-                _progress_logger.info("%s", self._line(done))
+                _progress_logger.info("%s", self._line(done, now - start))
 
     def close(self) -> None:
         pass
@@ -114,5 +128,5 @@ def progress(iterable: Iterable, desc: str, **kwargs):
     except (AttributeError, ValueError):  # no stream, or a closed one
         interactive = False
     if not interactive:
-        return LogProgress(iterable, desc)
+        return LogProgress(iterable, desc, initial=kwargs.get("initial", 0), total=kwargs.get("total"))
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, file=stream, **kwargs)
