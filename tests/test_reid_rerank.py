@@ -181,12 +181,13 @@ def test_max_distance_pass_matches_brute_force_over_many_tiles(num_q, block_rows
     x = torch.nn.functional.normalize(torch.randn(27, 6, generator=torch.Generator().manual_seed(num_q)), dim=1)
     x[[3, 20]] = 0  # zero rows: d2(i, zero) = |x_i|^2, not 2 - 2 cos
     sq = (x.double() ** 2).sum(1)
-    max_d2, s_qg = _max_sq_dist_pass(x, sq.float(), num_q, True, block_rows, tile_cols)
+    max_d2, t_qg = _max_sq_dist_pass(x, sq.float(), num_q, True, block_rows, tile_cols)
     torch.testing.assert_close(max_d2, brute_max_sq_dist(x), rtol=0, atol=1e-6)
-    torch.testing.assert_close(s_qg, x[:num_q] @ x[num_q:].T, rtol=0, atol=1e-6)
+    want = sq[None, num_q:] - 2 * x[:num_q].double() @ x[num_q:].double().T  # d2 = sq_i + t
+    torch.testing.assert_close(t_qg.double(), want, rtol=0, atol=1e-6)
     zeros = torch.zeros(9, 6)
-    max_d2, s_qg = _max_sq_dist_pass(zeros, zeros[:, 0], 4, True)
-    assert not max_d2.any() and not s_qg.any()
+    max_d2, t_qg = _max_sq_dist_pass(zeros, zeros[:, 0], 4, True)
+    assert not max_d2.any() and not t_qg.any()
 
 
 def stable_top(full, r):
@@ -220,7 +221,15 @@ def test_sparse_chunks_stream_the_full_result():
 
     qf, gf, _, _, _ = clustered_features(4, 11, 30)
     full = re_ranking_sparse(qf, gf, 5, 3, 0.3)
-    chunks = list(re_ranking_sparse_chunks(qf, gf, 5, 3, 0.3, pair_budget=65))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        chunks = []
+        for chunk in re_ranking_sparse_chunks(qf, gf, 5, 3, 0.3, pair_budget=65):
+            assert torch.get_float32_matmul_precision() == "high"  # the caller's setting between slices
+            chunks.append(chunk)
+    finally:
+        torch.set_float32_matmul_precision(previous)
     assert chunks[0][0] == 0 and chunks[-1][1] == 11 and len(chunks) >= 6  # at most 65 // 30 rows each
     assert all(c[1] == n[0] and 1 <= c[1] - c[0] <= 2 for c, n in zip(chunks, chunks[1:]))
     np.testing.assert_allclose(np.concatenate([c[2] for c in chunks]), full, rtol=0, atol=1e-6)

@@ -175,12 +175,12 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
                     store=topk is None)
     num_q, num_g = plan.num_q, plan.num_g
     if topk is None:
-        if plan.s_qg is None:  # no queries or no gallery items
+        if plan.t_qg is None:  # no queries or no gallery items
             return np.zeros((num_q, num_g), dtype=np.float32)
         with _full_fp32_matmul():
             for _ in _final_chunks(plan):
-                pass  # each chunk is finished in place in plan.s_qg
-        return plan.s_qg.cpu().numpy()
+                pass  # each chunk is finished in place in plan.t_qg
+        return plan.t_qg.cpu().numpy()
     r = min(topk, num_g)
     idx = np.zeros((num_q, r), dtype=np.int64)
     dist = np.zeros((num_q, r), dtype=np.float32)
@@ -207,9 +207,15 @@ def re_ranking_sparse_chunks(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_v
         yield 0, plan.num_q, np.zeros((plan.num_q, 0), dtype=np.float32)
     if plan.num_q == 0 or plan.num_g == 0:
         return
-    with _full_fp32_matmul():
-        for start, stop, block in _final_chunks(plan):
-            yield start, stop, block.cpu().numpy()
+    chunks = _final_chunks(plan)
+    while True:
+        with _full_fp32_matmul():  # only while a slice is computed, not while the caller holds it
+            item = next(chunks, None)
+            if item is None:
+                return
+            start, stop, block = item
+            rows = block.cpu().numpy()
+        yield start, stop, rows
 
 
 @contextlib.contextmanager
@@ -229,7 +235,7 @@ class _Plan(NamedTuple):
     num_q: int
     num_g: int
     safe_max: torch.Tensor  # (N,) float64 max squared distance of each item (1 where it is 0)
-    s_qg: Optional[torch.Tensor]  # (Q, G) float32 x_q . x_g (store=True), turned into the result in place
+    t_qg: Optional[torch.Tensor]  # (Q, G) float32 sq_g - 2 x_q . x_g (store=True), turned into the result in place
     rows: torch.Tensor  # sparse V (after the query expansion): rows, cols, float64 values
     cols: torch.Tensor
     vals: torch.Tensor
@@ -269,7 +275,7 @@ def _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_prec
     kk = max(k1 + 1, k2)
     with _full_fp32_matmul():
         rank = nk.knn(x, kk, precision=knn_precision)
-        max_d2, s_qg = _max_sq_dist_pass(x, sq_norm.float(), num_q, store)
+        max_d2, t_qg = _max_sq_dist_pass(x, sq_norm.float(), num_q, store)
         fwd = rank[:, :k1 + 1]
         keep = nk.reciprocal_mask(fwd)
         half = rank[:, :_half_k(k1) + 1]
@@ -282,24 +288,26 @@ def _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_prec
     vals = w / w_sum[rows]
     if k2 != 1:
         rows, cols, vals = _query_expansion(rows, cols, vals, rank[:, :k2], n)
-    return _Plan(x, sq_norm, num_q, num_g, safe_max, s_qg, rows, cols, vals, lambda_value, pair_budget)
+    return _Plan(x, sq_norm, num_q, num_g, safe_max, t_qg, rows, cols, vals, lambda_value, pair_budget)
 
 
 def _final_chunks(plan):
     """Yields (start, stop, block): the finished float32 re-ranked distances of queries
-    start..stop-1 (plan.s_qg's rows turned into them in place when it is stored, else new rows)."""
+    start..stop-1 (plan.t_qg's rows turned into them in place when it is stored, else new rows)."""
     lam, num_q = plan.lambda_value, plan.num_q
     x, sq = plan.x, plan.sq_norm.float()
     for start, stop, pos, shared in _shared_mass(plan.rows, plan.cols, plan.vals, num_q, num_q + plan.num_g,
                                                  plan.pair_budget, lam < 1):
-        if plan.s_qg is not None:
-            block = torch.add(sq[None, num_q:], plan.s_qg[start:stop], alpha=-2, out=plan.s_qg[start:stop])
+        if plan.t_qg is not None:
+            block = plan.t_qg[start:stop]
         else:
             block = torch.addmm(sq[None, num_q:], x[start:stop], x[num_q:].T, alpha=-2)
-        block.add_(sq[start:stop, None]).clamp_(min=0)  # d2; rounding below 0 for (near-)duplicates
-        scale = (lam / plan.safe_max[start:stop]).float()[:, None]
-        # lambda * od + (1 - lambda) * jaccard, jaccard = 1 where nothing is shared ...
-        torch.addcmul(torch.full((), 1 - lam, dtype=block.dtype, device=block.device), block, scale, out=block)
+        torch.maximum(block, -sq[start:stop, None], out=block)  # d2 >= 0: rounding of (near-)duplicates
+        # lambda * od + (1 - lambda) * jaccard, od = (sq_i + block) / max_d2_i, jaccard = 1 where
+        # nothing is shared ...
+        scale = lam / plan.safe_max[start:stop]
+        offset = (scale * plan.sq_norm[start:stop] + (1 - lam)).float()[:, None]
+        torch.addcmul(offset, block, scale.float()[:, None], out=block)
         if pos is not None:  # ... and 1 - s / (2 - s) where s > 0
             block.view(-1).index_add_(0, pos, (-(1 - lam) * shared / (2 - shared)).float())
         yield start, stop, block
@@ -322,36 +330,40 @@ def _blocks(start, stop, step):
 
 
 def _max_sq_dist_pass(x, sq, num_q, store, block_rows=None, tile_cols=None):
-    """(max_d2, s_qg): every item's largest squared distance to any item (itself included;
-    float64, >= 0) and, with store, the (Q, G) float32 inner products x_q . x_g (None otherwise).
+    """(max_d2, t_qg): every item's largest squared distance to any item (itself included;
+    float64, >= 0) and, with store, the (Q, G) float32 t_qg[i, j] = sq_j - 2 x_i.x_j, so that
+    d2 = sq_i + t_qg[i, j] (None otherwise).
 
-    One pass over the tiles I <= J of S = x x^T (queries first; a tile never straddles the
-    query/gallery border), one GEMM and two min-reductions per tile: for unit rows
+    One pass over the tiles I <= J of x x^T (queries first; a tile never straddles the
+    query/gallery border), one GEMM and two reductions per tile: for unit rows
     max_j d2(i, j) = sq_i + max_j (sq_j - 2 x_i.x_j) = sq_i + 1 - 2 min_j x_i.x_j up to the
-    rounding of sq_j = 1. Zero rows (sq = 0) enter the pass as copies of a nonzero row, so the
-    minima are over the nonzero rows; their own distances (d2(i, zero) = sq_i) are added exactly.
-    A maximum within fp32 rounding of 0 is 0 (identical features)."""
+    rounding of sq_j = 1 (the query x gallery strip computes sq_j - 2 x_i.x_j itself, in the GEMM,
+    as the result needs it). Zero rows (sq = 0) enter the pass as copies of a nonzero row, so the
+    extremes are over the nonzero rows; their own distances (d2(i, zero) = sq_i) are added
+    exactly. A maximum within fp32 rounding of 0 is 0 (identical features)."""
     n, device = x.shape[0], x.device
     on_gpu = device.type == "cuda"
-    rows_per_block = block_rows or (4096 if on_gpu else 512)
-    cols_per_tile = tile_cols or (32768 if on_gpu else 8192)
+    rows_per_block = block_rows or 2048  # large GEMMs: fewer calls, near the BLAS peak on 2 cores
+    cols_per_tile = tile_cols or (32768 if on_gpu else 4096)
     num_g = n - num_q
     zero = sq == 0
-    s_qg = torch.empty((num_q, num_g), device=device) if store else None
+    t_qg = torch.empty((num_q, num_g), device=device) if store else None
     if bool(zero.all()):  # every row zero: every distance is 0
-        return torch.zeros(n, dtype=torch.float64, device=device), (s_qg.zero_() if store else None)
+        return torch.zeros(n, dtype=torch.float64, device=device), (t_qg.zero_() if store else None)
     has_zero = bool(zero.any())
+    real_sq = sq
     if has_zero:
-        x = torch.where(zero[:, None], x[(~zero).nonzero()[0, 0]], x)
-    min_s = torch.full((n,), float("inf"), device=device)
+        first = (~zero).nonzero()[0, 0]
+        x = torch.where(zero[:, None], x[first], x)
+        sq = torch.where(zero, sq[first], sq)
+    min_s = torch.full((n,), float("inf"), device=device)  # min_j x_i.x_j over the plain tiles
+    max_t = torch.full((n,), float("-inf"), device=device)  # max_j sq_j - 2 x_i.x_j over the strip
     scratch = torch.empty(rows_per_block * max(rows_per_block, cols_per_tile), device=device)
-    strip_rows = min(rows_per_block, max(1, (1 << 24) // max(1, num_g)))
+    strip_rows = rows_per_block if store else min(rows_per_block, max(1, (1 << 24) // max(1, num_g)))
     strip = None if store or not num_q else torch.empty(min(strip_rows, num_q) * num_g, device=device)
 
-    def visit(r0, r1, c0, c1, out=None):
-        if out is None:  # a contiguous view: BLAS writes it directly
-            out = scratch[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-        s = torch.mm(x[r0:r1], x[c0:c1].T, out=out)
+    def visit(r0, r1, c0, c1):
+        s = torch.mm(x[r0:r1], x[c0:c1].T, out=scratch[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
         torch.minimum(min_s[r0:r1], s.amin(1), out=min_s[r0:r1])
         if c0 >= r1:  # off the diagonal: the same pairs for the column items
             torch.minimum(min_s[c0:c1], s.amin(0), out=min_s[c0:c1])
@@ -360,20 +372,22 @@ def _max_sq_dist_pass(x, sq, num_q, store, block_rows=None, tile_cols=None):
         visit(r0, r1, r0, r1)
         for c0, c1 in _blocks(r1, num_q if r0 < num_q else n, cols_per_tile):
             visit(r0, r1, c0, c1)
-        if r0 < num_q and num_g:  # the query x gallery strip: whole rows, one GEMM per few rows
+        if r0 < num_q and num_g:  # the query x gallery strip: whole rows, one GEMM per block
             for a0, a1 in _blocks(r0, r1, strip_rows):
-                out = s_qg[a0:a1] if store else strip[:(a1 - a0) * num_g].view(a1 - a0, num_g)
-                visit(a0, a1, num_q, n, out)
-    max_d2 = sq.double() + 1 - 2 * min_s.double()  # nonzero rows
+                out = t_qg[a0:a1] if store else strip[:(a1 - a0) * num_g].view(a1 - a0, num_g)
+                t = torch.addmm(sq[None, num_q:], x[a0:a1], x[num_q:].T, alpha=-2, out=out)
+                torch.maximum(max_t[a0:a1], t.amax(1), out=max_t[a0:a1])
+                torch.maximum(max_t[num_q:], t.amax(0), out=max_t[num_q:])
+    max_d2 = sq.double() + torch.maximum(1 - 2 * min_s.double(), max_t.double())
     if has_zero:
         max_d2 = torch.where(zero, torch.ones_like(max_d2), torch.maximum(max_d2, sq.double()))
-        if store:  # the true products of zero rows
-            s_qg[zero[:num_q]] = 0
-            s_qg[:, zero[num_q:]] = 0
+        if store:  # the true values of zero rows: x_i.x_j = 0
+            t_qg[zero[:num_q]] = real_sq[None, num_q:]
+            t_qg[:, zero[num_q:]] = 0
     # Below the rounding of an fp32 d2 of unit rows an item is at distance 0 from everything
     # (all features identical): od = 0, as the dense version's 0/0 convention gives.
     rounding = (x.shape[1] + 2) * 2.0 ** -22
-    return torch.where(max_d2 > rounding, max_d2, torch.zeros_like(max_d2)), s_qg
+    return torch.where(max_d2 > rounding, max_d2, torch.zeros_like(max_d2)), t_qg
 
 
 def _pair_sq_dist(x, sq_norm, rows, cols, chunk=1 << 13):
@@ -465,12 +479,15 @@ def _shared_mass(rows, cols, vals, num_q, n, pair_budget, needed=True):
         r, c, v = q_rows[e0:e1], q_cols[e0:e1], q_vals[e0:e1]
         cnt = col_count[c]
         total = int(cnt.sum())
-        offs = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt,
-                                                                            output_size=total)
-        pos = torch.repeat_interleave(col_ptr[c], cnt, output_size=total) + offs
-        target = (torch.repeat_interleave(r, cnt, output_size=total) - start) * num_g + g_rows[pos]
+        # pair p of entry e: gallery entry col_ptr[c_e] + (p - first pair of e)
+        pos = torch.repeat_interleave(col_ptr[c] - (torch.cumsum(cnt, 0) - cnt), cnt, output_size=total)
+        pos += torch.arange(total, device=device)
+        target = torch.repeat_interleave((r - start) * num_g, cnt, output_size=total)
+        target += g_rows[pos]
+        mins = torch.repeat_interleave(v, cnt, output_size=total)
+        torch.minimum(mins, g_vals[pos], out=mins)
         block = scratch[:(stop - start) * num_g]
-        block.index_add_(0, target, torch.minimum(torch.repeat_interleave(v, cnt, output_size=total), g_vals[pos]))
+        block.index_add_(0, target, mins)
         touched = block.nonzero().squeeze(1)  # V > 0 on its support: shared mass > 0 exactly there
         shared = block[touched]
         block[touched] = 0  # the scratch is all zero again for the next chunk
