@@ -44,7 +44,8 @@ def test_train_synthetic_end_to_end(trained, capsys):
     assert set(results) == {"backbone", "backbone + re-ranking", "NFormer (official)", "NFormer + re-ranking"}
     assert all(0 <= r["mAP"] <= 1 and 0 <= r["R1"] <= r["R5"] <= r["R10"] <= 1 for r in results.values())
     timings = json.load(open(os.path.join(trained, "results.json")))["timings"]
-    assert {"training stage 1", "training stage 2", "features", "evaluation", "re-ranking", "refinement"} <= set(timings)
+    assert {"training stage 1", "training stage 2", "features", "evaluation", "re-ranking",
+            "refinement"} <= set(timings)
 
 
 def test_eval_checkpoint_paper_mode_with_flip_and_visrank(trained, tmp_path, capsys):
@@ -168,4 +169,5 @@ def test_features_bad_input(tmp_path, capsys):
     torch.save({"feats": torch.randn(5, 32), "pids": torch.arange(5)}, tmp_path / "bad.pt")
     user_error(capsys, ["features", "--query", str(tmp_path / "bad.pt"), "--gallery", paths["gallery"], "--train",
                         paths["train"], "--out", str(tmp_path / "o")], "query file .*missing camids")
-    user_error(capsys, ["features", *common, "--weights", paths["train"]], "not an NFormer saved by 'nformer-reid features --train'")
+    user_error(capsys, ["features", *common, "--weights", paths["train"]],
+               "not an NFormer saved by 'nformer-reid features --train'")

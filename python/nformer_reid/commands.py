@@ -608,7 +608,9 @@ def top_ranks(dist: np.ndarray, r: int, chunk: int = 1024) -> np.ndarray:
 
 def rerank_command(cfg, invocation: Invocation = Invocation()):
     """`nformer-reid rerank`: exact k-reciprocal re-ranking of query x gallery features; the
-    distances / ranks written when asked, CMC / mAP when the files hold pids and camids."""
+    distances / ranks written when asked, CMC / mAP when the files hold pids and camids. Returns
+    the (Q, G) re-ranked distances, or (indices, distances) of the --save-ranks R nearest when only
+    those are written (then the (Q, G) matrix is never built)."""
     from nformer_reid.engine import RerankParams, score, score_distances
     from nformer_reid.engine.evaluation import write_results
     from nformer_reid.rerank import re_ranking_sparse
@@ -619,7 +621,8 @@ def rerank_command(cfg, invocation: Invocation = Invocation()):
     query, gallery, where = _load_query_gallery(cfg, labels=False)
     timings = {"features": round(time.perf_counter() - started, 4)}
     sets = {"query": query, "gallery": gallery}
-    missing = [f"{side} {name}" for side, fs in sets.items() for name in ("pids", "camids") if getattr(fs, name) is None]
+    missing = [f"{side} {name}" for side, fs in sets.items() for name in ("pids", "camids")
+               if getattr(fs, name) is None]
     labelled = not missing
     if not labelled and not (cfg.save_distmat or cfg.save_ranks):
         raise ReIDInputError(f"{where} holds no labels to score ({', '.join(missing)} missing): give --save-distmat "
@@ -637,11 +640,18 @@ def rerank_command(cfg, invocation: Invocation = Invocation()):
         logger.info("%s: no %s: writing the re-ranked outputs without scores", where, ", ".join(missing))
     params = RerankParams.of(cfg)
     started = time.perf_counter()
-    dist = re_ranking_sparse(query.feats, gallery.feats, params.k1, params.k2, params.lambda_value, device=device,
-                             knn_precision=cfg.knn_precision)
+    # only the ranks asked for: the R nearest per query, never the (Q, G) matrix
+    ranks_only = not labelled and not cfg.save_distmat
+    got = re_ranking_sparse(query.feats, gallery.feats, params.k1, params.k2, params.lambda_value, device=device,
+                            knn_precision=cfg.knn_precision, topk=cfg.save_ranks if ranks_only else None)
     timings["re-ranking"] = round(time.perf_counter() - started, 4)
     logger.info("re-ranked %d query x %d gallery (k1 %d, k2 %d, lambda %g) in %.1f s", num_q, num_g, params.k1,
                 params.k2, params.lambda_value, timings["re-ranking"])
+    if ranks_only:
+        logger.info("wrote %s", _save_array(os.path.join(cfg.out, "ranks.npy"), got[0]))
+        _finish_run(cfg)
+        return got
+    dist = got
     if cfg.save_distmat:
         logger.info("wrote %s", _save_array(os.path.join(cfg.out, "distmat.npy"), dist))
     if cfg.save_ranks:
