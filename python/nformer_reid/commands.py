@@ -175,7 +175,7 @@ def _evaluate_model(cfg, model, dataset, device, invocation: Invocation, timings
                          nformer=None if cfg.mode == "none" else model.nformer, knn_precision=cfg.knn_precision,
                          modes=("official" if cfg.mode == "none" else cfg.mode,), rerank=cfg.rerank,
                          rerank_params=RerankParams.of(cfg), baseline="backbone", title=dataset.name,
-                         out_dir=None if visrank else cfg.out, seed=cfg.seed, device=device, timings=timings,
+                         out_dir=cfg.out, seed=cfg.seed, device=device, timings=timings,
                          run_info=invocation.run_info(cfg))
     if visrank:
         from nformer_reid.engine.evaluation import write_results
@@ -189,6 +189,7 @@ def _evaluate_model(cfg, model, dataset, device, invocation: Invocation, timings
         comparison.timings["visrank"] = round(time.perf_counter() - started, 4)
         logger.info("wrote %d ranked-list pictures (top %d, %s) under %s", len(paths), visrank,
                     " / ".join(methods), folder)
+        # results.json again, now with the pictures' time (written first: a failed drawing loses no score)
         write_results(cfg.out, comparison.results, title=dataset.name, device=device, timings=comparison.timings,
                       run_info=invocation.run_info(cfg))
     return comparison.results
