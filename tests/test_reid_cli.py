@@ -69,6 +69,16 @@ def test_eval_checkpoint_paper_mode_with_flip_and_visrank(trained, tmp_path, cap
     assert sorted(os.listdir(tmp_path / "visrank")) == sorted(pictures)
 
 
+def test_resume_from_the_checkpoint_save_model_wrote(trained, tmp_path):
+    out = tmp_path / "resumed"
+    assert main(["train", "--data", "synthetic", "--root", os.path.join(trained, "synthetic_market"), "--stage", "1",
+                 "--epochs", "2", "--resume", os.path.join(trained, "stage1_last.pth"), "--save-model", "--out",
+                 str(out), *TINY]) == 0
+    from nformer_reid.engine import load_checkpoint
+
+    assert load_checkpoint(str(out / "stage1_last.pth"))["epoch"] == 2  # continued from epoch 1
+
+
 def test_eval_needs_exactly_one_weights_source(trained, capsys):
     user_error(capsys, ["eval", "--data", "synthetic", "--out", trained, *TINY], "exactly one")
 
