@@ -459,12 +459,18 @@ def _shared_mass(rows, cols, vals, num_q, n, pair_budget, needed=True):
         return
     gal = rows >= num_q  # inverted index over gallery items, grouped by column m
     g_cols, order = torch.sort(cols[gal], stable=True)
-    g_rows, g_vals = rows[gal][order] - num_q, vals[gal][order]
+    # int32 positions where they fit: half the memory traffic of the pair arrays below
+    small = max(order.numel(), min(max_rows, num_q) * num_g) < 2 ** 31
+    index_type = torch.int32 if small else torch.int64
+    g_rows, g_vals = (rows[gal][order] - num_q).to(index_type), vals[gal][order]
     col_count = torch.bincount(g_cols, minlength=n)
-    col_ptr = torch.cumsum(col_count, 0) - col_count
+    del g_cols, order
+    col_ptr = (torch.cumsum(col_count, 0) - col_count).to(index_type)
+    col_count = col_count.to(index_type)
     q_sel = (rows < num_q).nonzero().squeeze(1)  # query entries, grouped by row
     q_rows, q_cols, q_vals = rows[q_sel], cols[q_sel], vals[q_sel]
-    pairs_per_q = torch.zeros(num_q, dtype=torch.int64, device=device).index_add_(0, q_rows, col_count[q_cols])
+    pairs_per_q = torch.zeros(num_q, dtype=torch.int64, device=device).index_add_(0, q_rows,
+                                                                                  col_count[q_cols].long())
     entry_ptr = torch.cumsum(torch.bincount(q_rows, minlength=num_q), 0)
     cum_pairs = torch.cumsum(pairs_per_q, 0)
     scratch = torch.zeros(min(max_rows, num_q) * num_g, dtype=torch.float64, device=device)
@@ -480,9 +486,10 @@ def _shared_mass(rows, cols, vals, num_q, n, pair_budget, needed=True):
         cnt = col_count[c]
         total = int(cnt.sum())
         # pair p of entry e: gallery entry col_ptr[c_e] + (p - first pair of e)
-        pos = torch.repeat_interleave(col_ptr[c] - (torch.cumsum(cnt, 0) - cnt), cnt, output_size=total)
-        pos += torch.arange(total, device=device)
-        target = torch.repeat_interleave((r - start) * num_g, cnt, output_size=total)
+        first = torch.cumsum(cnt, 0, dtype=index_type) - cnt
+        pos = torch.repeat_interleave(col_ptr[c] - first, cnt, output_size=total)
+        pos += torch.arange(total, dtype=index_type, device=device)
+        target = torch.repeat_interleave(((r - start) * num_g).to(index_type), cnt, output_size=total)
         target += g_rows[pos]
         mins = torch.repeat_interleave(v, cnt, output_size=total)
         torch.minimum(mins, g_vals[pos], out=mins)
