@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nformer_reid.plotting import plot_cmc  # noqa: F401  (public name of this module)
-from nformer_reid.utils.checks import as_device, as_features, as_int, as_tensor, ldexp
+from nformer_reid.utils.checks import as_device, as_int, as_tensor, ldexp
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
@@ -403,17 +403,37 @@ def _check_metric(metric, normalize):
     return _as_bool(normalize, "normalize")
 
 
-def _peak(x: torch.Tensor, chunk: int = 1 << 16) -> float:
+def _row_chunk(x: torch.Tensor) -> int:
+    return max(1, (1 << 22) // max(1, x.shape[1]))  # ~4M elements per temporary
+
+
+def _peak(x: torch.Tensor) -> float:
     """max |x| without a full-size temporary."""
-    peak = 0.0
-    for s in range(0, x.shape[0], chunk):
+    peak, step = 0.0, _row_chunk(x)
+    for s in range(0, x.shape[0], step):
         if x.shape[1]:
-            peak = max(peak, float(x[s:s + chunk].abs().max()))
+            peak = max(peak, float(x[s:s + step].abs().max()))
     return peak
 
 
+def _features(x, name: str) -> torch.Tensor:
+    """A 2-D real feature matrix as a tensor (as utils.checks.as_features, but the finite check runs
+    in row chunks and integers stay integers: no temporary of the features' size)."""
+    t = as_tensor(x, name)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, d), got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        step = _row_chunk(t)
+        for s in range(0, t.shape[0], step):
+            if not bool(torch.isfinite(t[s:s + step]).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+    return t
+
+
 def _check_features(qf, gf):
-    qf, gf = as_features(qf, "qf"), as_features(gf, "gf")
+    qf, gf = _features(qf, "qf"), _features(gf, "gf")
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"qf and gf must be (Q,d) and (G,d), got {tuple(qf.shape)} and {tuple(gf.shape)}")
     return qf, gf
