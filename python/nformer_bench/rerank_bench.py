@@ -167,9 +167,14 @@ def run(args):
         print(f"nformer-bench rerank: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     base = {"dim": args.dim, "k1": args.k1, "k2": args.k2, "lambda_value": args.lambda_value, "threads": args.threads}
+    import torch
+
+    from nformer_bench.environment import environment
+
     result = {"command": "nformer-bench " + " ".join(getattr(args, "argv", ["rerank"])),
               "timestamp": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
-              "loadavg_start": list(os.getloadavg()), "rows": [], "dense_comparison": None}
+              "environment": environment(torch.device(args.device)), "loadavg_start": list(os.getloadavg()),
+              "rows": [], "dense_comparison": None}
     print(f"k-reciprocal re-ranking, d={args.dim} k1={args.k1} k2={args.k2} lambda={args.lambda_value}"
           f"{f' topk={args.topk}' if args.topk else ''}; each call in a fresh process; load average "
           f"{result['loadavg_start'][0]:.2f} on {os.cpu_count()} cores")
@@ -195,6 +200,7 @@ def run(args):
                 result["dense_comparison"] = {**size, "speedup": speedup, "max_abs_difference": diff}
                 print(f"  re_ranking_sparse is {speedup:.1f}x faster than re_ranking at {args.dense_queries} x "
                       f"{args.dense_gallery}; largest difference {diff:.2e}")
+    result["loadavg_end"] = list(os.getloadavg())
     if args.out is not None:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
