@@ -27,7 +27,7 @@ import sys
 from typing import List, Optional
 
 import nformer_kernels as nk
-from nformer_reid.commands import RUNNERS, Invocation
+from nformer_reid.commands import RUNNERS, Invocation, check_launch
 from nformer_reid.config import COMMANDS, OPTION_KEYS, SYNTHETIC, check_values, make_config
 from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.utils.logging import reset_logging, setup_logging
@@ -191,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()  # console; the command adds <out>/log.txt once its checks have passed
     try:
         cfg, config_file = parse_args(argv)
+        check_launch(cfg)
         RUNNERS[cfg.command](cfg, Invocation(("nformer-reid", *argv), config_file))
     except ReIDInputError as exc:
         if debug:

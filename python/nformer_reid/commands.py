@@ -462,9 +462,18 @@ def _new_nformer(cfg, dim: int, num_classes: int) -> Tuple[nk.NFormer, dict]:
 
 
 def features(cfg, invocation: Invocation = Invocation()):
+    """`nformer-reid features`: NFormer on precomputed query / gallery features (trained on --train,
+    or from --weights / --official), scored before and after; returns the results by method. With
+    --distributed (under torchrun, --weights / --official) the joint query + gallery rows are
+    sharded across the ranks (each reads the files whole and keeps its contiguous share), refined
+    by nformer_kernels.distributed.nformer_forward and scored by evaluate_features_distributed:
+    the single process's numbers; rank 0 writes the outputs."""
     from nformer_reid.data import FeatureSet, load_features, save_query_gallery
     from nformer_reid.engine import RerankParams, compare, save_checkpoint, train_nformer
     from nformer_reid.plotting import plot_losses
+
+    if cfg.distributed:
+        return _features_distributed(cfg, invocation)
 
     if sum(bool(a) for a in (cfg.train, cfg.weights, cfg.official)) != 1:
         raise ReIDInputError("give exactly one of --train (train a new NFormer), --weights or --official")
@@ -513,6 +522,99 @@ def features(cfg, invocation: Invocation = Invocation()):
     return comparison.results
 
 
+def _gather_rows(rows: torch.Tensor, counts, ranks: "_Ranks") -> torch.Tensor:
+    """Every rank's rows (counts[r] of them on rank r) in rank order, on every rank (CPU)."""
+    import torch.distributed as dist
+
+    width = max(counts)
+    padded = rows.new_zeros((width, *rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded, device=ranks.device) for _ in counts]
+    dist.all_gather(parts, padded.to(ranks.device))
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, counts)])
+
+
+def _features_distributed(cfg, invocation: Invocation):
+    """`features --distributed`: the NFormer over the joint query + gallery rows and the scores,
+    sharded across the torchrun ranks (see features)."""
+    from nformer_reid.data import FeatureSet, save_query_gallery
+    from nformer_reid.engine import format_result
+    from nformer_reid.engine.evaluation import refine_shard, score_distributed, write_results
+
+    if cfg.train:
+        raise ReIDInputError("--train with --distributed: train the NFormer in one process first (nformer-reid features "
+                             "--train ...), then refine and score with --weights <out>/nformer.pth --distributed")
+    if cfg.rerank:
+        raise ReIDInputError("--rerank with --distributed: k-reciprocal re-ranking needs every query and gallery "
+                             "feature in one process; run --rerank without --distributed")
+    if sum(bool(a) for a in (cfg.weights, cfg.official)) != 1:
+        raise ReIDInputError("give exactly one of --weights or --official (with --distributed; --train runs in one "
+                             "process)")
+    with _process_group(cfg) as ranks:
+        def prepare():  # every rank reads the files whole and keeps its share of the rows
+            inputs = _input_files(cfg, ("query", "gallery", "features", "weights", "official"))
+            started = time.perf_counter()
+            query, gallery, where = _load_query_gallery(cfg, labels=True)
+            seconds = time.perf_counter() - started
+            nformer = _load_nformer(cfg)
+            _check_width(nformer, query.feats.shape[1], cfg.weights or cfg.official, where)
+            _check_test_split(cfg, query.pids, gallery.pids, query.camids, gallery.camids, where, nformer.topk)
+            return inputs, query, gallery, nformer, seconds
+
+        inputs, query, gallery, nformer, seconds = _agree(prepare, ranks)
+        timings = {"features": round(seconds, 4)}
+        _main_only(lambda: _start_run(cfg, _features_outputs(cfg), inputs, invocation), ranks)
+        num_q, num_g, dim = query.feats.shape[0], gallery.feats.shape[0], query.feats.shape[1]
+        # One split of the joint query + gallery rows: the rows of rank r are contiguous in it, so
+        # its queries and its gallery rows are contiguous blocks in rank order too, as
+        # evaluate_features_distributed takes them.
+        start, stop = ranks.rows(num_q + num_g)
+        q_rows, g_rows = slice(min(start, num_q), min(stop, num_q)), slice(max(start, num_q) - num_q,
+                                                                            max(stop, num_q) - num_q)
+        joint = torch.cat([query.feats[q_rows], gallery.feats[g_rows]])
+        mask = None
+        if cfg.mode == "paper":
+            mask = torch.arange(start, stop) < num_q
+        ids = [t.to(ranks.device) for t in (query.pids[q_rows], gallery.pids[g_rows], query.camids[q_rows],
+                                            gallery.camids[g_rows])]
+        clock = time.perf_counter()
+        results = {"input features": score_distributed(query.feats[q_rows].to(ranks.device),
+                                                       gallery.feats[g_rows].to(ranks.device), *ids)}
+        evaluation = time.perf_counter() - clock
+        clock = time.perf_counter()
+        with _user_error(f"--mode {cfg.mode}: "):
+            refined = refine_shard(nformer, joint, seed=cfg.seed, device=ranks.device, query_mask=mask)
+        timings["refinement"] = {cfg.mode: round(time.perf_counter() - clock, 4)}
+        logger.info("NFormer (%s) refined %d features on %d processes (%s) in %.1f s", cfg.mode, num_q + num_g,
+                    ranks.size, ranks.device.type, timings["refinement"][cfg.mode])
+        local_q = q_rows.stop - q_rows.start
+        clock = time.perf_counter()
+        results[f"NFormer ({cfg.mode})"] = score_distributed(refined[:local_q].to(ranks.device),
+                                                             refined[local_q:].to(ranks.device), *ids)
+        timings["evaluation"] = round(evaluation + time.perf_counter() - clock, 4)
+        counts = [b - a for a, b in (_Ranks(r, ranks.size, ranks.device).rows(num_q + num_g)
+                                     for r in range(ranks.size))]
+        everything = _gather_rows(refined, counts, ranks)
+        title = f"{dim}-d precomputed features"
+        run_info = {**invocation.run_info(cfg),
+                    "distributed": {"processes": ranks.size, "backend": "nccl" if ranks.device.type == "cuda"
+                                    else "gloo"}}
+
+        def write():
+            logger.info("results on %s (%d query / %d gallery, %d processes):", title, num_q, num_g, ranks.size)
+            for name, res in results.items():
+                logger.info("  %s", format_result(name, res))
+            write_results(cfg.out, results, title=title, device=ranks.device, timings=timings, run_info=run_info)
+            path = os.path.join(cfg.out, "refined_features.pt")
+            save_query_gallery(path, FeatureSet(everything[:num_q], query.pids, query.camids),
+                               FeatureSet(everything[num_q:], gallery.pids, gallery.camids))
+            logger.info("wrote %s (query and gallery with their pids / camids: reload it with --features)", path)
+            _finish_run(cfg)
+
+        _main_only(write, ranks)
+        return results
+
+
 def _check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Optional[str]], overwrite: bool) -> None:
     """For runs that write named files (not an --out folder): each output ({option: path}) is no
     folder, under a folder that can be created, not one of the inputs ({option: path}: refused even
@@ -558,9 +660,14 @@ def _save_array(path: str, array) -> str:
 
 
 def refine_command(cfg, invocation: Invocation = Invocation()):
-    """`nformer-reid refine`: one set of features through an NFormer, no labels needed."""
+    """`nformer-reid refine`: one set of features through an NFormer, no labels needed. With
+    --distributed (under torchrun) each rank refines its contiguous share of the rows and writes
+    them into the one .npy --output (the single process's result); returns this rank's rows."""
     from nformer_reid.data import FeatureSet, load_features, save_features
     from nformer_reid.engine import refine
+
+    if cfg.distributed:
+        return _refine_distributed(cfg, invocation)
 
     _check_suffix("--output", cfg.output, FEATURE_SUFFIXES)
     _check_suffix("--save-neighbors", cfg.save_neighbors, (".npy", ".pt", ".pth"))
@@ -590,6 +697,312 @@ def refine_command(cfg, invocation: Invocation = Invocation()):
         _save_array(cfg.save_neighbors, neighbours.numpy())
         logger.info("wrote %s ((%d, %d) neighbour indices, self first)", cfg.save_neighbors, *neighbours.shape)
     return refined
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DISTRIBUTED_COMMANDS = ("refine", "features")  # the commands that take --distributed
+
+
+def _launch_hint(command: str) -> str:
+    return f"`torchrun --nproc-per-node P -m nformer_reid {command} --distributed ...`"
+
+
+def _torchrun_env(command: str) -> Optional[Tuple[int, int, int]]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) when every variable torchrun sets is present, None when none
+    is; ReIDInputError for a partial, non-integer or out-of-range environment."""
+    present = [name for name in TORCHRUN_ENV if os.environ.get(name)]
+    if not present:
+        return None
+    missing = [name for name in TORCHRUN_ENV if name not in present]
+    if missing:
+        raise ReIDInputError(f"torchrun's environment is incomplete ({', '.join(present)} set, {', '.join(missing)} "
+                             f"not): launch with {_launch_hint(command)}")
+    values = []
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        try:
+            values.append(int(os.environ[name]))
+        except ValueError:
+            raise ReIDInputError(f"environment variable {name}={os.environ[name]!r} is not an integer (torchrun "
+                                 f"sets it): launch with {_launch_hint(command)}") from None
+    rank, world, local_rank = values
+    if world < 1 or not 0 <= rank < world or not 0 <= local_rank < world:
+        raise ReIDInputError(f"torchrun's environment is out of range: RANK={rank}, LOCAL_RANK={local_rank}, "
+                             f"WORLD_SIZE={world}")
+    return rank, world, local_rank
+
+
+def check_launch(cfg) -> None:
+    """How the command was started fits its options: --distributed needs torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); under torchrun with more than one
+    process a command without --distributed is refused (every rank would run all of it and write
+    the same files). A torchrun world of one without --distributed is the single process.
+    ReIDInputError otherwise; the checks read only the environment, so every rank fails alike."""
+    distributed = bool(getattr(cfg, "distributed", False))
+    env = _torchrun_env(cfg.command)
+    if distributed and env is None:
+        raise ReIDInputError(f"--distributed: this process was not started by torchrun ({', '.join(TORCHRUN_ENV)} "
+                             f"not set): launch with {_launch_hint(cfg.command)}")
+    if env is not None and env[1] > 1 and not distributed:
+        if cfg.command in DISTRIBUTED_COMMANDS:
+            raise ReIDInputError(f"torchrun started {env[1]} processes but --distributed was not given: add "
+                                 f"--distributed to shard {cfg.command} over them, or run it without torchrun")
+        raise ReIDInputError(f"{cfg.command} runs in one process, but torchrun started {env[1]}: run it without "
+                             f"torchrun (--distributed is an option of {' and '.join(DISTRIBUTED_COMMANDS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranks:
+    """This process's place in the torchrun world: rank, world size and the device it computes on."""
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, total: int) -> Tuple[int, int]:
+        """This rank's contiguous share [start, stop) of `total` rows: in rank order, as even as
+        possible (the first total % size ranks one row more; ranks beyond total rows get none)."""
+        base, extra = divmod(total, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+
+def _rank_device(cfg, local_rank: int) -> torch.device:
+    """auto: CUDA when available; CUDA ranks use cuda:LOCAL_RANK (an explicit other index is refused)."""
+    name = str(cfg.device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        with _user_error("--device: "):
+            named = torch.device(name)
+        if named.index is not None and named.index != local_rank:
+            raise ReIDInputError(f"--device {cfg.device}: under torchrun each rank uses cuda:LOCAL_RANK (cuda:"
+                                 f"{local_rank} here); pass --device cuda")
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_rank >= found:
+            raise ReIDInputError(f"--device {cfg.device}: LOCAL_RANK={local_rank} needs GPU {local_rank}, this node has "
+                                 f"{found} (start at most that many processes per node, or use --device cpu)")
+        name = f"cuda:{local_rank}"
+    with _user_error():
+        return as_device(name, "--device")
+
+
+@contextlib.contextmanager
+def _process_group(cfg):
+    """The torchrun world of a --distributed run: the default process group from torchrun's
+    environment (gloo for CPU ranks, NCCL for CUDA ones, with the --dist-timeout on its start and
+    every collective), console logging at WARNING on ranks other than 0, the group destroyed at
+    the end. A group already initialised (a caller's) is used if its rank and size are torchrun's."""
+    import datetime
+
+    import torch.distributed as dist
+
+    check_launch(cfg)
+    rank, world, local_rank = _torchrun_env(cfg.command)
+    device = _rank_device(cfg, local_rank)
+    owned = not dist.is_initialized()
+    if not owned:
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+            raise ReIDInputError(f"a process group of {dist.get_world_size()} processes (this one rank "
+                                 f"{dist.get_rank()}) is already initialised, but torchrun's environment says "
+                                 f"WORLD_SIZE={world} (RANK={rank})")
+    else:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        except dist.DistError as exc:
+            raise ReIDInputError(f"--distributed: the {world} processes of WORLD_SIZE={world} did not all join "
+                                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within --dist-timeout "
+                                 f"{cfg.dist_timeout:g} s ({' '.join(str(exc).split())[:200]}); start every rank "
+                                 f"with {_launch_hint(cfg.command)}") from None
+    if rank:
+        _rank_logging(rank)
+    try:
+        yield _Ranks(rank, world, device)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _RankPrefix(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record):
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _rank_logging(rank: int) -> None:
+    """Ranks other than 0 log WARNING and above to the console, prefixed with their rank (rank 0
+    logs as a single process does, and alone writes files)."""
+    for handler in setup_logging(None, logging.WARNING).handlers:
+        if not any(isinstance(f, _RankPrefix) for f in handler.filters):
+            handler.addFilter(_RankPrefix(rank))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _agree_all(step, ranks: _Ranks, share=lambda result: None):
+    """Run step() on every rank and compare the outcomes before anything else is communicated
+    (nformer_kernels.distributed.gather_checked): when it raised on any rank, every rank raises
+    (its own exception where it failed; elsewhere ReIDInputError "on rank r: ..." for a user error,
+    RuntimeError for any other), so no rank is left waiting in a later collective. Returns
+    (this rank's result, [share(result) of every rank], pickled: keep it small)."""
+    from nformer_kernels import distributed as nkd
+
+    result, failure = None, None
+    try:
+        result = step()
+    except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
+        failure = exc
+    mine = (("user" if isinstance(failure, ReIDInputError) else type(failure).__name__), _one_line(failure)) \
+        if failure is not None else None
+    _, metas = nkd.gather_checked(lambda: (0, ranks.device, (mine, None if failure else share(result))))
+    for r, (error, _) in enumerate(metas):
+        if error is None:
+            continue
+        if failure is not None:
+            raise failure
+        kind, text = error
+        if kind == "user":
+            raise ReIDInputError(f"on rank {r}: {text}")
+        raise RuntimeError(f"rank {r} failed ({kind}): {text}")
+    return result, [m[1] for m in metas]
+
+
+def _agree(step, ranks: _Ranks):
+    """step() run on every rank, its failure on any rank raised on all (see _agree_all)."""
+    return _agree_all(step, ranks)[0]
+
+
+def _main_only(step, ranks: _Ranks):
+    """step() on rank 0 (writing files), its failure raised on every rank; None elsewhere."""
+    return _agree(step if ranks.main else (lambda: None), ranks)
+
+
+def _write_rows_npy(path: str, rows: np.ndarray, total: int, start: int, ranks: _Ranks) -> str:
+    """Every rank's rows into one .npy file of `total` rows, atomically: rank 0 creates it with its
+    header (numpy.lib.format.open_memmap) under a temporary name beside `path`, every rank writes
+    its rows [start, start + len(rows)) through a memory map and syncs them, and once all have,
+    rank 0 renames it to `path`. A failure on any rank removes the temporary file on all of them,
+    leaving `path` as it was. The folder must be one every rank sees (a shared filesystem)."""
+    import tempfile
+
+    from nformer_reid.utils.io import _umask
+
+    path = os.path.expanduser(os.fspath(path))
+    shape, dtype = (total, *rows.shape[1:]), rows.dtype
+
+    def create():
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+            os.close(fd)
+        except OSError as exc:
+            raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        try:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return tmp
+
+    tmp = _agree_all(create if ranks.main else (lambda: None), ranks, share=lambda made: made)[1][0]
+
+    def fill():
+        if not os.path.isfile(tmp):
+            raise ReIDInputError(f"cannot write {path}: rank 0's file {tmp} is not visible here (every rank must see "
+                                 "the output's folder: a shared filesystem)")
+        if rows.shape[0]:
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="r+")
+                out[start:start + rows.shape[0]] = rows
+                out.flush()
+                del out
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    def rename():
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file written with open() gets the umask's mode
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    try:
+        _agree(fill, ranks)
+        _main_only(rename, ranks)
+    except BaseException:
+        if ranks.main:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+    return path
+
+
+def _refine_distributed(cfg, invocation: Invocation):
+    """`refine --distributed`: every rank refines its contiguous share of the rows (see refine_command)."""
+    from nformer_reid.data import count_feature_rows, load_feature_rows, load_features
+    from nformer_reid.engine.evaluation import refine_shard
+
+    with _process_group(cfg) as ranks:
+        def prepare():
+            for option, path in (("--output", cfg.output), ("--save-neighbors", cfg.save_neighbors)):
+                if path and not str(path).lower().endswith(".npy"):
+                    raise ReIDInputError(f"{option} {path}: with --distributed the output is a .npy file (every rank "
+                                         "writes its rows into it)")
+            inputs = {**_input_files(cfg, ("input", "weights", "official")), "--config": invocation.config_file}
+            _check_output_files({"--output": cfg.output, "--save-neighbors": cfg.save_neighbors}, inputs,
+                                cfg.overwrite)
+            if str(cfg.input).lower().endswith(".npy"):  # only this rank's rows, through a memory map
+                total = count_feature_rows(cfg.input, "--input")
+                start, stop = ranks.rows(total)
+                part = load_feature_rows(cfg.input, start, stop, "--input") if stop > start else None
+                shard = part.feats if part is not None else \
+                    torch.empty((0, load_feature_rows(cfg.input, 0, 1, "--input").feats.shape[1]))
+                labelled = []
+            else:  # other formats are read whole on every rank, each keeping its share
+                feats = load_features(cfg.input, "--input", need_pids=False, need_camids=False)
+                total = feats.feats.shape[0]
+                start, stop = ranks.rows(total)
+                shard = feats.feats[start:stop]
+                labelled = [name for name in ("pids", "camids") if getattr(feats, name) is not None]
+            nformer = _load_nformer(cfg)
+            _check_width(nformer, shard.shape[1], cfg.weights or cfg.official, f"the features of --input {cfg.input}")
+            return shard, total, start, labelled, nformer
+
+        shard, total, start, labelled, nformer = _agree(prepare, ranks)
+        started = time.perf_counter()
+        with _user_error(f"--input {cfg.input}: "):
+            got = refine_shard(nformer, shard, seed=cfg.seed, device=ranks.device,
+                               neighbors=bool(cfg.save_neighbors))
+        refined, neighbours = got if cfg.save_neighbors else (got, None)
+        logger.info("NFormer refined %d features (%d-d -> %d-d) on %d processes (%s) in %.1f s", total,
+                    shard.shape[1], refined.shape[1], ranks.size, ranks.device.type, time.perf_counter() - started)
+        if labelled:
+            logger.warning("--output %s: .npy holds the features only; the %s of --input are not written",
+                           cfg.output, " and ".join(labelled))
+        _write_rows_npy(cfg.output, refined.numpy(), total, start, ranks)
+        logger.info("wrote %s", cfg.output)
+        if neighbours is not None:
+            _write_rows_npy(cfg.save_neighbors, neighbours.numpy(), total, start, ranks)
+            logger.info("wrote %s ((%d, %d) neighbour indices, global rows, self first)", cfg.save_neighbors, total,
+                        neighbours.shape[1])
+        return refined
 
 
 def _rerank_outputs(cfg, labelled: bool):

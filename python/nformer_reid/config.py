@@ -146,6 +146,20 @@ class RunOptions:
     overwrite: bool = flag("replace the outputs of an earlier run in --out (refused without it)")
 
 
+DEFAULT_DIST_TIMEOUT = 1800.0  # seconds: torch.distributed's own default (30 minutes)
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """Runs sharded over the processes torchrun starts (RANK / WORLD_SIZE / ... in the environment)."""
+    distributed: bool = flag("shard the run over the processes torchrun starts (torchrun --nproc-per-node P -m "
+                             "nformer_reid <command> --distributed ...): each rank holds a contiguous share of the "
+                             "rows; CPU ranks over gloo, CUDA ranks (cuda:LOCAL_RANK) over NCCL")
+    dist_timeout: float = option(DEFAULT_DIST_TIMEOUT, "with --distributed: seconds a rank waits for the others (the "
+                                                       "process group's start, each collective) before failing",
+                                 positive_finite, metavar="S")
+
+
 RERANK_HELP = "also report k-reciprocal re-ranking (parameters: --rerank-k1, --rerank-k2, --rerank-lambda)"
 
 
@@ -249,7 +263,8 @@ class NFormerFileOptions:
 
 
 @dataclass(frozen=True)
-class FeaturesConfig(Validated, KnnOptions, RerankOptions, RunOptions, NFormerTrainingOptions, NFormerFileOptions):
+class FeaturesConfig(Validated, DistributedOptions, KnnOptions, RerankOptions, RunOptions, NFormerTrainingOptions,
+                     NFormerFileOptions):
     command: ClassVar[str] = "features"
     summary: ClassVar[str] = ("NFormer on precomputed features (e.g. dumped from torchreid or fast-reid): train it "
                               "on --train and/or evaluate query/gallery")
@@ -287,7 +302,7 @@ def check_query_gallery(cfg) -> None:
 
 
 @dataclass(frozen=True)
-class RefineConfig(Validated, KnnOptions, NFormerFileOptions):
+class RefineConfig(Validated, DistributedOptions, KnnOptions, NFormerFileOptions):
     command: ClassVar[str] = "refine"
     summary: ClassVar[str] = ("refine one set of features with an NFormer, no labels needed (e.g. a deployment "
                               "gallery): --input FILE --output FILE with --weights or --official")
@@ -461,13 +476,18 @@ def make_config(cls, values: Mapping[str, Any], source: str = "options", flags: 
     return cls(**values)
 
 
+RUN_POLICIES = ("overwrite", "distributed", "dist_timeout")
+
+
 def config_values(cfg) -> Dict[str, Any]:
     """The effective options of a config as plain YAML values (tuples as lists), in field order,
-    without --overwrite (a run policy: a rerun from the saved config.yaml must ask for it again).
-    `--config` with this mapping rebuilds `cfg` (the same --out aside)."""
+    without the run policies RUN_POLICIES: --overwrite (a rerun from the saved config.yaml must
+    ask for it again) and --distributed / --dist-timeout (how the run was launched, not what it
+    computes: a sharded run gives the single process's numbers). `--config` with this mapping
+    rebuilds `cfg` (the same --out aside, and those policies at their defaults)."""
     values = {}
     for f in fields(cfg):
-        if f.name == "overwrite":
+        if f.name in RUN_POLICIES:
             continue
         value = getattr(cfg, f.name)
         values[f.name] = list(value) if isinstance(value, tuple) else value

@@ -75,6 +75,42 @@ def refine(nformer, feats: torch.Tensor, *, seed: int = 0, device=None, amp: str
 
 
 @torch.no_grad()
+def refine_shard(nformer, feats_shard: torch.Tensor, *, seed: int = 0, device=None,
+                 query_mask: Optional[torch.Tensor] = None, neighbors: bool = False, group=None):
+    """`refine` of rows sharded across the ranks of a process group: on every rank, refine(nformer,
+    feats_all, seed=seed, query_mask=query_mask_all)[my rows] (within 1e-5 relative, fp32), where
+    feats_all is every rank's contiguous block of rows in rank order (uneven or empty blocks too).
+
+    feats_shard: (n_local, nformer.in_dim) this rank's rows; query_mask: (n_local,) bool, this
+    rank's part of the mask. The NFormer runs by nformer_kernels.distributed.nformer_forward (the
+    landmarks drawn on rank 0 from a torch.Generator seeded with `seed`, as `refine` draws them, and
+    sent to every rank), in fp32 on `device` (NCCL: this rank's GPU). Returns this rank's refined
+    (n_local, nformer.dim) float32 CPU rows, and with neighbors=True also their (n_local, k) int64
+    neighbour lists as global row ids (self first, k = min(topk, N); nformer_kernels.distributed.knn
+    of the projected rows: exact fp32 scores). group: as nformer_forward's (None: the default
+    group; without one, a world of one). Every rank must call it; an argument error on one rank
+    raises on all of them."""
+    from nformer_kernels import distributed as nkd
+
+    seed = as_int(seed, "seed", minimum=0)  # the same on every rank: fails on all of them alike
+    device = resolve_device(device)
+    nformer = nformer.to(device).eval()
+    # Row-wise, so each rank normalises its own rows; the shape / finiteness checks are
+    # nformer_forward's, compared across ranks before any other communication.
+    x = torch.nn.functional.normalize(torch.as_tensor(feats_shard).float(), dim=1).to(device)
+    if query_mask is not None:
+        query_mask = query_mask.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    out = nkd.nformer_forward(nformer, x, generator=generator, group=group, query_mask=query_mask).float().cpu()
+    if not neighbors:
+        return out
+    shards, _ = nkd.gather_checked(lambda: (x.shape[0], x.device, None), group)
+    projected = nformer.project(x) if hasattr(nformer, "project") else x
+    idx = nkd.knn(projected, min(nformer.topk, shards.total), group, query_mask=query_mask)
+    return out, idx.long().cpu()
+
+
+@torch.no_grad()
 def refine_features(nformer, qf: torch.Tensor, gf: torch.Tensor, mode: str = "official", seed: int = 0,
                     device=None, amp: str = "none") -> Tuple[torch.Tensor, torch.Tensor]:
     """NFormer refinement of query + gallery features as one set (see `refine`).
@@ -163,6 +199,27 @@ def _score_plain(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank):
     return _metrics(cmc, mAP, mINP)
 
 
+def score_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
+                      group=None) -> Dict:
+    """`score` (without re-ranking) of queries and a gallery sharded across the ranks of a process
+    group: on every rank the same mAP, mINP, R1 / R5 / R10 and CMC as score(qf_all, gf_all, ...)
+    on all ranks' rows in rank order, bit for bit (nformer_reid.distributed.evaluate_features_distributed:
+    squared Euclidean distances of the L2-normalised rows, gallery blocks passed round the ring).
+    Shards as that function takes them: contiguous blocks (possibly empty) with their ids, on one
+    device per rank (CUDA for NCCL). The CMC runs to min(max_rank, G), G all ranks' gallery rows."""
+    from nformer_kernels import distributed as nkd
+    from nformer_reid.distributed import evaluate_features_distributed
+
+    gallery_rows = gf_shard.shape[0] if hasattr(gf_shard, "shape") else len(gf_shard)
+    device = gf_shard.device if isinstance(gf_shard, torch.Tensor) else torch.device("cpu")
+    shards, _ = nkd.gather_checked(lambda: (gallery_rows, device, None), group)
+    max_rank = min(max_rank, shards.total) if shards.total else max_rank  # a small gallery: its length, no warning
+    cmc, mAP, mINP = evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, g_camids,
+                                                   metric="euclidean", normalize=True, max_rank=max_rank,
+                                                   return_mINP=True, group=group)
+    return _metrics(cmc, mAP, mINP)
+
+
 def format_result(name: str, res: Dict) -> str:
     return (f"{name:<24} mAP {res['mAP']:6.1%}  mINP {res['mINP']:6.1%}  R1 {res['R1']:6.1%}  R5 {res['R5']:6.1%}  "
             f"R10 {res['R10']:6.1%}")
@@ -202,12 +259,16 @@ def results_document(results: Dict[str, Dict], *, device=None, timings: Optional
                      run_info: Optional[Mapping] = None) -> Dict:
     """What results.json holds: {"methods": {name: {mAP, mINP, R1, R5, R10, cmc (list to max_rank)}},
     "config", "command" (from run_info: the effective options and the argv), "versions", "device",
-    "timings" (seconds per stage)}."""
+    "timings" (seconds per stage)}, and "distributed" ({"processes": P, "backend": ...}) when
+    run_info has it (a run sharded over P processes; "device" is then rank 0's)."""
     methods = {name: {**{k: v for k, v in res.items() if k != "cmc"}, "cmc": [float(c) for c in res["cmc"]]}
                for name, res in results.items()}
     run_info = dict(run_info or {})
-    return {"methods": methods, "config": run_info.get("config"), "command": run_info.get("command"),
-            "versions": versions(), "device": describe_device(device), "timings": dict(timings or {})}
+    document = {"methods": methods, "config": run_info.get("config"), "command": run_info.get("command"),
+                "versions": versions(), "device": describe_device(device), "timings": dict(timings or {})}
+    if run_info.get("distributed"):
+        document["distributed"] = dict(run_info["distributed"])
+    return document
 
 
 @dataclass
