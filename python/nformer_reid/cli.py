@@ -9,6 +9,7 @@
   nformer-reid features --features market_features.pt --train train.pt  # torchreid's qf/gf layout, one file
   nformer-reid refine --input gallery.npy --output refined.npy --weights runs/nformer_features/nformer.pth
   nformer-reid rerank --features market_features.pt --save-ranks 100 --out runs/rerank
+  torchrun --nproc-per-node 4 -m nformer_reid refine --distributed --input g.npy --output r.npy --weights n.pth
 
 Options come from four places; the first that sets an option wins:
   KEY=VALUE after the options (or --set KEY=VALUE), e.g. `nformer_steps=100 out=runs/x`: option names
@@ -44,6 +45,17 @@ outputs:
   stage*_last.pth with --save-model or --checkpoint-every N; features writes nformer.pth with
   --train, stage2_last.pth with --train --save-model. refine writes the files it names (--output,
   --save-neighbors) and no folder.
+
+torchrun (--distributed):
+  refine and features take --distributed under `torchrun --nproc-per-node P -m nformer_reid ...`:
+  each rank holds a contiguous share of the rows (refine memory-maps its rows of a .npy --input;
+  other formats and features' files are read whole on every rank, each keeping its share), and
+  the numbers are the single process's. Only rank 0 writes files, except refine's .npy --output /
+  --save-neighbors: rank 0 creates each under a temporary name, every rank writes its rows, and
+  rank 0 renames it into place once all have (the folder must be one every rank sees). A check
+  that fails on one rank fails on all of them (each prints its line, exit status 2; torchrun
+  itself then exits 1); --dist-timeout bounds every wait for the other ranks. Without torchrun
+  --distributed is refused, and so is torchrun with more than one process without it.
 
 exit status:
   0    success

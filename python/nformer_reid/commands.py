@@ -9,6 +9,11 @@ Imports are inside the commands so that each pulls in only what it needs: train 
 image pipeline (torchvision), features / refine / rerank / demo / datasets not. Each runner takes
 the config and an Invocation (argv and --config file: results.json's "command", an input never
 overwritten); a run with an --out folder ends by writing its effective options to config.yaml.
+
+refine and features also run under torchrun with --distributed (`_process_group`): every rank
+runs the command on its contiguous share of the rows, each check is agreed on by all ranks
+before anything else is communicated (`_agree`: a failure on one rank fails every rank, none is
+left waiting), rank 0 alone writes the outputs, and the numbers are the single process's.
 """
 import contextlib
 import dataclasses
