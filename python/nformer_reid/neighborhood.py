@@ -9,6 +9,11 @@ Never an M x M matrix. Two ways to get the neighbour prefixes (same result):
   "knn": nk.knn over all M features with k = min(M, 2L), computed once (O(M * 2L) int64) and
       reused by every epoch; worth it for many epochs over a set whose table fits in memory.
       knn_precision is nk.knn's precision (auto / exact / certified: the same neighbours).
+
+Under a process group (rank r of W) every rank draws the same global batch of batch_size
+sequences from the same generator and `sample` returns only its contiguous share, sequences
+[r * B / W, (r + 1) * B / W): the shares in rank order are the single process's batch, and only
+the share's neighbour pools are computed. batch_size must be a multiple of W.
 """
 from typing import Optional, Tuple
 
@@ -22,7 +27,7 @@ from nformer_reid.utils.checks import as_int, as_tensor
 class NeighborhoodSampler:
     def __init__(self, feats: torch.Tensor, pids: torch.Tensor, seq_len: int = 7000, batch_size: int = 2,
                  strategy: str = "centres", generator: Optional[torch.Generator] = None,
-                 knn_precision: str = KnnOptions.knn_precision):
+                 knn_precision: str = KnnOptions.knn_precision, rank: int = 0, world_size: int = 1):
         feats, pids = as_tensor(feats, "feats"), as_tensor(pids, "pids")
         seq_len, batch_size = as_int(seq_len, "seq_len"), as_int(batch_size, "batch_size")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -38,6 +43,12 @@ class NeighborhoodSampler:
             raise ValueError(f"strategy must be 'knn' or 'centres', got {strategy!r}")
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"seq_len must be >= 2 and batch_size >= 1, got {seq_len}, {batch_size}")
+        world_size = as_int(world_size, "world_size", minimum=1)
+        rank = as_int(rank, "rank", minimum=0, maximum=world_size - 1)
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size} sequences) must be a multiple of the number of processes "
+                             f"({world_size}): every rank takes an equal share of each batch")
+        self.rank, self.world_size, self.local_batch_size = rank, world_size, batch_size // world_size
         self.feats = torch.nn.functional.normalize(feats.float(), dim=1)
         self.pids = pids
         self.num = feats.shape[0]
@@ -60,14 +71,17 @@ class NeighborhoodSampler:
         return sims.topk(self.pool_max, dim=1).indices
 
     def sample(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(feats (B, L, d), pids (B, L)) for one batch."""
+        """(feats (B, L, d), pids (B, L)) for one batch; B = local_batch_size, this rank's share."""
         g = self.generator
         centres = torch.randint(self.num, (self.batch_size,), generator=g)
-        pools = self._pool(centres).cpu()
+        first = self.rank * self.local_batch_size
+        own = range(first, first + self.local_batch_size)
+        pools = self._pool(centres[first:first + self.local_batch_size]).cpu()
         seqs = []
-        for b in range(self.batch_size):
+        for b in range(self.batch_size):  # every rank draws every sequence's numbers: one generator stream
             size = min(self.pool_max, int(self.seq_len * (1 + torch.rand((), generator=g).item())))
             pick = torch.randperm(size, generator=g)[: self.seq_len]  # random subset, random order
-            seqs.append(pools[b, :size][pick])
+            if b in own:
+                seqs.append(pools[b - first, :size][pick])
         index = torch.stack(seqs).to(self.feats.device)
         return self.feats[index], self.pids.to(self.feats.device)[index]

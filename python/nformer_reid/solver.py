@@ -1,7 +1,7 @@
 """Optimisers, the warm-up + step-decay schedule and the optimisation step of reid-strong-baseline."""
 import bisect
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -53,12 +53,15 @@ def step_center_optimizer(center_optimizer, criterion) -> None:
     center_optimizer.step()
 
 
-def optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where: str = "training") -> None:
-    """One (AMP-scaled) step of the model optimizer and of the center-loss centres.
+def optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where: str = "training",
+                   value: Optional[float] = None) -> None:
+    """One (AMP-scaled) step of the model optimizer and of the center-loss centres: loss is
+    backpropagated.
 
     TrainingDiverged (nothing is stepped) when the loss is NaN or Inf; `where` (e.g. "stage 2
-    step 7") goes into its message."""
-    value = float(loss.detach())
+    step 7") goes into its message. value: the loss value to check instead of loss's own (under
+    DDP the global batch's, equal on every rank, so every rank stops at the same step)."""
+    value = float(loss.detach()) if value is None else float(value)
     if not math.isfinite(value):
         lr = optimizer.param_groups[0]["lr"]
         raise TrainingDiverged(f"{where}: the loss is {value} (lr {lr:g}); training stopped, no weights from this "

@@ -2,7 +2,7 @@
 Needs torchvision (the `[reid]` extra)."""
 import random
 from collections import defaultdict
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -53,19 +53,47 @@ class ImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), pid, camid
 
 
+def _process_group() -> Tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class RandomIdentitySampler(Sampler):
     """PK sampling: batches of P identities x K instances (identities with < K images are
-    sampled with replacement). One epoch uses each identity's images about once."""
+    sampled with replacement). One epoch uses each identity's images about once.
+
+    Under a process group of W ranks (rank / world_size; None: the default group's, as
+    torch's DistributedSampler) every rank draws the same global batches from `seed` and yields
+    its contiguous share of each: identities [r * P / W, (r + 1) * P / W) of the batch, i.e.
+    local_batch_size = batch_size / W indices, so the ranks' shares in rank order are exactly
+    the single-process batch. P must be a multiple of W (ValueError otherwise). state_dict() /
+    load_state_dict() hold the RNG between epochs (the same on every rank, whatever W): a resumed
+    run draws the batches the uninterrupted run would have drawn."""
 
     def __init__(self, items: Sequence[Tuple[str, int, int]], batch_size: int = TrainConfig.batch_size,
-                 num_instances: int = TrainConfig.num_instances, seed: int = 0):
+                 num_instances: int = TrainConfig.num_instances, seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
         batch_size = as_int(batch_size, "batch_size", minimum=1)
         num_instances = as_int(num_instances, "num_instances", minimum=1)
         seed = as_int(seed, "seed", minimum=0)
         if batch_size % num_instances:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of num_instances ({num_instances})")
+        group_rank, group_world = _process_group()
+        world_size = group_world if world_size is None else as_int(world_size, "world_size", minimum=1)
+        rank = (group_rank if world_size == group_world else 0) if rank is None else as_int(rank, "rank", minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"rank ({rank}) must be smaller than world_size ({world_size})")
         self.num_instances, self.pids_per_batch = num_instances, batch_size // num_instances
-        self.batch_size = batch_size
+        if self.pids_per_batch % world_size:
+            raise ValueError(f"the {self.pids_per_batch} identities of a batch (batch_size {batch_size} / "
+                             f"num_instances {num_instances}) must split evenly over {world_size} processes: "
+                             f"choose batch_size / num_instances as a multiple of {world_size}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.local_batch_size = batch_size // world_size
         self.index_of = defaultdict(list)
         for i, (_, pid, _) in enumerate(items):
             self.index_of[pid].append(i)
@@ -74,7 +102,8 @@ class RandomIdentitySampler(Sampler):
         self.rng = random.Random(seed)
         self.length = sum(max(len(v), num_instances) // num_instances * num_instances for v in self.index_of.values())
 
-    def __iter__(self):
+    def global_indices(self) -> List[int]:
+        """The next epoch's indices of all ranks (whole global batches, in order); advances the RNG."""
         chunks = {}
         for pid, idxs in self.index_of.items():
             idxs = list(idxs) if len(idxs) >= self.num_instances else self.rng.choices(idxs, k=self.num_instances)
@@ -88,18 +117,45 @@ class RandomIdentitySampler(Sampler):
                 out.extend(chunks[pid].pop())
                 if not chunks[pid]:
                     available.remove(pid)
-        return iter(out)
+        return out
+
+    def __iter__(self):
+        out = self.global_indices()
+        if self.world_size == 1:
+            return iter(out)
+        lo, hi = self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size
+        return iter([i for start in range(0, len(out), self.batch_size) for i in out[start + lo:start + hi]])
 
     def __len__(self):
-        return self.length
+        """This rank's indices per epoch at most (the single process's count / world_size)."""
+        return self.length // self.world_size
+
+    def state_dict(self) -> dict:
+        """{"rng": the RNG state} (plain ints: a checkpoint loads it with weights_only=True)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state) -> None:
+        """Restore a state_dict(); ValueError when it is not one."""
+        try:
+            version, internal, gauss = state["rng"]
+            self.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a RandomIdentitySampler state: {' '.join(str(exc).split())[:120]}") from None
 
 
 def build_train_loader(items, size=DataOptions.size, batch_size: int = TrainConfig.batch_size,
                        num_instances: int = TrainConfig.num_instances, num_workers: int = DataOptions.workers,
-                       seed: int = 0) -> DataLoader:
+                       seed: int = 0, augment: bool = True, rank: Optional[int] = None,
+                       world_size: Optional[int] = None) -> DataLoader:
+    """PK batches of `items` (RandomIdentitySampler): under a process group each rank's loader
+    yields its share (batch_size / world_size images) of every global batch of batch_size.
+    augment=False: the test transforms (resize, normalise), e.g. for reproducible runs."""
     num_workers = as_int(num_workers, "num_workers", minimum=0)
-    sampler = RandomIdentitySampler(items, batch_size, num_instances, seed)
-    return DataLoader(ImageDataset(items, build_transforms(size, True)), batch_size=sampler.batch_size,
+    if not isinstance(augment, bool):
+        raise TypeError(f"augment must be True or False, got {augment!r}")
+    sampler = RandomIdentitySampler(items, batch_size, num_instances, seed, rank, world_size)
+    return DataLoader(ImageDataset(items, build_transforms(size, augment)), batch_size=sampler.local_batch_size,
                       sampler=sampler,
                       num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
 

@@ -8,11 +8,13 @@ from typing import List, Optional, Sequence
 import torch
 
 from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
+from nformer_reid.engine import ddp
 from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
 from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
 from nformer_reid.losses import ReIDLoss
 from nformer_reid.solver import make_optimizer, optimizer_step, warmup_multistep
 from nformer_reid.utils.checks import as_float, as_int
+from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,26 @@ class StepEstimate:
         return True
 
 
+def _restore_progress(state: dict, path: str, sampler) -> None:
+    """The sampler's and torch's CPU RNG states of a checkpoint (saved at an epoch's end), so the
+    resumed run draws what the uninterrupted one would have; older checkpoints hold neither."""
+    extra = state["extra"]
+    try:
+        if sampler is not None and extra.get("sampler") is not None:
+            sampler.load_state_dict(extra["sampler"])
+        if extra.get("torch_rng") is not None:
+            torch.set_rng_state(extra["torch_rng"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ReIDInputError(f"checkpoint {path}: key 'extra' holds no usable RNG state: "
+                             f"{' '.join(str(exc).split())[:160]}") from exc
+
+
+def _pk_sampler(train_loader):
+    """The loader's RandomIdentitySampler-like sampler (state_dict + world_size), or None."""
+    sampler = getattr(train_loader, "sampler", None)
+    return sampler if hasattr(sampler, "state_dict") and hasattr(sampler, "world_size") else None
+
+
 def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epochs: int = TrainConfig.epochs,
                    max_steps: Optional[int] = None, lr: float = TrainConfig.lr, weight_decay: float = WEIGHT_DECAY,
                    milestones: Sequence[int] = TrainConfig.milestones,
@@ -79,7 +101,19 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
     epoch), checkpoint out_dir/stage1_last.pth every checkpoint_period epochs and at the end
     (save_last=False: never). max_steps stops early (smoke runs). After the first steps it logs
     the measured s/step and the expected duration (StepEstimate). Returns the loss history (one
-    dict per step). TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf."""
+    dict per step). TrainingDiverged (a ValueError) at the first step whose loss is NaN or Inf.
+
+    Checkpoints also hold the global step, the loader's PK-sampler RNG state and torch's CPU RNG
+    state at the epoch's end; `resume` restores them, so a resumed run continues as the
+    uninterrupted one would, on any number of processes.
+
+    Under a process group of more than one (engine.ddp, torchrun) every rank calls this with a
+    loader yielding its share of each global batch (build_train_loader does): the backbone is
+    wrapped in DistributedDataParallel, its BatchNorms use the global batch's statistics
+    (ddp.synchronized_batchnorm), the triplet and center losses the global batch's embeddings
+    (ddp.global_batch_loss), and the history holds the global batch's losses and accuracy, equal
+    on every rank. Only rank 0 writes the checkpoint. A loader whose sampler is split for another
+    world size is a ValueError."""
     num_classes = as_int(num_classes, "num_classes", minimum=1)
     epochs = as_int(epochs, "epochs", minimum=1)
     max_steps = None if max_steps is None else as_int(max_steps, "max_steps", minimum=1)
@@ -92,6 +126,11 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
         raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
     if not isinstance(save_last, bool):
         raise TypeError(f"save_last must be True or False, got {save_last!r}")
+    distributed, world = ddp.is_distributed(), ddp.world_size()
+    sampler = _pk_sampler(train_loader)
+    if sampler is not None and sampler.world_size != world:
+        raise ValueError(f"train_loader's sampler splits batches over {sampler.world_size} process(es), this run has "
+                         f"{world}: build the loader after the process group is initialised")
     device = resolve_device(device)
     backbone = model.backbone.to(device)
     criterion = ReIDLoss(num_classes, backbone.feat_dim, margin, center_weight).to(device)
@@ -103,7 +142,9 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
     if resume:
         state = load_checkpoint(resume, model, optimizer, criterion, center_optimizer, scheduler)
         history, start_epoch = state["history"], state["epoch"]
+        _restore_progress(state, resume, sampler)
         logger.info("resumed stage 1 from %s at epoch %d", resume, start_epoch)
+    ddp.broadcast_module_state(criterion)  # the centres are not DDP's: rank 0's on every rank
     ckpt = os.path.join(out_dir, "stage1_last.pth")
     step = 0
     try:
@@ -113,35 +154,47 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
     if max_steps is not None:
         planned = min(planned, max_steps)
     estimate = StepEstimate(logger, "stage 1", planned, "batch", device) if planned else None
-    for epoch in range(start_epoch, epochs):
-        backbone.train()
-        bar = progress(train_loader, f"stage1 epoch {epoch + 1}/{epochs}")
-        for imgs, pids, _ in bar:
-            imgs, pids = imgs.to(device, non_blocking=True), pids.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits, feats = backbone(imgs)
-            loss, parts = criterion(logits.float(), feats.float(), pids)
-            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion,
-                           where=f"stage 1 epoch {epoch + 1} step {step + 1}")
-            acc = float((logits.argmax(1) == pids).float().mean())
-            value = float(loss.detach())
-            history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
-            bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
-            step += 1
-            if estimate is not None:
-                estimate.shape = " x ".join(map(str, imgs.shape))  # images x channels x height x width
-                estimate.tick()
-            if step % log_period == 0:
-                logger.info("stage1 epoch %d step %d: loss %.3f acc %.3f lr %.2e", epoch + 1, step, value, acc,
-                            optimizer.param_groups[0]["lr"])
+    with ddp.synchronized_batchnorm(backbone, device):
+        net = ddp.wrap_ddp(backbone, device)
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            bar = progress(train_loader, f"stage1 epoch {epoch + 1}/{epochs}")
+            for imgs, pids, _ in bar:
+                imgs, pids = imgs.to(device, non_blocking=True), pids.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    logits, feats = net(imgs)
+                where = f"stage 1 epoch {epoch + 1} step {step + 1}"
+                if distributed:
+                    loss, value, parts, acc = ddp.global_batch_loss(criterion, logits.float(), feats.float(), pids)
+                    value = float(value)
+                    optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=where, value=value)
+                else:
+                    loss, parts = criterion(logits.float(), feats.float(), pids)
+                    optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=where)
+                    acc = float((logits.argmax(1) == pids).float().mean())
+                    value = float(loss.detach())
+                history.append({"epoch": epoch, "loss": value, "acc": acc, **parts})
+                bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
+                step += 1
+                if estimate is not None:  # images x channels x height x width (per process under DDP)
+                    estimate.shape = " x ".join(map(str, imgs.shape)) + (f" per process x {world}" if distributed
+                                                                         else "")
+                    estimate.tick()
+                if step % log_period == 0:
+                    logger.info("stage1 epoch %d step %d: loss %.3f acc %.3f lr %.2e", epoch + 1, step, value, acc,
+                                optimizer.param_groups[0]["lr"])
+                if max_steps is not None and step >= max_steps:
+                    break
+            scheduler.step()
+            if save_last and ((epoch + 1) % checkpoint_period == 0 or epoch + 1 == epochs
+                              or (max_steps and step >= max_steps)):
+                extra = {"step": len(history), "sampler": sampler.state_dict() if sampler is not None else None,
+                         "torch_rng": torch.get_rng_state()}
+                ddp.on_main_process(lambda: save_checkpoint(ckpt, model, 1, epoch + 1, optimizer, criterion,
+                                                            center_optimizer, scheduler, history, extra=extra),
+                                    f"checkpoint {ckpt}")
             if max_steps is not None and step >= max_steps:
                 break
-        scheduler.step()
-        if save_last and ((epoch + 1) % checkpoint_period == 0 or epoch + 1 == epochs
-                          or (max_steps and step >= max_steps)):
-            save_checkpoint(ckpt, model, 1, epoch + 1, optimizer, criterion, center_optimizer, scheduler, history)
-        if max_steps is not None and step >= max_steps:
-            break
     if not history:
         logger.info("stage 1: nothing to do (start epoch %d of %d)", start_epoch, epochs)
         return history

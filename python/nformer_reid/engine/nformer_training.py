@@ -8,6 +8,8 @@ import torch
 
 import nformer_kernels as nk
 from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
+from nformer_kernels.modules import draw_landmarks
+from nformer_reid.engine import ddp
 from nformer_reid.engine.backbone_training import StepEstimate
 from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
 from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
@@ -15,7 +17,7 @@ from nformer_reid.losses import ReIDLoss
 from nformer_reid.neighborhood import NeighborhoodSampler
 from nformer_reid.solver import make_optimizer, optimizer_step
 from nformer_reid.utils.checks import as_float, as_int, as_tensor
-from nformer_reid.utils.errors import TrainingDiverged
+from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,21 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     first steps (after a warm-up step) and the expected duration (StepEstimate). Returns the
     loss history (one dict per step). TrainingDiverged (a ValueError) at the first step whose
     loss is NaN or Inf.
+
+    The checkpoint also holds the sequence sampler's generator state and torch's CPU RNG state
+    (the NFormer draws its landmarks from it); `resume` restores both, so a resumed run continues
+    as the uninterrupted one would, on any number of processes (older checkpoints: the generator
+    is reseeded with seed + step).
+
+    Under a process group of more than one (engine.ddp, torchrun) every rank makes the same call:
+    rank 0's feats and pids are used by all; each step every rank draws the same global batch of
+    batch_size sequences and trains on its contiguous share (batch_size must be a multiple of
+    the number of processes), the NFormer is wrapped in DistributedDataParallel, its BatchNorm
+    head uses the global batch's statistics, the landmarks of each block are drawn on rank 0
+    from torch's RNG (the draws one process makes) and shared, and the triplet / center losses
+    see the global batch's refined features (ddp.global_batch_loss); the history holds the
+    global batch's losses. Only rank 0 writes the checkpoint. Dropout masks are each rank's own:
+    with dropout 0 the steps are those of one process up to summation order.
     """
     epochs = as_int(epochs, "epochs", minimum=1)
     steps = None if steps is None else as_int(steps, "steps", minimum=1)
@@ -63,6 +80,8 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
         raise ValueError("feats contains NaN or Inf")
     if pids.shape != feats.shape[:1] or pids.is_floating_point() or pids.dtype == torch.bool:
         raise ValueError(f"pids must be M = {feats.shape[0]} integers, got {tuple(pids.shape)} {pids.dtype}")
+    distributed, world = ddp.is_distributed(), ddp.world_size()
+    ddp.check_even_split(batch_size, "batch_size", world)
     device = resolve_device(device)
     nformer = (model if isinstance(model, nk.NFormer) else model.nformer).to(device)
     if nformer.classifier is None:
@@ -73,13 +92,17 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
                          f"{nformer.in_dim}, dim={dim})")
     if int(pids.max()) >= num_classes or int(pids.min()) < 0:
         raise ValueError(f"training pids must lie in [0, {num_classes}), got [{int(pids.min())}, {int(pids.max())}]")
+    feats, pids = feats.to(device), pids.to(device)
+    if distributed:  # every rank samples from the same features: rank 0's
+        feats = ddp.broadcast_(feats.contiguous().clone(), 0)
+        pids = ddp.broadcast_(pids.contiguous().clone(), 0)
     criterion = ReIDLoss(num_classes, dim, margin, center_weight).to(device)
     optimizer = make_optimizer(nformer, lr, weight_decay)
     center_optimizer = torch.optim.SGD(criterion.center.parameters(), lr=center_lr)
     scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(seed)
-    sampler = NeighborhoodSampler(feats.to(device), pids.to(device), seq_len, batch_size, sampling,
-                                  generator=generator, knn_precision=nformer.knn_precision)
+    sampler = NeighborhoodSampler(feats, pids, seq_len, batch_size, sampling, generator=generator,
+                                  knn_precision=nformer.knn_precision, rank=ddp.rank(), world_size=world)
     total = steps if steps is not None else epochs * len(sampler)
     width = f"{nformer.in_dim}-d" + (f", projected to {dim}-d" if nformer.in_dim != dim else "")
     logger.info("stage 2: %d train features (%s), sequences of %d x %d, %d steps, neighbour sampling '%s'",
@@ -90,27 +113,77 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
         history, start = state["history"], int(state["extra"].get("step", 0))
         if start >= total:
             raise ValueError(f"resume {resume} is at step {start}, this run has {total} steps: nothing to train")
-        generator.manual_seed(seed + start)
+        _restore_rng(state, resume, generator, seed + start)
         logger.info("resumed stage 2 from %s at step %d", resume, start)
+    ddp.broadcast_module_state(criterion)  # the centres are not DDP's: rank 0's on every rank
     ckpt = os.path.join(out_dir, "stage2_last.pth")
     started = time.time()
     nformer.train()
+    with ddp.synchronized_batchnorm(nformer, device):
+        net = ddp.wrap_ddp(nformer, device)
+        _train_steps(net, nformer, sampler, criterion, optimizer, center_optimizer, scaler, history, start, total,
+                     num_classes, dim, batch_size, device, amp, log_period, distributed)
+    if save_last:
+        extra = {"step": total, "sampler_rng": generator.get_state(), "torch_rng": torch.get_rng_state()}
+        ddp.on_main_process(lambda: save_checkpoint(ckpt, model, 2, epochs, optimizer, criterion, center_optimizer,
+                                                    history=history, extra=extra), f"checkpoint {ckpt}")
+    logger.info("stage 2 done: %d steps in %.0f s; %s", total - start, time.time() - started,
+                f"checkpoint {ckpt}" if save_last else "no checkpoint written (save_last=False)")
+    return history
+
+
+def _restore_rng(state: dict, path: str, generator: torch.Generator, fallback_seed: int) -> None:
+    extra = state["extra"]
+    if extra.get("sampler_rng") is None:  # a checkpoint from before the RNG states were saved
+        generator.manual_seed(fallback_seed)
+        return
+    try:
+        generator.set_state(extra["sampler_rng"])
+        if extra.get("torch_rng") is not None:
+            torch.set_rng_state(extra["torch_rng"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ReIDInputError(f"checkpoint {path}: key 'extra' holds no usable RNG state: "
+                             f"{' '.join(str(exc).split())[:160]}") from exc
+
+
+def _shared_landmarks(nformer, n: int, device) -> List[torch.Tensor]:
+    """Each block's landmarks for sequences of n, drawn from torch's RNG as nformer's forward
+    draws them (one draw per block, in order) on rank 0 and broadcast: one set for the whole
+    global batch, as in one process."""
+    drawn = torch.stack([draw_landmarks(n, block.num_landmarks, device="cpu") for block in nformer.blocks])
+    drawn = ddp.broadcast_(drawn.to(ddp.comm_device()), 0)
+    return list(drawn.to(device))
+
+
+def _train_steps(net, nformer, sampler, criterion, optimizer, center_optimizer, scaler, history, start, total,
+                 num_classes, dim, batch_size, device, amp, log_period, distributed):
+    """Steps start..total-1 of train_nformer (net: nformer, or its DDP wrapper), history appended."""
 
     def train_step(step):
         x, y = sampler.sample()
         try:
             with autocast(device, amp):
-                logits, refined = nformer(x)
+                if distributed:
+                    logits, refined = net(x, landmarks=_shared_landmarks(nformer, x.shape[1], x.device))
+                else:
+                    logits, refined = net(x)
         except ValueError as exc:  # the inputs were checked: what changed is the weights
             if step == start:
                 raise
             raise TrainingDiverged(f"stage 2 step {step + 1}: the NFormer's weights grew out of range (lr "
                                    f"{optimizer.param_groups[0]['lr']:g}): {' '.join(str(exc).split())}; training "
                                    "stopped, no weights from this step on are saved") from exc
-        loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
-                                y.reshape(-1))
-        optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=f"stage 2 step {step + 1}")
-        value = float(loss.detach())  # also waits for the device: step times are wall times
+        where = f"stage 2 step {step + 1}"
+        if distributed:
+            loss, value, parts, _ = ddp.global_batch_loss(criterion, logits.reshape(-1, num_classes).float(),
+                                                          refined.reshape(-1, dim).float(), y.reshape(-1))
+            value = float(value)
+            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=where, value=value)
+        else:
+            loss, parts = criterion(logits.reshape(-1, num_classes).float(), refined.reshape(-1, dim).float(),
+                                    y.reshape(-1))
+            optimizer_step(loss, optimizer, center_optimizer, scaler, criterion, where=where)
+            value = float(loss.detach())  # also waits for the device: step times are wall times
         history.append({"step": step + 1, "loss": value, **parts})
         if (step + 1) % log_period == 0 or step + 1 == total:
             logger.info("stage2 step %d/%d: loss %.3f (ce %.3f, triplet %.3f)", step + 1, total, value, parts["ce"],
@@ -128,9 +201,3 @@ def train_nformer(model, feats: torch.Tensor, pids: torch.Tensor, *, out_dir: st
     bar = progress(range(step, total), "stage2", initial=step - start, total=total - start)
     for step in bar:
         bar.set_postfix(loss=f"{train_step(step):.3f}")
-    if save_last:
-        save_checkpoint(ckpt, model, 2, epochs, optimizer, criterion, center_optimizer, history=history,
-                        extra={"step": total})
-    logger.info("stage 2 done: %d steps in %.0f s; %s", total - start, time.time() - started,
-                f"checkpoint {ckpt}" if save_last else "no checkpoint written (save_last=False)")
-    return history
