@@ -16,7 +16,8 @@ Algorithm (N = Q + G probe+gallery items, d = Euclidean distance):
 """
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -229,7 +230,8 @@ def _full_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-class _Plan(NamedTuple):
+@dataclass
+class _Plan:
     x: torch.Tensor  # (N, d) unit rows (queries first), float32
     sq_norm: torch.Tensor  # (N,) float64 squared norms (1, or 0 for a zero row)
     num_q: int
@@ -296,8 +298,10 @@ def _final_chunks(plan):
     start..stop-1 (plan.t_qg's rows turned into them in place when it is stored, else new rows)."""
     lam, num_q = plan.lambda_value, plan.num_q
     x, sq = plan.x, plan.sq_norm.float()
-    for start, stop, pos, shared in _shared_mass(plan.rows, plan.cols, plan.vals, num_q, num_q + plan.num_g,
-                                                 plan.pair_budget, lam < 1):
+    # V moves into the Jaccard pass, which keeps only its inverted index of it
+    chunks = _shared_mass(plan.rows, plan.cols, plan.vals, num_q, num_q + plan.num_g, plan.pair_budget, lam < 1)
+    plan.rows = plan.cols = plan.vals = None
+    for start, stop, pos, shared in chunks:
         if plan.t_qg is not None:
             block = plan.t_qg[start:stop]
         else:
@@ -469,6 +473,7 @@ def _shared_mass(rows, cols, vals, num_q, n, pair_budget, needed=True):
     col_count = col_count.to(index_type)
     q_sel = (rows < num_q).nonzero().squeeze(1)  # query entries, grouped by row
     q_rows, q_cols, q_vals = rows[q_sel], cols[q_sel], vals[q_sel]
+    del rows, cols, vals, gal, q_sel  # the index above is all that is needed of V from here on
     pairs_per_q = torch.zeros(num_q, dtype=torch.int64, device=device).index_add_(0, q_rows,
                                                                                   col_count[q_cols].long())
     entry_ptr = torch.cumsum(torch.bincount(q_rows, minlength=num_q), 0)
