@@ -52,7 +52,8 @@ class TinyBackbone(torch.nn.Module):
         nn = torch.nn
         self.feat_dim = feat_dim
         self.base = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+                                  nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1))
         self.projection = nn.Linear(16, feat_dim, bias=False)
         self.bottleneck = nn.BatchNorm1d(feat_dim)
         self.bottleneck.bias.requires_grad_(False)
@@ -78,8 +79,8 @@ def _stage1_model():
 def _stage1(root, out, epochs, resume=None):
     model = _stage1_model()
     loader = build_train_loader(_items(root), (64, 32), BATCH, INSTANCES, num_workers=0, seed=3, augment=False)
-    history = train_backbone(model, loader, IDS, out_dir=str(out), epochs=epochs, lr=1e-3, warmup_epochs=0, device="cpu",
-                             resume=resume and str(resume))
+    history = train_backbone(model, loader, IDS, out_dir=str(out), epochs=epochs, lr=1e-3, warmup_epochs=0,
+                             device="cpu", resume=resume and str(resume))
     return {"history": history, "weights": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -99,7 +100,7 @@ def _stage2(out, steps, resume=None):
 
 def _gradients(world, rank, dtype=torch.float32):
     """One forward/backward of the stage-1 loss of a resnet18 Backbone on this rank's share of a
-    global batch of 16: backbone gradients (after DDP's average), centre gradients, the
+    global batch of 16 32 x 16 images: backbone gradients (after DDP's average), centre gradients, the
     BatchNorms' running stats."""
     from nformer_reid.losses import ReIDLoss
     from nformer_reid.model import Backbone
@@ -108,7 +109,7 @@ def _gradients(world, rank, dtype=torch.float32):
     backbone = Backbone(IDS, arch="resnet18", feat_dim=16, verbose=False).to(dtype)
     criterion = ReIDLoss(IDS, 16).to(dtype)
     g = torch.Generator().manual_seed(9)
-    imgs, pids = torch.randn(16, 3, 64, 32, generator=g).to(dtype), torch.arange(IDS).repeat_interleave(2)
+    imgs, pids = torch.randn(16, 3, 32, 16, generator=g).to(dtype), torch.arange(IDS).repeat_interleave(2)
     share = slice(rank * 16 // world, (rank + 1) * 16 // world)
     with ddp.synchronized_batchnorm(backbone, "cpu"):
         net = ddp.wrap_ddp(backbone, "cpu")
@@ -126,10 +127,14 @@ def _gradients(world, rank, dtype=torch.float32):
 
 # ------------------------------------------------------------------ the world
 def _world_child(rank, world, backend, port, out_dir):
+    import contextlib
+    import io
+    import logging
     import pathlib
     import traceback
 
     from nformer_reid.engine import checkpoints
+    from nformer_reid.utils.logging import reset_logging
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -156,6 +161,14 @@ def _world_child(rank, world, backend, port, out_dir):
         result["s2_half"] = _stage2(out / "w2_s2_half", STAGE2_STEPS // 2)
         result["s2_resumed"] = _stage2(out / "w2_s2_resumed", STAGE2_STEPS,
                                        resume=out / "w1_s2_half" / "stage2_last.pth")
+
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console):
+            ddp.setup_rank_logging(str(out / f"log_rank{rank}.txt"))
+            logging.getLogger("nformer_reid.test").info("an info line")
+            logging.getLogger("nformer_reid.test").warning("a warning line")
+            reset_logging()
+        result["console"] = console.getvalue()
 
         def fail():
             raise ReIDInputError("cannot write x.pth: disk full")
@@ -277,6 +290,15 @@ def test_only_rank_0_writes(runs):
     state = torch.load(out / "w2_s1_half" / "stage1_last.pth", weights_only=True)
     assert state["epoch"] == 1 and state["extra"]["step"] == 2 and state["extra"]["sampler"] is not None
     assert torch.load(out / "w2_s2_half" / "stage2_last.pth", weights_only=True)["extra"]["step"] == STAGE2_STEPS // 2
+
+
+def test_rank_0_logs_to_the_file_the_others_warn_on_the_console(runs):
+    _, ranks, out = runs
+    lines = ranks[0]["console"].splitlines()
+    assert len(lines) == 2 and lines[0].endswith("] an info line") and lines[1].endswith("] warning: a warning line")
+    assert "an info line" in (out / "log_rank0.txt").read_text()
+    assert ranks[1]["console"].splitlines()[0].endswith("] warning: [rank 1] a warning line")
+    assert len(ranks[1]["console"].splitlines()) == 1 and not (out / "log_rank1.txt").exists()
 
 
 def test_a_failed_write_on_rank_0_stops_every_rank(runs):

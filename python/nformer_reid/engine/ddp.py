@@ -90,8 +90,9 @@ def init_distributed(device=None, expected_world_size: Optional[int] = None,
     CUDA ranks run on cuda:LOCAL_RANK over NCCL, CPU ranks over gloo. expected_world_size: the
     world an option asked for, checked against WORLD_SIZE. ReIDInputError without torchrun's
     environment (names the missing variables and how to start), for a WORLD_SIZE that disagrees,
-    a RANK / LOCAL_RANK out of range, or a CUDA index other than LOCAL_RANK. A group already
-    initialised (with the same rank and world) is kept."""
+    a RANK / LOCAL_RANK out of range, a CUDA index other than LOCAL_RANK, or a world that does not
+    form within `timeout` (also every collective's limit). A group already initialised (with the
+    same rank and world) is kept."""
     missing = [name for name in TORCHRUN_ENV if not os.environ.get(name)]
     if missing:
         raise ReIDInputError(f"distributed training needs torchrun's environment ({', '.join(missing)} not set): "
@@ -129,7 +130,12 @@ def init_distributed(device=None, expected_world_size: Optional[int] = None,
             raise ReIDInputError(f"a process group of {dist.get_world_size()} (rank {dist.get_rank()}) is already "
                                  f"initialised, torchrun's environment says {world} (rank {global_rank})")
         return device
-    dist.init_process_group(backend, init_method="env://", rank=global_rank, world_size=world, timeout=timeout)
+    try:
+        dist.init_process_group(backend, init_method="env://", rank=global_rank, world_size=world, timeout=timeout)
+    except dist.DistError as exc:  # the others never joined within `timeout`
+        raise ReIDInputError(f"the {world} processes of WORLD_SIZE={world} did not all join "
+                             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+                             f"{timeout.total_seconds():g} s ({' '.join(str(exc).split())[:200]})") from None
     return device
 
 
@@ -157,7 +163,8 @@ class DistributedContext:
 
 
 @contextlib.contextmanager
-def distributed_run(device=None, expected_world_size: Optional[int] = None) -> Iterator[DistributedContext]:
+def distributed_run(device=None, expected_world_size: Optional[int] = None,
+                    timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> Iterator[DistributedContext]:
     """Under torchrun: init_distributed, yield the rank's DistributedContext, shut the group down at
     the end (also on errors). Otherwise a world of one on as_device(device), nothing initialised;
     expected_world_size other than 1 is then a ReIDInputError (see init_distributed)."""
@@ -167,7 +174,7 @@ def distributed_run(device=None, expected_world_size: Optional[int] = None) -> I
         yield DistributedContext(as_device(device, "--device"))
         return
     owned = not is_initialized()
-    resolved = init_distributed(device, expected_world_size)
+    resolved = init_distributed(device, expected_world_size, timeout)
     try:
         yield DistributedContext(resolved, rank(), world_size(), _env_int("LOCAL_RANK"))
     finally:
