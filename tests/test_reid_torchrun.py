@@ -35,6 +35,7 @@ from tests.distributed_helpers import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 240
 DIM = 16
+TINY = ["--size", "32", "16", "--workers", "0"]  # train on the synthetic images, as tests/test_reid_cli
 
 
 def _make_files(folder):
@@ -82,6 +83,11 @@ def _worker_cases(paths, folder, rank):
         ("exists", _refine_argv(paths, "gallery_npy", paths["gallery_pt"].replace(".pt", "_copy.npy"),
                                 "--distributed")),
         ("rerank", _features_argv(paths, os.path.join(folder, "rerank"), "--distributed", "--rerank")),
+        ("train", ["train", "--data", "synthetic", "--out", os.path.join(folder, "train"), "--distributed", "--eval",
+                   *TINY]),
+        # 3 identities per PK batch cannot be shared by 2 ranks: refused on both before any write
+        ("train_uneven", ["train", "--data", "synthetic", "--out", os.path.join(folder, "uneven"), "--distributed",
+                          "--batch-size", "12", *TINY]),
     ]
 
 
@@ -215,6 +221,24 @@ def test_a_failure_on_one_rank_fails_every_rank(files, worker_world):
     assert np.load(files["gallery_pt"].replace(".pt", "_copy.npy")).shape == (1, 1)  # left as it was
 
 
+def test_train_under_torchrun_writes_once_from_rank_0(files, worker_world):
+    for rank in range(2):
+        assert worker_world[rank]["train"]["rc"] == 0, worker_world[rank]["train"]["stderr"]
+    out = os.path.join(files["dir"], "train")
+    assert {"model_final.pth", "loss.png", "results.json", "cmc.png", "config.yaml", "log.txt",
+            "synthetic_market"} == set(os.listdir(out))
+    state = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    assert state["kind"] == "ReIDModel" and state["stage"] == 2
+    doc = _results(out)
+    assert doc["distributed"] == {"processes": 2, "backend": "gloo"}
+    assert {"backbone", "NFormer (official)"} <= set(doc["methods"])
+    for rank in range(2):
+        outcome = worker_world[rank]["train_uneven"]
+        assert outcome["rc"] == 2 and "3 identities per batch must be a multiple of the 2 processes" in \
+            outcome["stderr"], outcome
+    assert not os.path.exists(os.path.join(files["dir"], "uneven"))
+
+
 # ------------------------------------------------------------------ in this process
 @pytest.fixture
 def torchrun_env(monkeypatch):
@@ -267,7 +291,7 @@ def test_torchrun_environment_checks(files, tmp_path, capsys, torchrun_env, monk
 def test_a_world_that_does_not_form_fails_after_the_timeout(files, tmp_path, capsys, torchrun_env):
     torchrun_env(world=2)  # rank 1 never starts
     _user_error(capsys, _refine_argv(files, "gallery_npy", str(tmp_path / "r.npy"), "--distributed",
-                                     "--dist-timeout", "1"), "did not all join", "--dist-timeout 1 s")
+                                     "--dist-timeout", "1"), "did not all join", "within 1 s")
     assert os.listdir(tmp_path) == []
 
 
@@ -279,7 +303,7 @@ def test_a_group_of_another_size_is_refused(files, tmp_path, capsys, torchrun_en
     try:
         torchrun_env(world=2)
         _user_error(capsys, _refine_argv(files, "gallery_npy", str(tmp_path / "r.npy"), "--distributed"),
-                    "a process group of 1 processes", "WORLD_SIZE=2")
+                    "a process group of 1 (rank 0) is already initialised", "torchrun's environment says 2")
         assert dist.is_initialized()  # a caller's group is left alone
     finally:
         dist.destroy_process_group()

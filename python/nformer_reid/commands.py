@@ -44,9 +44,13 @@ class Invocation:
     read (an input: never overwritten by the run's config.yaml)."""
     argv: Tuple[str, ...] = ()
     config_file: Optional[str] = None
+    distributed: Optional[Dict[str, object]] = None  # {"processes": P, "backend": ...} of a torchrun run
 
     def run_info(self, cfg) -> dict:
-        return {"config": config_values(cfg), "command": list(self.argv)}
+        info = {"config": config_values(cfg), "command": list(self.argv)}
+        if self.distributed:
+            info["distributed"] = dict(self.distributed)
+        return info
 
 
 def _flag(name: str) -> str:
@@ -271,30 +275,54 @@ def _check_train_dataset(cfg, dataset) -> None:
 
 
 def train(cfg, invocation: Invocation = Invocation()):
+    """`nformer-reid train`: stage 1 (backbone) and / or stage 2 (NFormer), then optionally the
+    evaluation. With --distributed (under torchrun) both stages train with DistributedDataParallel
+    on the single process's global batches (engine.ddp: each rank loads its share of every PK
+    batch and of every batch of sequences), every check agreed by all ranks before any work; rank
+    0 alone writes the outputs and checkpoints, and evaluates (--eval) while the others wait."""
+    if cfg.distributed:
+        with _process_group(cfg) as ranks:
+            return _train(cfg, invocation, ranks)
+    return _train(cfg, invocation, None)
+
+
+def _train(cfg, invocation: Invocation, ranks: Optional["_Ranks"]):
     from nformer_reid.utils.deps import import_torchvision
 
     import_torchvision()
+    from nformer_reid.data import Market1501, make_synthetic_market
     from nformer_reid.data.loader import build_test_loader, build_train_loader
     from nformer_reid.engine import extract_features, save_checkpoint, train_backbone, train_nformer
     from nformer_reid.engine.checkpoints import check_architecture, load_weights, read_checkpoint
     from nformer_reid.model import ReIDModel
     from nformer_reid.plotting import plot_losses
 
-    device = _device(cfg)
-    inputs = _input_files(cfg, ("pretrained", "weights", "resume"))
-    _check_root(cfg)
-    weights = read_checkpoint(cfg.weights, "--weights") if cfg.weights else None
-    if weights is not None and weights["kind"] != "ReIDModel":
-        raise ReIDInputError(f"--weights {cfg.weights} holds a bare NFormer (of 'nformer-reid features'), not a "
-                             "Re-ID model")
-    resume = _check_resume(cfg, None) if cfg.resume and cfg.stage == "1" else None
-    dataset = _parse_dataset(cfg)
+    def everywhere(step):  # a check run by every rank: its failure on one rank fails all of them
+        return step() if ranks is None else _agree(step, ranks)
+
+    def main_only(step):  # rank 0 writes; its failure fails every rank
+        return step() if ranks is None else _main_only(step, ranks)
+
+    def check_inputs():
+        device = ranks.device if ranks is not None else _device(cfg)
+        inputs = _input_files(cfg, ("pretrained", "weights", "resume"))
+        _check_root(cfg)
+        if ranks is not None:
+            _check_world_split(cfg, ranks.size)
+        weights = read_checkpoint(cfg.weights, "--weights") if cfg.weights else None
+        if weights is not None and weights["kind"] != "ReIDModel":
+            raise ReIDInputError(f"--weights {cfg.weights} holds a bare NFormer (of 'nformer-reid features'), not a "
+                                 "Re-ID model")
+        resume = _check_resume(cfg, None) if cfg.resume and cfg.stage == "1" else None
+        return device, inputs, weights, resume, _parse_dataset(cfg)
+
+    device, inputs, weights, resume, dataset = everywhere(check_inputs)
 
     def prepare():
         """Dataset-dependent checks, then the model (--pretrained, --weights and --resume checked against it)."""
         _check_train_dataset(cfg, dataset)
         state = _check_resume(cfg, len(dataset.train)) if cfg.resume and cfg.stage == "2" else resume
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         with _user_error():
             model = ReIDModel(dataset.num_train_pids, arch=cfg.arch, feat_dim=cfg.feat_dim, pretrained=cfg.pretrained,
                               nformer_depth=cfg.nformer_depth, nformer_landmarks=cfg.nformer_landmarks,
@@ -307,15 +335,22 @@ def train(cfg, invocation: Invocation = Invocation()):
             logger.info("loaded weights from %s", cfg.weights)
         return model
 
-    model = prepare() if dataset is not None else None  # a real dataset: everything checked before any write
-    _start_run(cfg, _train_outputs(cfg), inputs, invocation)
+    model = everywhere(prepare) if dataset is not None else None  # a real dataset: everything checked before any write
+    main_only(lambda: _start_run(cfg, _train_outputs(cfg), inputs, invocation))
     logger.info("nformer-reid train %s", dataclasses.asdict(cfg))
-    if dataset is None:  # synthetic: generated under --out (or --root) first
-        dataset = _synthetic_dataset(cfg)
-        model = prepare()
+    if dataset is None:  # synthetic: generated under --out (or --root) first, by rank 0
+        root = cfg.root or os.path.join(cfg.out, "synthetic_market")
+        main_only(lambda: make_synthetic_market(root, size=cfg.size, seed=cfg.seed))
+
+        def read_synthetic():
+            nonlocal dataset
+            dataset = Market1501(root)
+            return prepare()
+
+        model = everywhere(read_synthetic)
     histories, timings = {}, {}
     started = time.perf_counter()
-    if cfg.stage in ("1", "both"):
+    if cfg.stage in ("1", "both"):  # under a process group each rank's loader yields its share of each batch
         loader = build_train_loader(dataset.train, cfg.size, cfg.batch_size, cfg.num_instances, cfg.workers, cfg.seed)
         histories["stage 1"] = train_backbone(
             model, loader, dataset.num_train_pids, out_dir=cfg.out, epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -334,13 +369,31 @@ def train(cfg, invocation: Invocation = Invocation()):
             seq_len=cfg.seq_len, batch_size=cfg.nformer_batch, lr=cfg.nformer_lr, amp=cfg.amp, device=device,
             seed=cfg.seed, resume=cfg.resume if cfg.stage == "2" else None, save_last=cfg.save_last)
         timings["training stage 2"] = round(time.perf_counter() - started, 4)
-    final = save_checkpoint(os.path.join(cfg.out, "model_final.pth"), model, stage=2 if cfg.stage != "1" else 1,
-                            epoch=cfg.epochs)
-    plot_losses(histories, os.path.join(cfg.out, "loss.png"))
-    logger.info("saved %s and %s", final, os.path.join(cfg.out, "loss.png"))
-    if cfg.eval:
-        _evaluate_model(cfg, model, dataset, device, invocation, timings)
-    _finish_run(cfg)
+
+    def finish():
+        final = save_checkpoint(os.path.join(cfg.out, "model_final.pth"), model, stage=2 if cfg.stage != "1" else 1,
+                                epoch=cfg.epochs)
+        plot_losses(histories, os.path.join(cfg.out, "loss.png"))
+        logger.info("saved %s and %s", final, os.path.join(cfg.out, "loss.png"))
+        if cfg.eval:
+            info = invocation if ranks is None else dataclasses.replace(invocation, distributed=ranks.describe())
+            _evaluate_model(cfg, model, dataset, device, info, timings)
+        _finish_run(cfg)
+
+    main_only(finish)
+    return histories
+
+
+def _check_world_split(cfg, world: int) -> None:
+    """Each global batch splits evenly over the ranks: the identities of a PK batch (stage 1) and
+    the sequences of a stage-2 batch."""
+    if cfg.stage in ("1", "both") and (cfg.batch_size // cfg.num_instances) % world:
+        raise ReIDInputError(f"--batch-size {cfg.batch_size} / --num-instances {cfg.num_instances} = "
+                             f"{cfg.batch_size // cfg.num_instances} identities per batch must be a multiple of the "
+                             f"{world} processes (each takes an equal share of every batch)")
+    if cfg.stage in ("2", "both") and cfg.nformer_batch % world:
+        raise ReIDInputError(f"--nformer-batch {cfg.nformer_batch} must be a multiple of the {world} processes (each "
+                             "trains on an equal share of every batch of sequences)")
 
 
 def evaluate(cfg, invocation: Invocation = Invocation()):
@@ -601,9 +654,7 @@ def _features_distributed(cfg, invocation: Invocation):
                                      for r in range(ranks.size))]
         everything = _gather_rows(refined, counts, ranks)
         title = f"{dim}-d precomputed features"
-        run_info = {**invocation.run_info(cfg),
-                    "distributed": {"processes": ranks.size, "backend": "nccl" if ranks.device.type == "cuda"
-                                    else "gloo"}}
+        run_info = dataclasses.replace(invocation, distributed=ranks.describe()).run_info(cfg)
 
         def write():
             logger.info("results on %s (%d query / %d gallery, %d processes):", title, num_q, num_g, ranks.size)
@@ -706,7 +757,7 @@ def refine_command(cfg, invocation: Invocation = Invocation()):
 
 # ------------------------------------------------------------------------------------------------ torchrun
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DISTRIBUTED_COMMANDS = ("refine", "features")  # the commands that take --distributed
+DISTRIBUTED_COMMANDS = ("train", "features", "refine")  # the commands that take --distributed
 
 
 def _launch_hint(command: str) -> str:
@@ -753,7 +804,7 @@ def check_launch(cfg) -> None:
             raise ReIDInputError(f"torchrun started {env[1]} processes but --distributed was not given: add "
                                  f"--distributed to shard {cfg.command} over them, or run it without torchrun")
         raise ReIDInputError(f"{cfg.command} runs in one process, but torchrun started {env[1]}: run it without "
-                             f"torchrun (--distributed is an option of {' and '.join(DISTRIBUTED_COMMANDS)})")
+                             f"torchrun (--distributed is an option of {', '.join(DISTRIBUTED_COMMANDS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -767,6 +818,10 @@ class _Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> Dict[str, object]:
+        """What results.json's "distributed" says of the world."""
+        return {"processes": self.size, "backend": "nccl" if self.device.type == "cuda" else "gloo"}
+
     def rows(self, total: int) -> Tuple[int, int]:
         """This rank's contiguous share [start, stop) of `total` rows: in rank order, as even as
         possible (the first total % size ranks one row more; ranks beyond total rows get none)."""
@@ -775,82 +830,29 @@ class _Ranks:
         return start, start + base + (self.rank < extra)
 
 
-def _rank_device(cfg, local_rank: int) -> torch.device:
-    """auto: CUDA when available; CUDA ranks use cuda:LOCAL_RANK (an explicit other index is refused)."""
-    name = str(cfg.device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        with _user_error("--device: "):
-            named = torch.device(name)
-        if named.index is not None and named.index != local_rank:
-            raise ReIDInputError(f"--device {cfg.device}: under torchrun each rank uses cuda:LOCAL_RANK (cuda:"
-                                 f"{local_rank} here); pass --device cuda")
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if local_rank >= found:
-            raise ReIDInputError(f"--device {cfg.device}: LOCAL_RANK={local_rank} needs GPU {local_rank}, this node has "
-                                 f"{found} (start at most that many processes per node, or use --device cpu)")
-        name = f"cuda:{local_rank}"
-    with _user_error():
-        return as_device(name, "--device")
-
-
 @contextlib.contextmanager
 def _process_group(cfg):
     """The torchrun world of a --distributed run: the default process group from torchrun's
-    environment (gloo for CPU ranks, NCCL for CUDA ones, with the --dist-timeout on its start and
-    every collective), console logging at WARNING on ranks other than 0, the group destroyed at
-    the end. A group already initialised (a caller's) is used if its rank and size are torchrun's."""
+    environment (engine.ddp.init_distributed: gloo for CPU ranks, NCCL for CUDA ones on
+    cuda:LOCAL_RANK; --dist-timeout bounds its start and every collective), ranks other than 0
+    logging WARNING and above to the console, the group destroyed at the end. A group already
+    initialised (a caller's) is used, and left, if its rank and size are torchrun's."""
     import datetime
 
-    import torch.distributed as dist
+    from nformer_reid.engine import ddp
 
     check_launch(cfg)
-    rank, world, local_rank = _torchrun_env(cfg.command)
-    device = _rank_device(cfg, local_rank)
-    owned = not dist.is_initialized()
-    if not owned:
-        if (dist.get_rank(), dist.get_world_size()) != (rank, world):
-            raise ReIDInputError(f"a process group of {dist.get_world_size()} processes (this one rank "
-                                 f"{dist.get_rank()}) is already initialised, but torchrun's environment says "
-                                 f"WORLD_SIZE={world} (RANK={rank})")
-    else:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                                    world_size=world, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-        except dist.DistError as exc:
-            raise ReIDInputError(f"--distributed: the {world} processes of WORLD_SIZE={world} did not all join "
-                                 f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within --dist-timeout "
-                                 f"{cfg.dist_timeout:g} s ({' '.join(str(exc).split())[:200]}); start every rank "
-                                 f"with {_launch_hint(cfg.command)}") from None
-    if rank:
-        _rank_logging(rank)
+    owned = not ddp.is_initialized()
+    # its errors (a WORLD_SIZE the group disagrees with, ranks that never join within the timeout)
+    # are ReIDInputErrors, raised before any collective
+    device = ddp.init_distributed(cfg.device, timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    if not ddp.is_main_process():
+        ddp.setup_rank_logging()
     try:
-        yield _Ranks(rank, world, device)
+        yield _Ranks(ddp.rank(), ddp.world_size(), device)
     finally:
-        if owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class _RankPrefix(logging.Filter):
-    def __init__(self, rank: int):
-        super().__init__()
-        self.prefix = f"[rank {rank}] "
-
-    def filter(self, record):
-        if not str(record.msg).startswith(self.prefix):
-            record.msg = self.prefix + str(record.msg)
-        return True
-
-
-def _rank_logging(rank: int) -> None:
-    """Ranks other than 0 log WARNING and above to the console, prefixed with their rank (rank 0
-    logs as a single process does, and alone writes files)."""
-    for handler in setup_logging(None, logging.WARNING).handlers:
-        if not any(isinstance(f, _RankPrefix) for f in handler.filters):
-            handler.addFilter(_RankPrefix(rank))
+        if owned:
+            ddp.shutdown()
 
 
 def _one_line(exc: BaseException) -> str:

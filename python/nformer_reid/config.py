@@ -182,8 +182,8 @@ class EvalOptions(RerankOptions):
 
 
 @dataclass(frozen=True)
-class TrainConfig(Validated, KnnOptions, EvalOptions, NFormerTrainingOptions, NFormerOptions, BackboneOptions,
-                  RunOptions, DataOptions):
+class TrainConfig(Validated, DistributedOptions, KnnOptions, EvalOptions, NFormerTrainingOptions, NFormerOptions,
+                  BackboneOptions, RunOptions, DataOptions):
     command: ClassVar[str] = "train"
     summary: ClassVar[str] = "train stage 1 (backbone) and/or stage 2 (NFormer)"
 
