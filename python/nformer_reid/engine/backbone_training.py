@@ -177,8 +177,8 @@ def train_backbone(model, train_loader, num_classes: int, *, out_dir: str, epoch
                 bar.set_postfix(loss=f"{value:.3f}", acc=f"{acc:.2f}")
                 step += 1
                 if estimate is not None:  # images x channels x height x width (per process under DDP)
-                    estimate.shape = " x ".join(map(str, imgs.shape)) + (f" per process x {world}" if distributed
-                                                                         else "")
+                    estimate.shape = " x ".join(map(str, imgs.shape)) + (f" on each of {world} processes"
+                                                                         if distributed else "")
                     estimate.tick()
                 if step % log_period == 0:
                     logger.info("stage1 epoch %d step %d: loss %.3f acc %.3f lr %.2e", epoch + 1, step, value, acc,

@@ -27,6 +27,7 @@ fails, torchrun stops the others.
 """
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -434,8 +435,11 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     device = as_device(device)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None,
-                                               broadcast_buffers=False)
+    ddp_class = nn.parallel.DistributedDataParallel
+    # the buffers are synced once at construction either way; newer torch names the per-step switch differently
+    no_step_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_class).parameters
+                    else {"broadcast_buffers": False})
+    return ddp_class(module, device_ids=ids, output_device=ids[0] if ids else None, **no_step_sync)
 
 
 def check_even_split(total: int, what: str, world: Optional[int] = None) -> int:
