@@ -434,7 +434,9 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return module
     device = as_device(device)
-    ids = [device.index] if device.type == "cuda" else None
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
     ddp_class = nn.parallel.DistributedDataParallel
     # the buffers are synced once at construction either way; newer torch names the per-step switch differently
     no_step_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_class).parameters
