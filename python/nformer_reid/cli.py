@@ -10,6 +10,7 @@
   nformer-reid refine --input gallery.npy --output refined.npy --weights runs/nformer_features/nformer.pth
   nformer-reid rerank --features market_features.pt --save-ranks 100 --out runs/rerank
   torchrun --nproc-per-node 4 -m nformer_reid refine --distributed --input g.npy --output r.npy --weights n.pth
+  torchrun --nproc-per-node 2 -m nformer_reid train --distributed --data market1501 --root ~/data --out runs/m
 
 Options come from four places; the first that sets an option wins:
   KEY=VALUE after the options (or --set KEY=VALUE), e.g. `nformer_steps=100 out=runs/x`: option names
@@ -47,7 +48,9 @@ outputs:
   --save-neighbors) and no folder.
 
 torchrun (--distributed):
-  refine and features take --distributed under `torchrun --nproc-per-node P -m nformer_reid ...`:
+  train, features and refine take --distributed under `torchrun --nproc-per-node P -m nformer_reid
+  ...`. train: both stages under DistributedDataParallel on the single process's global batches
+  (each rank loads its share of every batch; --eval on rank 0 at the end). features and refine:
   each rank holds a contiguous share of the rows (refine memory-maps its rows of a .npy --input;
   other formats and features' files are read whole on every rank, each keeping its share), and
   the numbers are the single process's. Only rank 0 writes files, except refine's .npy --output /

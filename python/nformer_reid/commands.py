@@ -279,7 +279,8 @@ def train(cfg, invocation: Invocation = Invocation()):
     evaluation. With --distributed (under torchrun) both stages train with DistributedDataParallel
     on the single process's global batches (engine.ddp: each rank loads its share of every PK
     batch and of every batch of sequences), every check agreed by all ranks before any work; rank
-    0 alone writes the outputs and checkpoints, and evaluates (--eval) while the others wait."""
+    0 alone writes the outputs and checkpoints, and evaluates (--eval) once the others have ended
+    (a failure there is rank 0's exit status, which torchrun reports)."""
     if cfg.distributed:
         with _process_group(cfg) as ranks:
             return _train(cfg, invocation, ranks)
@@ -370,17 +371,21 @@ def _train(cfg, invocation: Invocation, ranks: Optional["_Ranks"]):
             seed=cfg.seed, resume=cfg.resume if cfg.stage == "2" else None, save_last=cfg.save_last)
         timings["training stage 2"] = round(time.perf_counter() - started, 4)
 
-    def finish():
+    def save():
         final = save_checkpoint(os.path.join(cfg.out, "model_final.pth"), model, stage=2 if cfg.stage != "1" else 1,
                                 epoch=cfg.epochs)
         plot_losses(histories, os.path.join(cfg.out, "loss.png"))
         logger.info("saved %s and %s", final, os.path.join(cfg.out, "loss.png"))
-        if cfg.eval:
-            info = invocation if ranks is None else dataclasses.replace(invocation, distributed=ranks.describe())
-            _evaluate_model(cfg, model, dataset, device, info, timings)
-        _finish_run(cfg)
 
-    main_only(finish)
+    main_only(save)
+    if ranks is not None and not ranks.main:
+        # The evaluation is rank 0's alone and communicates nothing: the other ranks end here
+        # rather than wait for it in a collective (which --dist-timeout would cut short).
+        return histories
+    if cfg.eval:
+        info = invocation if ranks is None else dataclasses.replace(invocation, distributed=ranks.describe())
+        _evaluate_model(cfg, model, dataset, device, info, timings)
+    _finish_run(cfg)
     return histories
 
 
