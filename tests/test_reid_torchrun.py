@@ -167,6 +167,9 @@ def test_refine_under_torchrun_equals_the_single_process(files, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.load(out / "nb.npy"), np.load(neighbours))
     assert sorted(os.listdir(out)) == ["nb.npy", "refined.npy"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "refined.npy").st_mode & 0o777 == 0o666 & ~umask  # as a file written with open()
     assert "on 2 processes" in log
 
 
