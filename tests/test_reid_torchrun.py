@@ -35,12 +35,15 @@ from tests.distributed_helpers import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 240
 DIM = 16
+LANDMARK_SENSITIVE_SCALE = 10.0  # the blocks' weights of the test NFormer, times this
 TINY = ["--size", "32", "16", "--workers", "0"]  # train on the synthetic images, as tests/test_reid_cli
 
 
 def _make_files(folder):
     """A small benchmark (query + gallery in one .pt, the gallery as .npy and as a labelled .pt)
-    and an NFormer of 2 blocks saved as `features --train` saves it."""
+    and an NFormer of 2 blocks saved as `features --train` saves it, its blocks' weights scaled up
+    so that its output depends on the landmarks drawn (at their initial scale the attention is
+    near-uniform: another seed changes the output by ~1e-6, which a 1e-5 comparison would miss)."""
     os.makedirs(folder, exist_ok=True)
     bench = make_feature_benchmark(num_train_ids=20, num_test_ids=10, num_cams=3, images_per_cam=2, cams_per_id=2,
                                    dim=DIM, noise=1.0, num_distractors=5, seed=0)
@@ -53,6 +56,10 @@ def _make_files(folder):
     np.save(paths["one_row"], bench.gallery.feats[:1].numpy())
     torch.manual_seed(0)
     nformer = nk.NFormer(dim=DIM, depth=2, num_landmarks=3, topk=4, num_classes=20)
+    with torch.no_grad():  # peaked attention: the landmarks drawn matter (another seed moves outputs by ~0.7)
+        for name, param in nformer.named_parameters():
+            if name.startswith("blocks.") and param.dim() == 2:
+                param.mul_(LANDMARK_SENSITIVE_SCALE)
     save_checkpoint(paths["nformer"], nformer, stage=2, epoch=0, config=nformer.config)
     return paths
 
@@ -171,6 +178,16 @@ def test_refine_under_torchrun_equals_the_single_process(files, tmp_path):
     os.umask(umask)
     assert os.stat(out / "refined.npy").st_mode & 0o777 == 0o666 & ~umask  # as a file written with open()
     assert "on 2 processes" in log
+
+
+def test_the_test_nformer_depends_on_the_landmark_draw(files, tmp_path):
+    """Without this the comparisons above could not tell a wrong landmark draw from the right one."""
+    outputs = []
+    for seed in (0, 1):
+        path = str(tmp_path / f"seed{seed}.npy")
+        assert main([*_refine_argv(files, "gallery_npy", path), "--seed", str(seed)]) == 0
+        outputs.append(np.load(path))
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-2
 
 
 def test_features_under_torchrun_give_the_single_process_numbers(files, worker_world, tmp_path):
