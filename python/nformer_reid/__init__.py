@@ -21,10 +21,10 @@ import logging
 from nformer_kernels import __version__
 from nformer_reid.metrics import compute_distance_matrix, evaluate_features, evaluate_rank
 from nformer_reid.plotting import plot_cmc
-from nformer_reid.rerank import re_ranking, re_ranking_sparse
+from nformer_reid.rerank import re_ranking, re_ranking_sparse, re_ranking_sparse_chunks
 from nformer_reid.utils.errors import ReIDInputError
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet unless the application configures logging
 
 __all__ = ["ReIDInputError", "__version__", "compute_distance_matrix", "evaluate_features", "evaluate_rank",
-           "plot_cmc", "re_ranking", "re_ranking_sparse"]
+           "plot_cmc", "re_ranking", "re_ranking_sparse", "re_ranking_sparse_chunks"]
