@@ -5,6 +5,7 @@
   evaluation         feature extraction, NFormer refinement, mAP/mINP/CMC (score), the compare pipeline
   checkpoints        the one checkpoint format
   device             device choice and autocast
+  ddp                torchrun process groups, rank-0 writes, global-batch losses and BatchNorm (DDP training)
 """
 from nformer_reid.engine.backbone_training import train_backbone
 from nformer_reid.engine.checkpoints import load_checkpoint, load_model, save_checkpoint
