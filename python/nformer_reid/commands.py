@@ -908,21 +908,14 @@ def _write_rows_npy(path: str, rows: np.ndarray, total: int, start: int, ranks: 
     its rows [start, start + len(rows)) through a memory map and syncs them, and once all have,
     rank 0 renames it to `path`. A failure on any rank removes the temporary file on all of them,
     leaving `path` as it was. The folder must be one every rank sees (a shared filesystem)."""
-    import tempfile
-
-    from nformer_reid.utils.io import _umask
+    from nformer_reid.utils.io import publish, temporary_beside
 
     path = os.path.expanduser(os.fspath(path))
     shape, dtype = (total, *rows.shape[1:]), rows.dtype
 
     def create():
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-            os.close(fd)
-        except OSError as exc:
-            raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        fd, tmp = temporary_beside(path)
+        os.close(fd)
         try:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
         except OSError as exc:
@@ -950,8 +943,7 @@ def _write_rows_npy(path: str, rows: np.ndarray, total: int, start: int, ranks: 
 
     def rename():
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file written with open() gets the umask's mode
-            os.replace(tmp, path)
+            publish(tmp, path)
         except OSError as exc:
             raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 from nformer_reid.utils.errors import ReIDInputError
 
@@ -28,6 +28,24 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
+
+
+def temporary_beside(path: str) -> Tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder (created if missing), named after it;
+    ReIDInputError naming `path` when that is not possible."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    except OSError as exc:
+        raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rename the finished temporary file `tmp` to `path`, with the mode open() would have given it
+    (mkstemp makes 0600). Raises OSError as os.replace does."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -39,19 +57,13 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator:
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-    except OSError as exc:
-        raise ReIDInputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    fd, tmp = temporary_beside(path)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a file written with open() gets the umask's mode
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
