@@ -126,6 +126,11 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if _case_takes(item)]
+    for item in items:
+        # The emulation runs one thread per CUDA thread through spinning barriers: two emulated
+        # launches at once (two pytest-xdist workers) starve each other, so one worker takes them all.
+        if getattr(item, "callspec", None) and item.callspec.params.get("backend") == EMULATED:
+            item.add_marker(pytest.mark.xdist_group("cuda-emulation"))
 
 
 @pytest.fixture

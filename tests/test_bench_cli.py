@@ -89,7 +89,7 @@ def test_worker_agreement_protocol(capsys):
     assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_ref"]) and check["knn_index_match"] == 1.0
 
 
-COMMANDS = ("run", "knn", "certified", "distributed", "tune", "check", "report")
+COMMANDS = ("run", "knn", "certified", "distributed", "eval-features", "rerank", "tune", "check", "report")
 
 
 def test_no_arguments_prints_help_listing_every_command(capsys):

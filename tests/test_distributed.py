@@ -7,9 +7,6 @@ are two. Each rank writes its results to a file; the tests put the shards back t
 compare them with nk.knn / nk.reciprocal_mask / the NFormer on all rows.
 """
 import argparse
-import datetime
-import os
-import traceback
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ import nformer_kernels as nk
 from nformer_bench import cli
 from nformer_bench import distributed as cost
 from nformer_kernels import distributed as nkd
-from tests.distributed_helpers import WORLD_TIMEOUT_S, free_port, spawn
+from tests.distributed_helpers import WORLD_TIMEOUT_S, world_results
 from tests.helpers import assert_close, brute_knn, gapped_rows, randn, random_neighbours
 
 DIM, DEPTH, HEADS, LANDMARKS, TOPK, FFN = 16, 2, 2, 3, 6, 32
@@ -219,47 +216,13 @@ def run_cases(rank, world, device, group=None):
     return out
 
 
-def _child(rank, world, backend, port, out_dir):
-    torch.set_num_threads(1)
-    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=WORLD_TIMEOUT_S // 2))
-    try:
-        torch.save(run_cases(rank, world, device), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _in_process_world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        return [run_cases(0, 1, torch.device("cpu"))]
-    except Exception:  # the traceback of a case, not of the teardown
-        pytest.fail(traceback.format_exc())
-    finally:
-        dist.destroy_process_group()
-
-
 WORLDS = ["single-process", "gloo-1", "gloo-2", "gloo-3", pytest.param("nccl-2", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module", params=WORLDS)
 def world(request, tmp_path_factory):
     """(world size, every rank's results) of one world."""
-    kind = request.param
-    if kind == "single-process":
-        assert not dist.is_initialized()
-        with torch.random.fork_rng():
-            return 1, [run_cases(0, 1, torch.device("cpu"))]
-    if kind == "gloo-1":
-        return 1, _in_process_world_of_one()
-    backend, size = kind.split("-")
-    size = int(size)
-    if backend == "nccl" and torch.cuda.device_count() < size:
-        pytest.skip(f"NCCL needs {size} CUDA GPUs, this machine has {torch.cuda.device_count()}")
-    return size, spawn(size, backend, tmp_path_factory.mktemp(kind), _child)
+    return world_results(request.param, run_cases, tmp_path_factory)
 
 
 def _gathered(results, name):

@@ -7,9 +7,6 @@ there are two. Each rank writes its (cmc, mAP, mINP) or its error per case; the 
 every rank's answer with evaluate_features and evaluate_rank(compute_distance_matrix(...)) on all
 rows: equal, not close.
 """
-import datetime
-import os
-import traceback
 import warnings
 
 import numpy as np
@@ -20,7 +17,7 @@ import torch.distributed as dist
 from nformer_kernels import distributed as nkd
 from nformer_reid import metrics
 from nformer_reid.distributed import evaluate_features_distributed
-from tests.distributed_helpers import WORLD_TIMEOUT_S, free_port, spawn
+from tests.distributed_helpers import world_results
 
 ID_NAMES = ("q_pids", "g_pids", "q_camids", "g_camids")
 
@@ -206,46 +203,13 @@ def run_cases(rank, world, device, group=None):
     return out
 
 
-def _child(rank, world, backend, port, out_dir):
-    torch.set_num_threads(1)
-    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=WORLD_TIMEOUT_S // 2))
-    try:
-        torch.save(run_cases(rank, world, device), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _in_process_world_of_one():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        return [run_cases(0, 1, torch.device("cpu"))]
-    except Exception:  # the traceback of a case, not of the teardown
-        pytest.fail(traceback.format_exc())
-    finally:
-        dist.destroy_process_group()
-
-
 WORLDS = ["single-process", "gloo-1", "gloo-2", "gloo-3", pytest.param("nccl-2", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module", params=WORLDS)
 def world(request, tmp_path_factory):
     """(world size, every rank's results) of one world."""
-    kind = request.param
-    if kind == "single-process":
-        assert not dist.is_initialized()
-        return 1, [run_cases(0, 1, torch.device("cpu"))], kind
-    if kind == "gloo-1":
-        return 1, _in_process_world_of_one(), kind
-    backend, size = kind.split("-")
-    size = int(size)
-    if backend == "nccl" and torch.cuda.device_count() < size:
-        pytest.skip(f"NCCL needs {size} CUDA GPUs, this machine has {torch.cuda.device_count()}")
-    return size, spawn(size, backend, tmp_path_factory.mktemp(kind), _child), kind
+    return (*world_results(request.param, run_cases, tmp_path_factory), request.param)
 
 
 # ------------------------------------------------------------------ the single-process answers
