@@ -40,8 +40,8 @@ from typing import Optional
 import torch
 
 from nformer_kernels import distributed as nkd
-from nformer_reid.metrics import (NO_MATCH_MESSAGE, _as_bool, _as_ids, _check_metric, _Grid, _Matches, _peak,
-                                  _row_key, _same_pid_entries, _segment_cumsum, _small_gallery,
+from nformer_reid.metrics import (NO_MATCH_MESSAGE, _as_bool, _as_ids, _check_metric, _count_before_matches, _Grid,
+                                  _Matches, _peak, _row_key, _same_pid_entries, _segment_cumsum, _small_gallery,
                                   evaluate_features)
 from nformer_reid.utils.checks import as_features, as_int
 
@@ -235,22 +235,9 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
                 for gs in range(0, rows_b.shape[0], gallery_chunk):
                     ge = min(gs + gallery_chunk, rows_b.shape[0])
                     block = grid.block(q, q_sq[qs:qe], rows_b[gs:ge].double(), b_sq[gs:ge])
-                    if matches is None:
-                        continue
-                    flat = (block <= far[qs:qe, None]).view(-1).nonzero().squeeze(1)
-                    if flat.numel() == 0:
-                        continue
-                    width = block.shape[1]
-                    rows = flat // width + qs
-                    keys = _row_key(rows, block.view(-1)[flat])
-                    pos = torch.searchsorted(m_keys, keys)  # matches with a smaller (query, distance) key
-                    tied = torch.searchsorted(m_keys, keys, right=True) > pos
-                    if bool(tied.any()):  # equal distance: the entry precedes the tied matches of larger index
-                        t = tied.nonzero().squeeze(1)
-                        col = flat[t] % width + (offsets[owner] + gs)
-                        pos[t] = torch.searchsorted(tie_keys, pos[t] * (num_g + 1) + col, right=True)
-                    pos = pos[pos < m_end[rows]]
-                    hist += torch.bincount(pos, minlength=hist.numel())
+                    if matches is not None:
+                        _count_before_matches(block, far[qs:qe], qs, offsets[owner] + gs, m_keys, tie_keys, num_g,
+                                              m_end, hist)
         except (TypeError, ValueError) as exc:
             err = exc
     _agree(err, world.rows, device, {}, group)

@@ -477,6 +477,25 @@ def compute_distance_matrix(qf: ArrayLike, gf: ArrayLike, metric: str = "euclide
     return out
 
 
+def _count_before_matches(block, far, first_row, first_col, m_keys, tie_keys, num_g, m_end, hist) -> None:
+    """Adds to hist[j] the entries of one distance block (global query rows from first_row, gallery
+    columns from first_col) whose first following match, in (query, distance, gallery index)
+    order, is match j: only entries no farther than their query's farthest match (`far`) count."""
+    flat = (block <= far[:, None]).view(-1).nonzero().squeeze(1)
+    if flat.numel() == 0:
+        return
+    width = block.shape[1]
+    rows = flat // width + first_row
+    keys = _row_key(rows, block.view(-1)[flat])
+    pos = torch.searchsorted(m_keys, keys)  # matches with a smaller (query, distance) key
+    tied = torch.searchsorted(m_keys, keys, right=True) > pos
+    if bool(tied.any()):  # equal distance: the entry precedes the tied matches of larger index
+        t = tied.nonzero().squeeze(1)
+        pos[t] = torch.searchsorted(tie_keys, pos[t] * (num_g + 1) + (flat[t] % width + first_col), right=True)
+    pos = pos[pos < m_end[rows]]
+    hist += torch.bincount(pos, minlength=hist.numel())
+
+
 def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
                       g_camids: ArrayLike, metric: str = "euclidean", normalize: bool = False, max_rank: int = 50,
                       use_metric_cuhk03: bool = False, return_mINP: bool = False, *,
@@ -557,20 +576,7 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
         far = torch.where(has, matches.far[qs:qe], torch.full_like(matches.far[qs:qe], -math.inf))
         for gs in range(0, num_g, gallery_chunk):
             g, g_sq = grid.rows(gf[gs:gs + gallery_chunk].to(device))
-            block = grid.block(q, q_sq, g, g_sq)
-            flat = (block <= far[:, None]).view(-1).nonzero().squeeze(1)
-            if flat.numel() == 0:
-                continue
-            width = block.shape[1]
-            rows = flat // width + qs
-            keys = _row_key(rows, block.view(-1)[flat])
-            pos = torch.searchsorted(m_keys, keys)  # matches with a smaller (query, distance) key
-            tied = torch.searchsorted(m_keys, keys, right=True) > pos
-            if bool(tied.any()):  # equal distance: the entry precedes the tied matches of larger index
-                t = tied.nonzero().squeeze(1)
-                pos[t] = torch.searchsorted(tie_keys, pos[t] * (num_g + 1) + (flat[t] % width + gs), right=True)
-            pos = pos[pos < m_end[rows]]
-            hist += torch.bincount(pos, minlength=hist.numel())
+            _count_before_matches(grid.block(q, q_sq, g, g_sq), far, qs, gs, m_keys, tie_keys, num_g, m_end, hist)
     before = _segment_cumsum(hist, matches.start, m_row)
     max_rank = _small_gallery(max_rank, num_g, "evaluate_features")
     return _scores(matches, before, num_g, max_rank, None, return_mINP)
