@@ -641,8 +641,9 @@ def _attention(cfg, emit):
 
 
 def _nformer(cfg, emit):
+    import argparse
+
     from nformer_bench import report, sweep
-    from nformer_bench.cli import _parser
 
     methods = (["nformer"] if cfg["backends"] else []) + ["dense-official", "dense-transformer"]
     margin = 0.1 * cfg["limit_s"]  # the last configuration started must end before the stage's limit
@@ -653,7 +654,9 @@ def _nformer(cfg, emit):
             "--time-budget-s", str(cfg["limit_s"] - margin), "--isolation", "none", "--check-n", str(cfg["check_n"])]
     if cfg["backends"]:
         argv += ["--backends", ",".join(cfg["backends"])]
-    args = _parser().parse_args(argv)
+    parser = argparse.ArgumentParser(prog="nformer-bench run")  # `nformer-bench run`'s options, as it parses them
+    sweep.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
     args.argv = argv
     runs = sweep.Sweep(args)
     emit({"kind": "meta", **runs.meta()})
