@@ -43,6 +43,15 @@ def spawn(world, backend, out_dir, child, *extra):
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def error_of(fn):
+    """(exception type name, message) of the TypeError / ValueError fn() raises, ("no error", "") if none."""
+    try:
+        fn()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return "no error", ""
+
+
 def _cases_child(rank, world, backend, port, out_dir, run_cases):
     torch.set_num_threads(1)
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")

@@ -16,7 +16,7 @@ import nformer_kernels as nk
 from nformer_bench import cli
 from nformer_bench import distributed as cost
 from nformer_kernels import distributed as nkd
-from tests.distributed_helpers import WORLD_TIMEOUT_S, world_results
+from tests.distributed_helpers import WORLD_TIMEOUT_S, error_of, world_results
 from tests.helpers import assert_close, brute_knn, gapped_rows, randn, random_neighbours
 
 DIM, DEPTH, HEADS, LANDMARKS, TOPK, FFN = 16, 2, 2, 3, 6, 32
@@ -159,14 +159,6 @@ CASES = {
 NFORMER_CASES = [name for name in CASES if name.startswith("nformer")]
 
 
-def _error(fn):
-    try:
-        fn()
-    except (TypeError, ValueError) as exc:
-        return type(exc).__name__, str(exc)
-    return "no error", ""
-
-
 def _last_rank_bad(rank, sizes, good, bad):
     return bad if rank == len(sizes) - 1 else good
 
@@ -209,10 +201,10 @@ def run_cases(rank, world, device, group=None):
         out[name + ":traffic"] = nkd.traffic()
     for name, (run, _, _) in ERRORS.items():
         sizes = _sizes(61, world)
-        out[name] = _error(lambda: run(lambda t: _shard(t, sizes, rank, device), device, rank, sizes, group))
+        out[name] = error_of(lambda: run(lambda t: _shard(t, sizes, rank, device), device, rank, sizes, group))
     if dist.is_initialized() and world > 1:  # a process outside the group is refused by name
         sub = dist.new_group([0])
-        out["not_a_member"] = _error(lambda: nkd.knn(_features()[:5].to(device), 2, sub)) if rank else ("rank 0", "")
+        out["not_a_member"] = error_of(lambda: nkd.knn(_features()[:5].to(device), 2, sub)) if rank else ("rank 0", "")
     return out
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from nformer_kernels import distributed as nkd
 from nformer_reid import metrics
 from nformer_reid.distributed import evaluate_features_distributed
-from tests.distributed_helpers import world_results
+from tests.distributed_helpers import error_of, world_results
 
 ID_NAMES = ("q_pids", "g_pids", "q_camids", "g_camids")
 
@@ -116,14 +116,6 @@ CASES = {
 }
 
 
-def _error(fn):
-    try:
-        fn()
-    except (TypeError, ValueError) as exc:
-        return type(exc).__name__, str(exc)
-    return "no error", ""
-
-
 def _last(rank, world, good, bad):
     return bad if rank == world - 1 else good
 
@@ -195,10 +187,10 @@ def run_cases(rank, world, device, group=None):
     for name, (run, _, _, _) in ERRORS.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[name] = _error(lambda: run(rank, world, device, group))
+            out[name] = error_of(lambda: run(rank, world, device, group))
     if dist.is_initialized() and world > 1:  # a group of ranks 1.. (rank 0 outside it is refused by name)
         sub = dist.new_group(list(range(1, world)))
-        out["subgroup"] = _error(lambda: _call(_clustered(), rank, world, device, sub)) if rank == 0 else \
+        out["subgroup"] = error_of(lambda: _call(_clustered(), rank, world, device, sub)) if rank == 0 else \
             _call(_clustered(), rank - 1, world - 1, device, sub, return_mINP=True)
     return out
 
@@ -301,9 +293,9 @@ def test_a_subgroup_evaluates_its_own_shards(world):
 
 def test_single_process_errors_match():
     """The errors a world of 1 reports are evaluate_features' own."""
-    assert _error(lambda: metrics.evaluate_features(*_no_valid_match().values())) == (
+    assert error_of(lambda: metrics.evaluate_features(*_no_valid_match().values())) == (
         "ValueError", metrics.NO_MATCH_MESSAGE)
-    kind, message = _error(lambda: metrics.evaluate_features(*_overflowing().values()))
+    kind, message = error_of(lambda: metrics.evaluate_features(*_overflowing().values()))
     assert kind == "ValueError" and "exceed the float32 range" in message
 
 

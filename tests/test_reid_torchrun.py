@@ -27,7 +27,7 @@ import torch
 
 import nformer_kernels as nk
 from nformer_reid.cli import main
-from nformer_reid.commands import TORCHRUN_ENV
+from nformer_reid.engine.ddp import TORCHRUN_ENV
 from nformer_reid.data import make_feature_benchmark, save_features, save_query_gallery
 from nformer_reid.engine import save_checkpoint
 from tests.distributed_helpers import free_port

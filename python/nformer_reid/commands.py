@@ -761,7 +761,6 @@ def refine_command(cfg, invocation: Invocation = Invocation()):
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DISTRIBUTED_COMMANDS = ("train", "features", "refine")  # the commands that take --distributed
 
 
@@ -772,6 +771,8 @@ def _launch_hint(command: str) -> str:
 def _torchrun_env(command: str) -> Optional[Tuple[int, int, int]]:
     """(RANK, WORLD_SIZE, LOCAL_RANK) when every variable torchrun sets is present, None when none
     is; ReIDInputError for a partial, non-integer or out-of-range environment."""
+    from nformer_reid.engine.ddp import TORCHRUN_ENV
+
     present = [name for name in TORCHRUN_ENV if os.environ.get(name)]
     if not present:
         return None
@@ -799,6 +800,8 @@ def check_launch(cfg) -> None:
     process a command without --distributed is refused (every rank would run all of it and write
     the same files). A torchrun world of one without --distributed is the single process.
     ReIDInputError otherwise; the checks read only the environment, so every rank fails alike."""
+    from nformer_reid.engine.ddp import TORCHRUN_ENV
+
     distributed = bool(getattr(cfg, "distributed", False))
     env = _torchrun_env(cfg.command)
     if distributed and env is None:

@@ -10,7 +10,7 @@ import torch
 from nformer_reid.config import CENTER_LR, CENTER_WEIGHT, TRIPLET_MARGIN, WEIGHT_DECAY, TrainConfig
 from nformer_reid.engine import ddp
 from nformer_reid.engine.checkpoints import load_checkpoint, save_checkpoint
-from nformer_reid.engine.device import autocast, grad_scaler, resolve_device
+from nformer_reid.engine.device import autocast, describe_device, grad_scaler, resolve_device
 from nformer_reid.losses import ReIDLoss
 from nformer_reid.solver import make_optimizer, optimizer_step, warmup_multistep
 from nformer_reid.utils.checks import as_float, as_int
@@ -21,16 +21,6 @@ logger = logging.getLogger(__name__)
 
 ESTIMATE_STEPS = 3  # steps timed after the warm-up step for the duration estimate ...
 ESTIMATE_SECONDS = 10.0  # ... or fewer, once the timed ones took this long
-
-
-def describe_device(device: torch.device) -> str:
-    """"cpu (2 threads)", "cuda:0 (NVIDIA H200)": what a step time was measured on."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
 
 
 class StepEstimate:
@@ -47,7 +37,7 @@ class StepEstimate:
 
     def __init__(self, log: logging.Logger, stage: str, steps: int, shape: str, device: torch.device):
         self.log, self.stage, self.steps, self.shape = log, stage, steps, shape
-        self.device = describe_device(device)
+        self.device = describe_device(device, threads=True)
         self.started = time.perf_counter()
         self.warm = None  # when the warm-up step ended
         self.ticks = 0

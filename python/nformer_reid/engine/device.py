@@ -14,6 +14,17 @@ def resolve_device(device=None) -> torch.device:
     return as_device(device)
 
 
+def describe_device(device=None, threads: bool = False) -> str:
+    """What numbers were measured on: "cpu" ("cpu (2 threads)" with threads), "cuda:0 (<GPU name>)"."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if device.type == "cpu" and threads:
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
 def autocast(device: torch.device, amp: str = "auto"):
     """bf16/fp16 autocast on CUDA ("auto" = bf16); CPU runs in fp32. device: a torch.device or its name."""
     device = as_device(device)

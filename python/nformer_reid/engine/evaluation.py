@@ -12,7 +12,7 @@ import torch
 
 import nformer_kernels as nk
 from nformer_reid.config import KnnOptions, RerankOptions
-from nformer_reid.engine.device import autocast, resolve_device
+from nformer_reid.engine.device import autocast, describe_device, resolve_device
 from nformer_reid.metrics import evaluate_features, evaluate_rank
 from nformer_reid.plotting import plot_cmc
 from nformer_reid.rerank import re_ranking_sparse
@@ -244,15 +244,6 @@ def versions() -> Dict[str, str]:
     except metadata.PackageNotFoundError:
         pass
     return out
-
-
-def describe_device(device) -> str:
-    """'cpu', or 'cuda:0 (<GPU name>)'."""
-    device = resolve_device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return str(device)
 
 
 def results_document(results: Dict[str, Dict], *, device=None, timings: Optional[Dict] = None,
