@@ -4,8 +4,15 @@
 //
 // All ops take batched tensors; the Python wrappers add/remove the batch dim.
 //   knn(x (B,N,d) float, rows already L2-normalised, k) -> idx (B,N,k) int64
-//       idx[b,i,0] = i (self first); then the k-1 other j by decreasing <x_i,x_j>
-//       (fp32 accumulation), ties broken by smaller j.
+//       idx[b,i,0] = i (self first); then the k-1 other j by decreasing canonical score
+//       c(x_i, x_j) of the values taken as fp32 (common/canonical.h), ties broken by smaller j.
+//       cpu, torch, reference: exactly that. cuda, triton: stage 1 of the two-stage knn, the same
+//       order by their own fp32/fp16 scores (within the bound of canonical.score_error_bound).
+//   knn_rows(x (B,N,d), rows (B,R) int64, k) -> (B,R,k): knn's rows `rows` alone (exact: cpu, torch,
+//       reference), the rescan of the rows a two-stage knn could not certify.
+//   knn_rescore(x (B,N,d), candidates (B,N,K') int64, k, margin (B,N) float64) -> (idx (B,N,k),
+//       certified (B,N) bool): the canonical top-k among each row's candidates (score desc, id asc,
+//       slot asc; self first) and (K' >= N) | (c(last candidate) + margin < c(k-th)).
 //   reciprocal_mask(idx (B,N,k) int64) -> keep (B,N,k) bool, keep[i,t] = i in idx[idx[i,t]]
 //   reverse_index(idx, keep) -> rev (B,N,k) int64: for j, t' with i = idx[j,t'],
 //       rev[j,t'] = the t with idx[i,t] == j and keep[i,t]; -1 if there is none.
@@ -20,6 +27,7 @@
 
 TORCH_LIBRARY(nformer, m) {
   m.def("knn(Tensor x, int k) -> Tensor");
+  m.def("knn_rows(Tensor x, Tensor rows, int k) -> Tensor");
   m.def("knn_rescore(Tensor x, Tensor candidates, int k, Tensor margin) -> (Tensor, Tensor)");
   m.def("reciprocal_mask(Tensor idx) -> Tensor");
   m.def("reverse_index(Tensor idx, Tensor keep) -> Tensor");

@@ -7,11 +7,12 @@
   torch      plain PyTorch at O(N*k) memory (nformer_kernels/torch_ops.py)          any device
   reference  dense plain PyTorch, O(N^2) (nformer_kernels/reference.py)             any device
 
-Every backend implements the same batched kernel contract (csrc/ops.cpp): knn, knn_rescore,
-reciprocal_mask, reverse_index, sparse_attention, sparse_attention_backward. A backend that
-cannot take one call (k above its limit, a keep mask its gather-only backward cannot
-differentiate, fp64 re-scoring on triton) hands that call to the `torch` backend; `resolve` says
-so and logs why on logging.getLogger("nformer_kernels").
+Every backend implements the batched kernel contract (csrc/ops.cpp): knn, knn_rows, knn_rescore,
+reciprocal_mask, reverse_index, sparse_attention, sparse_attention_backward. The knn of cpu, torch
+and reference is the canonical answer itself (exact_knn); that of cuda and triton is stage 1 of the
+two-stage knn (ops/knn.py). A backend that cannot take one call (k above its limit, a keep mask its
+gather-only backward cannot differentiate, a kernel it lacks: knn_rows on cuda and triton) hands
+that call to the `torch` backend; `resolve` says so and logs why on logging.getLogger("nformer_kernels").
 """
 import contextlib
 import dataclasses
@@ -26,7 +27,7 @@ from nformer_kernels._extension import extension_available, extension_has_cuda
 
 logger = logging.getLogger("nformer_kernels")
 
-KERNELS = ("knn", "knn_rescore", "reciprocal_mask", "reverse_index", "sparse_attention", "sparse_attention_backward")
+KERNELS = ("knn", "knn_rows", "knn_rescore", "reciprocal_mask", "reverse_index", "sparse_attention", "sparse_attention_backward")
 # The path a call takes when the selected backend cannot take it.
 FALLBACK = "torch"
 
@@ -41,6 +42,8 @@ class Backend:
     to the largest k its kernels take; a family not listed has no fixed limit (the CUDA kernels'
     limit is the device's shared memory, and they raise a clear error past it). gather_backward:
     the attention backward gathers through reverse_index, so it needs keep within the reciprocal mask.
+    exact_knn: its knn kernel returns the canonical top-k itself (not stage-1 candidates).
+    missing: the kernels of KERNELS it does not have (resolve hands those calls to `torch`).
     """
 
     name: str
@@ -48,6 +51,8 @@ class Backend:
     kernels: Callable[[], Mapping[str, Callable]]
     limits: Callable[[], Dict[str, int]] = dict
     gather_backward: bool = False
+    exact_knn: bool = False
+    missing: Tuple[str, ...] = ()
 
 
 def _triton_module():
@@ -116,12 +121,14 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-register_backend(Backend("cuda", _extension_available("cuda"), _library_kernels(), gather_backward=True))
+register_backend(Backend("cuda", _extension_available("cuda"), _library_kernels(), gather_backward=True,
+                         missing=("knn_rows",)))
 register_backend(Backend("triton", _triton_available, _library_kernels("_triton"), _triton_limits,
-                         gather_backward=True))
-register_backend(Backend("cpu", _extension_available("cpu"), _library_kernels(), gather_backward=True))
-register_backend(Backend("torch", lambda device: "", _module_kernels(torch_ops)))
-register_backend(Backend("reference", lambda device: "", _module_kernels(reference)))
+                         gather_backward=True, missing=("knn_rows",)))
+register_backend(Backend("cpu", _extension_available("cpu"), _library_kernels(), gather_backward=True,
+                         exact_knn=True))
+register_backend(Backend("torch", lambda device: "", _module_kernels(torch_ops), exact_knn=True))
+register_backend(Backend("reference", lambda device: "", _module_kernels(reference), exact_knn=True))
 # The automatic choice per device type, first available wins. Triton leads on CUDA until the CUDA
 # kernels have been verified on a GPU (docs/design.md, "Backends").
 _AUTOMATIC = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "reference")}
@@ -186,15 +193,19 @@ def get_backend(device) -> str:
 
 
 def resolve(op: str, device, k: Optional[int] = None, reason: str = "") -> str:
-    """The backend that runs this call of `op` ("knn" | "reciprocal" | "attention").
+    """The backend that runs this call of `op` ("knn" | "knn_rows" | "knn_rescore" | "reciprocal" |
+    "attention").
 
-    The selected backend, unless k exceeds its limit for the op family or the caller gives a
-    `reason` the kernels cannot take the call (then the `torch` backend, logged at debug level).
+    The selected backend, unless it lacks the kernel, k exceeds its limit for the op family or the
+    caller gives a `reason` the kernels cannot take the call (then the `torch` backend, logged at
+    debug level).
     """
     name = get_backend(device)
     if name in (FALLBACK, "reference"):
         return name
-    limit = backend_max_k(name, op)
+    if not reason and op in _REGISTRY[name].missing:
+        reason = f"the {name} backend has no {op} kernel"
+    limit = backend_max_k(name, "knn" if op.startswith("knn") else op)
     if not reason and limit is not None and k is not None and k > limit:
         reason = f"k={k} exceeds the {name} backend's limit of {limit}"
     if reason:
@@ -219,3 +230,8 @@ def kernel(backend: str, name: str) -> Callable:
 
 def gathers_backward(backend: str) -> bool:
     return _REGISTRY[backend].gather_backward
+
+
+def exact_knn(backend: str) -> bool:
+    """Whether `backend`'s knn kernel returns the canonical top-k itself."""
+    return _REGISTRY[backend].exact_knn

@@ -15,11 +15,9 @@ algorithms and their costs.
 knn: key blocks travel around the ring of ranks, each step's isend/irecv overlapped with the top-k
 of the local queries against the block in hand, so a rank holds its own rows, its running top-k
 and two key blocks, never all of X nor an N x N matrix. Neighbours are self first, then
-(similarity desc, global index asc): exactly nk.knn's order. Scores are fp32 (fp64 for fp64
-input) products of the rows normalised as nk.knn normalises them, computed by the device's matmul
-(tf32 off); nk.knn's kernels compute the same products in another summation order, so exactly
-tied scores (duplicate rows) give nk.knn's answer whenever both round them alike, and near-ties
-within rounding may order differently.
+(canonical score desc, global index asc): nk.knn's answer bit for bit, ties and near-ties
+included, because the canonical score (nformer_kernels.canonical) of a pair has the same bits
+wherever it is computed; the fp32 block scores (IEEE, tf32 off) only decide which pairs to score.
 
 reciprocal_mask and the attention fetch only the rows they need from other ranks (the neighbour
 lists, then per block the R-factor and v rows of the neighbours) with all_to_all_single and
@@ -44,9 +42,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from nformer_kernels import _checks, ops
+from nformer_kernels import _checks, canonical, ops, torch_ops
 from nformer_kernels.modules import NFormer, draw_landmarks
-from nformer_kernels.ops.knn import _unit_rows
 
 __all__ = ["RowShards", "gather_checked", "knn", "nformer_forward", "reciprocal_mask", "reset_traffic",
            "ring_blocks", "traffic"]
@@ -165,13 +162,17 @@ class _World:
         _RECEIVED[kind] += row * (sum(recv_counts) - recv_counts[self.rank])
         return out
 
-    def all_reduce_sum(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+    def all_reduce_sum(self, t: torch.Tensor, kind: str, op=None) -> torch.Tensor:
         with _blocked(kind):
-            dist.all_reduce(t, group=self.group)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         volume = 2 * (self.size - 1) * _nbytes(t) // self.size
         _SENT[kind] += volume
         _RECEIVED[kind] += volume
         return t
+
+
+    def all_reduce_max(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        return self.all_reduce_sum(t, kind, dist.ReduceOp.MAX)
 
 
 def _single_process(group) -> bool:
@@ -316,94 +317,36 @@ def _check_features_everywhere(metas, total):
 
 
 # -------------------------------------------------------------------- ring top-k
-@contextlib.contextmanager
-def _exact_matmul(device):
-    """fp32 matmul without tf32 inside the block (CUDA), as nk.knn scores exactly."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def _tile_topk(sim: torch.Tensor, k: int):
-    """(values, columns) of the top-min(k, m) entries per row of sim (c, m) by (value desc, column
-    asc): of candidates tied at the last place the smaller columns, whatever torch.topk picks."""
-    kk = min(k, sim.shape[1])
-    if kk == sim.shape[1]:  # every column is chosen
-        return sim, torch.arange(kk, device=sim.device).expand_as(sim)
-    vals, cols = sim.topk(kk + 1, dim=1)
-    kth = vals[:, kk - 1:kk]
-    # A candidate beyond the last slot scores as much as the last chosen one: a tie at the last
-    # place (unless only masked candidates are left), settled by column.
-    tied = (vals[:, kk] == kth[:, 0]) & (kth[:, 0] > float("-inf"))
-    vals, cols = vals[:, :kk], cols[:, :kk]
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(1)
-        sub, kth_t = sim[rows], kth[rows]
-        above, at = sub > kth_t, sub == kth_t
-        chosen = above | (at & (at.cumsum(dim=1) <= kk - above.sum(dim=1, keepdim=True)))
-        cols_t = chosen.nonzero()[:, 1].view(-1, kk)
-        cols[rows], vals[rows] = cols_t, torch.gather(sub, 1, cols_t)
-    return vals, cols
-
-
-def _merge(vals, ids, new_vals, new_ids, k):
-    """The top-k of two candidate lists by (value desc, global id asc)."""
-    vals, ids = torch.cat([vals, new_vals], dim=1), torch.cat([ids, new_ids], dim=1)
-    by_id = torch.argsort(ids, dim=1)
-    vals, ids = torch.gather(vals, 1, by_id), torch.gather(ids, 1, by_id)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(vals, 1, order), torch.gather(ids, 1, order)
-
-
-def _block_topk(queries, block, offset, own, vals, ids, k, query_flags, block_flags):
-    """The running top-k (vals, ids) of the query rows merged with one key block (global ids
-    offset + column); own: the block is this rank's rows, whose diagonal is the queries' self."""
-    acc = vals.dtype
-    out_v, out_i = [], []
-    for r0 in range(0, queries.shape[0], _QUERY_ROWS):
-        q = queries[r0:r0 + _QUERY_ROWS].to(acc)
-        v_run, i_run = vals[r0:r0 + _QUERY_ROWS], ids[r0:r0 + _QUERY_ROWS]
-        qf = None if query_flags is None else query_flags[r0:r0 + _QUERY_ROWS]
-        for c0 in range(0, block.shape[0], _KEY_COLS):
-            sim = q @ block[c0:c0 + _KEY_COLS].to(acc).T
-            if qf is not None:  # query isolation: queries never neighbour other queries
-                sim.masked_fill_(qf[:, None] & block_flags[None, c0:c0 + _KEY_COLS], float("-inf"))
-            if own:
-                rows = torch.arange(sim.shape[0], device=sim.device)
-                cols = rows + (r0 - c0)
-                on = (cols >= 0) & (cols < sim.shape[1])
-                sim[rows[on], cols[on]] = float("inf")
-            tile_v, tile_c = _tile_topk(sim, k)
-            v_run, i_run = _merge(v_run, i_run, tile_v, tile_c + (offset + c0), k)
-        out_v.append(v_run)
-        out_i.append(i_run)
-    return torch.cat(out_v), torch.cat(out_i)
-
-
 def _ring_topk(world: _World, queries, keys, k, query_flags=None, key_flags=None):
-    """(n_local, k) global ids: per query row (this rank's rows, in order) the top-k keys of all
-    ranks by queries @ keys^T, self forced first, (score desc, global id asc). Queries and keys are
-    this rank's rows; key blocks go round the ring. query_flags/key_flags (bool, this rank's rows):
-    a flagged query never takes a flagged key other than itself."""
+    """(n_local, k) global ids: per query row (this rank's rows, in order) the canonical top-k keys
+    of all ranks (self forced first; canonical score desc, global id asc: nformer_kernels.canonical),
+    merged block by block by torch_ops.RunningTopk. Queries and keys are this rank's rows; key
+    blocks go round the ring. query_flags/key_flags (bool, this rank's rows): a flagged query never
+    takes a flagged key other than itself."""
     n = queries.shape[0]
-    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
-    vals = torch.empty((n, 0), dtype=acc, device=queries.device)
-    ids = torch.empty((n, 0), dtype=torch.int64, device=queries.device)
-    tensors = [keys.contiguous()] + ([] if key_flags is None else [key_flags.to(torch.uint8)])
+    queries, keys = queries.detach().to(torch.float32), keys.detach().to(torch.float32).contiguous()
+    local_top = canonical.row_norms(keys).amax() if keys.shape[0] else keys.new_zeros((), dtype=torch.float64)
+    top = world.all_reduce_max(local_top.reshape(1).to(world.device, torch.float64), "norms")
+    running = torch_ops.RunningTopk(queries, k, canonical.score_error_bound(queries, torch.float32,
+                                                                            top.to(queries.device)[0]))
+    tensors = [keys] + ([] if key_flags is None else [key_flags.to(torch.uint8)])
     offsets = world.offsets
-    with _exact_matmul(queries.device):
+    with canonical.exact_fp32_matmul():
         for owner, held in ring_blocks(world, tensors, "ring"):
             block, flags = held[0], (held[1].bool() if key_flags is not None else None)
-            if n and block.shape[0]:
-                vals, ids = _block_topk(queries, block, offsets[owner], owner == world.rank, vals, ids, k,
-                                        query_flags, flags)
-    return ids if n else torch.empty((0, k), dtype=torch.int64, device=queries.device)
+            for r0 in range(0, n if block.shape[0] else 0, _QUERY_ROWS):
+                rows = slice(r0, min(n, r0 + _QUERY_ROWS))
+                for c0 in range(0, block.shape[0], _KEY_COLS):
+                    cols = block[c0:c0 + _KEY_COLS]
+                    own = None
+                    if owner == world.rank:  # this rank's rows: the diagonal is the queries' self
+                        own = torch.arange(rows.start, rows.stop, device=queries.device) - c0
+                        own = torch.where((own >= 0) & (own < cols.shape[0]), own, -1)
+                    banned = None
+                    if query_flags is not None:  # query isolation: queries never neighbour other queries
+                        banned = query_flags[rows, None] & flags[None, c0:c0 + _KEY_COLS]
+                    running.add(cols, offsets[owner] + c0, own, banned, rows)
+    return running.ids if n else torch.empty((0, k), dtype=torch.int64, device=queries.device)
 
 
 def knn(x_shard: torch.Tensor, k: int, group=None, *, query_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -424,7 +367,7 @@ def knn(x_shard: torch.Tensor, k: int, group=None, *, query_mask: Optional[torch
 
 
 def _knn(world, x, k, query_mask, isolate):
-    unit = _unit_rows(x).contiguous()  # as nk.knn normalises: the same rows on every rank
+    unit = canonical.canonical_rows(x)  # as nk.knn normalises: the same rows on every rank
     flags = None
     if isolate:
         flags = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) if query_mask is None else query_mask

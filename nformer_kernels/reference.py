@@ -5,31 +5,40 @@ csrc/ops.cpp. They are differentiable where the op is, through ordinary autograd
 """
 import torch
 
+from nformer_kernels import canonical
+
 
 def knn(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k by inner product of rows of x (B,N,d) (callers normalise for cosine).
-
-    Self first, then decreasing similarity (fp32), ties broken by the smaller index.
-    """
-    xf = x.float()
-    sim = torch.bmm(xf, xf.transpose(1, 2))
-    n = x.shape[1]
+    """Top-k of the rows of x (B,N,d) by the canonical score of their values taken as fp32
+    (nformer_kernels.canonical; callers normalise for cosine): the dense N x N score matrix,
+    self first, then decreasing score, ties broken by the smaller index (a stable sort)."""
+    xf = x.detach().to(torch.float32)
+    b, n, _ = xf.shape
+    sim = torch.empty((b, n, n), dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 22) // max(1, n * canonical.LANES))
+    for r0 in range(0, n, step):
+        sim[:, r0:r0 + step] = canonical.canonical_scores(xf[:, r0:r0 + step, None], xf[:, None])
     sim.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    # Stable sort of -sim keeps equal similarities in index order.
-    order = torch.sort(-sim, dim=-1, stable=True).indices
+    order = torch.sort(sim, dim=-1, descending=True, stable=True).indices
     return order[..., :k].contiguous() if k < n else order.contiguous()
 
 
-def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
-    """Stage 2 of the certified knn (the spec: torch_ops.rescore_candidates), by ranks.
+def knn_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """knn's rows `rows` (B,R) alone: the dense answer, gathered."""
+    return torch.gather(knn(x, k), 1, rows[..., None].expand(*rows.shape, k))
 
-    Candidate c of row i ranks after every candidate with a higher exact score (self: +inf), a
+
+def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
+    """Stage 2 of the two-stage knn (the spec: torch_ops.rescore_candidates), by ranks.
+
+    Candidate c of row i ranks after every candidate with a higher canonical score (self: +inf), a
     smaller id at an equal score, or the same id in an earlier slot; the k ranked first are the
-    answer. certified: K' >= N, or the last candidate's exact score + margin < the k-th score.
+    answer. certified: K' >= N, or the last candidate's canonical score + margin < the k-th score.
     """
     b, n, kc = candidates.shape
+    xf = x.detach().to(torch.float32)
     bidx = torch.arange(b, device=x.device).view(b, 1, 1)
-    s = torch.einsum("bnd,bncd->bnc", x, x[bidx, candidates])
+    s = canonical.canonical_scores(xf[:, :, None], xf[bidx, candidates])
     last = s[..., -1]
     s = s.masked_fill(candidates == torch.arange(n, device=x.device).view(1, n, 1), float("inf"))
     sa, sb = s[..., :, None], s[..., None, :]  # a: the candidate ranked, b: every other
@@ -40,7 +49,7 @@ def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch
     order = rank.argsort(dim=-1)[..., :k]
     idx = torch.gather(candidates, 2, order)
     kth = torch.gather(s, 2, order[..., -1:]).squeeze(-1)
-    return idx, (kc >= n) | (last + margin < kth)
+    return idx, (kc >= n) | (last + margin.double() < kth)
 
 
 def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:

@@ -8,42 +8,115 @@ from typing import Optional
 
 import torch
 
-_ROW_CHUNK = 4096  # query rows per similarity block: O(chunk * N) memory
+from nformer_kernels import canonical
+
+_TILE = 1 << 22  # fp32 scores per (query rows x key rows) tile: 16 MB
 _LOOKUP_CHUNK = 1 << 16  # rows per (chunk, k, k) neighbour-of-neighbour block
+_NO_ID = torch.iinfo(torch.int64).max
+
+
+def _round_down_f32(t: torch.Tensor) -> torch.Tensor:
+    """fp64 -> the largest fp32 value <= t (a threshold that never rejects what fp64 would keep)."""
+    f = t.to(torch.float32)
+    return torch.where(f.double() > t, torch.nextafter(f, torch.full_like(f, float("-inf"))), f)
+
+
+class RunningTopk:
+    """Per query row, the top-k keys seen so far by (self first, canonical score desc, id asc),
+    merged key block by key block: O(rows * k) state plus one score tile. The key blocks may come
+    in any order and from anywhere (local tiles, a ring of ranks): the result is the canonical top-k
+    of all of them (nformer_kernels.canonical).
+
+    Each block is scored in fp32 (IEEE, exact_fp32_matmul); beta (rows,) bounds |fp32 - canonical|
+    per row (canonical.score_error_bound). Only entries within 2*beta of the k-th fp32 score of the
+    running list and the block together can be in the canonical top-k; those alone are scored
+    canonically."""
+
+    def __init__(self, queries: torch.Tensor, k: int, beta: torch.Tensor):
+        r, dev = queries.shape[0], queries.device
+        self.queries, self.k, self.beta = queries.to(torch.float32), k, beta.to(torch.float64)
+        self.f = torch.full((r, k), float("-inf"), dtype=torch.float32, device=dev)
+        self.c = torch.full((r, k), float("-inf"), dtype=torch.float64, device=dev)
+        self.ids = torch.full((r, k), _NO_ID, dtype=torch.int64, device=dev)
+
+    def add(self, block: torch.Tensor, offset: int, self_cols: Optional[torch.Tensor] = None,
+            banned: Optional[torch.Tensor] = None, rows: slice = slice(None)) -> None:
+        """Merge key rows block (m, d) with global ids offset + column into query rows `rows`.
+        self_cols (r,): the column of each query row's own key (-1: not in this block), forced first.
+        banned (r, m) bool: pairs that may not be neighbours."""
+        q = self.queries[rows]
+        r, m = q.shape[0], block.shape[0]
+        if r == 0 or m == 0:
+            return
+        block = block.to(torch.float32)
+        f = q @ block.T
+        if banned is not None:
+            f.masked_fill_(banned, float("-inf"))
+        if self_cols is not None:
+            own = (self_cols >= 0).nonzero().squeeze(1)
+            f[own, self_cols[own]] = float("inf")
+        run_f, run_c, run_ids = self.f[rows], self.c[rows], self.ids[rows]
+        kk = min(self.k, run_f.shape[1] + m)
+        kth = torch.cat([run_f, f], dim=1).topk(kk, dim=1).values[:, -1]
+        gate = _round_down_f32(kth.double() - 2 * self.beta[rows])
+        gate = torch.where(kth == float("-inf"), kth, gate)
+        qi, cj = ((f >= gate[:, None]) & (f > float("-inf"))).nonzero(as_tuple=True)
+        f_new = f[qi, cj]
+        c_new = canonical.pair_scores(q, block, qi, cj)
+        c_new = torch.where(f_new == float("inf"), float("inf"), c_new)  # self
+        # Merge per row by (row, c desc, id asc) with three stable sorts, keep the first k per row.
+        row_all = torch.cat([torch.arange(r, device=q.device).repeat_interleave(self.k), qi])
+        c_all = torch.cat([run_c.reshape(-1), c_new])
+        f_all = torch.cat([run_f.reshape(-1), f_new])
+        id_all = torch.cat([run_ids.reshape(-1), cj + offset])
+        order = torch.sort(id_all, stable=True).indices
+        order = order[torch.sort(c_all[order], descending=True, stable=True).indices]
+        order = order[torch.sort(row_all[order], stable=True).indices]
+        counts = torch.bincount(row_all, minlength=r)
+        rank = torch.arange(order.shape[0], device=q.device) - (torch.cumsum(counts, 0) - counts)[row_all[order]]
+        take = order[rank < self.k]
+        self.f[rows] = f_all[take].view(r, self.k)
+        self.c[rows] = c_all[take].view(r, self.k)
+        self.ids[rows] = id_all[take].view(r, self.k)
 
 
 def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: bool = False,
-              self_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(M,k) int64 top-k of queries (M,d) @ keys (N,d)^T, in fp32 (fp64 for fp64 input).
-
-    Entries are ordered by (similarity desc, index asc), and of several candidates tied at the
-    k-th place the smaller indices are kept, as every knn kernel does. force_self: row r of
-    queries is item r of keys (self_ids: item self_ids[r]), forced first in row r.
-    """
-    acc = torch.float64 if queries.dtype == torch.float64 else torch.float32
-    keys_a = keys.to(acc)
+              self_ids: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(M,k) int64 canonical top-k of queries (M,d) against keys (N,d) (values taken as fp32):
+    ordered by (canonical score desc, index asc), self first where force_self (row r of queries is
+    key r) or self_ids (row r is key self_ids[r]). Streams (query rows x key rows) tiles of at most
+    _TILE scores: O(M*k + tile) memory on any device."""
+    queries, keys = queries.detach().to(torch.float32), keys.detach().to(torch.float32)
     if force_self and self_ids is None:
         self_ids = torch.arange(queries.shape[0], device=queries.device)
-    out = []
-    for start in range(0, queries.shape[0], _ROW_CHUNK):
-        sim = queries[start:start + _ROW_CHUNK].to(acc) @ keys_a.T
-        if self_ids is not None:
-            rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, self_ids[start:start + _ROW_CHUNK]] = float("inf")
-        kth = sim.topk(k, dim=1).values[:, -1:]
-        above = sim > kth
-        tied = sim == kth
-        # Keep the smaller indices among the candidates tied at the k-th place.
-        chosen = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
-        ids = chosen.nonzero()[:, 1].view(-1, k)  # per row, in index order
-        vals = torch.gather(sim, 1, ids)
-        out.append(torch.gather(ids, 1, torch.sort(-vals, dim=1, stable=True).indices))
-    return torch.cat(out)
+    if beta is None:
+        beta = canonical.score_error_bound(queries, torch.float32, canonical.row_norms(keys).amax()
+                                           if keys.shape[0] else 0.0)
+    running = RunningTopk(queries, k, beta)
+    m, n = queries.shape[0], keys.shape[0]
+    rows_per = max(1, min(m, _TILE // max(1, min(n, 1 << 16))))
+    cols_per = max(1, _TILE // rows_per)
+    with canonical.exact_fp32_matmul():
+        for r0 in range(0, m, rows_per):
+            rows = slice(r0, r0 + rows_per)
+            for c0 in range(0, n, cols_per):
+                block = keys[c0:c0 + cols_per]
+                own = None
+                if self_ids is not None:
+                    sid = self_ids[rows] - c0
+                    own = torch.where((sid >= 0) & (sid < block.shape[0]), sid, -1)
+                running.add(block, c0, own, rows=rows)
+    return running.ids
 
 
 def knn(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,N,k) inner-product top-k of the rows of x (B,N,d), self first."""
+    """(B,N,k) canonical top-k of the rows of x (B,N,d) (values taken as fp32), self first."""
     return torch.stack([topk_rows(xb, xb, k, force_self=True) for xb in x])
+
+
+def knn_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,R,k): knn's rows `rows` (B,R) alone, against every row of x (B,N,d)."""
+    return torch.stack([topk_rows(xb[rb], xb, k, self_ids=rb) for xb, rb in zip(x, rows)])
 
 
 def _lookup(idx: torch.Tensor, keep=None) -> torch.Tensor:
@@ -108,33 +181,33 @@ def sparse_attention_backward(grad_out, P, R, v, idx, rev, probs, scale):
 
 
 def rescore_candidates(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
-    """Stage 2 of the certified knn: exact re-scoring of each row's candidates, and its certificate.
+    """Stage 2 of a two-stage knn: the canonical scores of each row's candidates, and the certificate.
 
-    x (B,N,d) rows in the exact dtype; candidates (B,N,K') from the reduced-precision stage 1 in
-    its order (self first, then decreasing approximate score); margin (B,N): twice the bound on
-    |approximate - exact| score per row. Returns idx (B,N,k) (exact score desc, index asc among
-    the candidates) and certified (B,N) bool: the exact score of the last candidate plus margin is
-    below the k-th exact score, so no row outside the candidates can enter the top k
-    (docs/design.md, "Certified knn").
+    x (B,N,d) rows (values taken as fp32: nk.knn passes the canonical rows); candidates (B,N,K')
+    from stage 1 in its order (self first, then decreasing stage score); margin (B,N) fp64: twice
+    the bound on |stage score - canonical score| per row. Returns idx (B,N,k) (canonical score desc,
+    index asc, slot asc among the candidates; self first) and certified (B,N) bool: K' >= N, or the
+    canonical score of the last candidate plus margin is below the k-th, so no row outside the
+    candidates can enter the top k (docs/design.md, "Two-stage knn").
     """
     b, n, kc = candidates.shape
+    x = x.detach().to(torch.float32)
     idx = torch.empty((b, n, k), dtype=torch.int64, device=x.device)
     certified = torch.empty((b, n), dtype=torch.bool, device=x.device)
-    # Rows per gathered (chunk, K', d) block: cache-sized on a CPU, 256 MB of fp32 on a GPU.
-    chunk = max(1, (1 << (26 if x.is_cuda else 22)) // max(1, kc * x.shape[-1]))
+    chunk = max(1, (1 << 22) // max(1, kc * x.shape[-1]))  # rows per gathered (chunk, K', d) block
     for bi in range(b):
         for start in range(0, n, chunk):
             cand = candidates[bi, start:start + chunk]
             rows = torch.arange(start, start + cand.shape[0], device=x.device)
-            s = torch.einsum("rd,rcd->rc", x[bi, start:start + chunk], x[bi][cand])
+            s = canonical.canonical_scores(x[bi, start:start + chunk, None], x[bi][cand])
             last = s[:, -1].clone()
-            s = torch.where(cand == rows[:, None], float("inf"), s)  # self first, as in the exact path
-            by_id = torch.argsort(cand, dim=1)
+            s = torch.where(cand == rows[:, None], float("inf"), s)  # self first
+            by_id = torch.sort(cand, dim=1, stable=True).indices  # a repeated id keeps its slot order
             cand_sorted, s_sorted = torch.gather(cand, 1, by_id), torch.gather(s, 1, by_id)
-            order = torch.sort(-s_sorted, dim=1, stable=True).indices[:, :k]
+            order = torch.sort(s_sorted, dim=1, descending=True, stable=True).indices[:, :k]
             idx[bi, start:start + chunk] = torch.gather(cand_sorted, 1, order)
             kth = torch.gather(s_sorted, 1, order[:, -1:]).squeeze(1)
-            certified[bi, start:start + chunk] = (kc >= n) | (last + margin[bi, start:start + chunk] < kth)
+            certified[bi, start:start + chunk] = (kc >= n) | (last + margin[bi, start:start + chunk].double() < kth)
     return idx, certified
 
 

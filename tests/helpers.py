@@ -284,7 +284,7 @@ class KernelAttention(torch.autograd.Function):
 
 def register_counting_backend(monkeypatch):
     """Registers (for this test only) a CPU backend "counting" that runs the torch backend's kernels
-    and records each kernel name called; returns that list."""
+    (its knn exact, as the torch backend's) and records each kernel name called; returns that list."""
     from nformer_kernels import backends, torch_ops
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
     calls = []
@@ -297,5 +297,5 @@ def register_counting_backend(monkeypatch):
 
     backends.register_backend(backends.Backend(
         "counting", lambda device: "" if device.type == "cpu" else "cpu only",
-        lambda: {name: counting(name) for name in backends.KERNELS}))
+        lambda: {name: counting(name) for name in backends.KERNELS}, exact_knn=True))
     return calls

@@ -39,6 +39,13 @@ def _features():
     return gapped_rows(1, 61, DIM, TOPK)[0]
 
 
+def _near_duplicates():
+    """Clusters of 15 rows 1e-6 apart: their order is decided below fp32 resolution."""
+    g = torch.Generator().manual_seed(11)
+    centres = torch.randn(6, DIM, generator=g)
+    return centres.repeat_interleave(15, dim=0) + 1e-6 * torch.randn(90, DIM, generator=g)
+
+
 def _small():
     return gapped_rows(1, 13, 8, 13)[0]
 
@@ -112,6 +119,9 @@ CASES = {
     "knn_ties": (lambda w: _sizes(40, w),
                  lambda sh, dev, g: nkd.knn(sh(_tied()), 8, g),
                  lambda: nk.knn(_tied(), 8)),
+    "knn_near_duplicates": (lambda w: _sizes(90, w),  # gaps far below fp32 rounding: the canonical score
+                            lambda sh, dev, g: nkd.knn(sh(_near_duplicates()), 12, g),
+                            lambda: nk.knn(_near_duplicates(), 12)),
     "knn_query_mask": (lambda w: _sizes(61, w),
                        lambda sh, dev, g: nkd.knn(sh(_features()), 5, g, query_mask=sh(_query_mask(61))),
                        lambda: nk.knn(_features(), 5, query_mask=_query_mask(61))),

@@ -1,15 +1,19 @@
-// CPU kernel of knn: exact inner-product top-k with self first, O(N*k + threads*tile^2) memory.
+// CPU kernels of knn and knn_rows: the canonical top-k (docs/design.md, "The canonical score"), self
+// first, O(N*k + threads*tile^2) memory.
 //
-// S = X X^T is symmetric, so it is computed in T x T tiles of which only the upper
-// triangle (blocks I <= J) is formed: an off-diagonal tile updates the running top-k of
-// its rows and, transposed, of its columns. The off-diagonal pairs are scheduled as a
-// round-robin tournament (circle method): every round is a perfect matching of the
-// blocks, so within a round no two tasks touch the same row block and the running
-// lists need no locks or atomics. Each task is one BLAS GEMM into a per-thread
-// scratch tile plus a selection scan: every row (and column) keeps its current
-// (k-1)-th score as a threshold, most candidates are rejected by one vectorised
-// compare, and the few survivors go through nformer::topk_insert, whose tie order
-// (higher score, then smaller index) makes the result independent of visit order.
+// knn: S = X X^T is symmetric, so it is computed in T x T tiles of which only the upper triangle
+// (blocks I <= J) is formed: an off-diagonal tile updates the running top-k of its rows and,
+// transposed, of its columns. The off-diagonal pairs are scheduled as a round-robin tournament
+// (circle method): every round is a perfect matching of the blocks, so within a round no two tasks
+// touch the same row block and the running lists need no locks or atomics. knn_rows: the running
+// lists of a subset of rows against every row (row blocks in parallel, no symmetry).
+//
+// Each task is one fp32 BLAS GEMM into a per-thread scratch tile plus a selection scan. A BLAS score
+// f is within beta of the canonical score c (common/canonical.h), beta from the row norms; so a
+// row's list is ordered by f where two scores are more than 2*beta apart and by (c, index) where
+// they are not (c computed on demand, once per entry): the list is the canonical order, and the
+// result the same on every CPU, BLAS, tile split and thread count. Every row keeps a gate, the f of
+// its last entry minus 2*beta: most candidates are rejected by one vectorised compare.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -25,6 +29,9 @@
 #include <mutex>
 #include <vector>
 
+#include <cmath>
+
+#include "common/canonical.h"
 #include "common/neighbor_logic.h"
 
 namespace {
@@ -39,77 +46,115 @@ int thread_id() {
 
 // Columns tested per vectorised compare before the scalar fallback.
 constexpr int64_t kChunk = 32;
+constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
+constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();  // a canonical score not yet computed
 
-// Running top-m lists (m = k-1: every neighbour but self) of all N rows of one batch
-// item. ids live in the output tensor (row stride k; slot 0 holds self).
-template <typename acc_t>
+// Running top-m lists (m = k-1: every neighbour but self) of a set of query rows, in canonical
+// order. ids live in the output tensor (row stride k; slot 0 holds self).
 struct RunningTopk {
-  acc_t* vals;  // (N, m)
-  int64_t* ids; // (N, k), entries 1..k-1 used
-  acc_t* thr;   // (N): vals[i, m-1], the score a candidate must reach
+  const float* x;         // (N, d) the keys (and, through query(), the query rows)
+  const int64_t* q_rows;  // query row r is key row q_rows[r] (nullptr: r itself)
+  int64_t d;
+  float* f;               // (R, m) BLAS scores
+  double* c;              // (R, m) canonical scores, NaN until needed
+  int64_t* ids;           // (R, k), entries 1..k-1 used
+  float* gate;            // (R) f of the last entry - 2*beta, rounded down (-inf until full)
+  const double* beta2;    // (R) 2*beta
   int m;
   int64_t k;
 
-  void offer(int64_t row, acc_t s, int64_t id) {
-    acc_t* v = vals + row * m;
-    if (nformer::topk_insert(v, ids + row * k + 1, m, s, id)) thr[row] = v[m - 1];
+  const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
+
+  // Does (fn, idn) rank before entry p of row r? cn: its canonical score, computed when needed.
+  bool before(int64_t r, float fn, int64_t idn, double& cn, int p) {
+    const int64_t ide = ids[r * k + 1 + p];
+    if (ide == kNoId) return true;  // an empty slot
+    const double diff = double(fn) - double(f[r * m + p]), b2 = beta2[r];
+    if (diff > b2) return true;
+    if (diff < -b2) return false;
+    if (std::isnan(cn)) cn = nformer::cpu_canonical_dot(query(r), x + idn * d, d);
+    double& ce = c[r * m + p];
+    if (std::isnan(ce)) ce = nformer::cpu_canonical_dot(query(r), x + ide * d, d);
+    return nformer::ranks_before(cn, idn, ce, ide);
+  }
+
+  // cn: the pair's canonical score if known (NaN if not), shared by its two offers in a pair tile.
+  void offer(int64_t r, float fn, int64_t idn, double& cn) {
+    if (!before(r, fn, idn, cn, m - 1)) return;
+    int p = m - 1;
+    for (; p > 0 && before(r, fn, idn, cn, p - 1); --p) {
+      f[r * m + p] = f[r * m + p - 1];
+      c[r * m + p] = c[r * m + p - 1];
+      ids[r * k + 1 + p] = ids[r * k + p];
+    }
+    f[r * m + p] = fn;
+    c[r * m + p] = cn;
+    ids[r * k + 1 + p] = idn;
+    if (ids[r * k + m] != kNoId) {  // full: nothing below last - 2*beta can enter
+      const double g = double(f[r * m + m - 1]) - beta2[r];
+      float gf = static_cast<float>(g);
+      if (double(gf) > g) gf = std::nextafter(gf, -std::numeric_limits<float>::infinity());
+      gate[r] = gf;
+    }
   }
 };
 
-// Does any of the kChunk scores reach its row's or its column's threshold? The fixed
-// trip count lets this compile to a few vector compares.
-template <typename acc_t>
-bool chunk_has_candidate(const acc_t* s, const acc_t* col_thr, acc_t row_thr) {
+// Does any of the kChunk scores reach its row's or its column's gate? The fixed trip count lets
+// this compile to a few vector compares.
+inline bool chunk_has_candidate(const float* s, const float* col_gate, float row_gate) {
   int hit = 0;
 #pragma omp simd reduction(| : hit)
-  for (int64_t c = 0; c < kChunk; ++c) hit |= (s[c] >= row_thr) | (s[c] >= col_thr[c]);
+  for (int64_t c = 0; c < kChunk; ++c) hit |= (s[c] >= row_gate) | (s[c] >= col_gate[c]);
   return hit != 0;
 }
 
-template <typename acc_t>
-bool chunk_has_candidate(const acc_t* s, acc_t row_thr) {
+inline bool chunk_has_candidate(const float* s, float row_gate) {
   int hit = 0;
 #pragma omp simd reduction(| : hit)
-  for (int64_t c = 0; c < kChunk; ++c) hit |= s[c] >= row_thr;
+  for (int64_t c = 0; c < kChunk; ++c) hit |= s[c] >= row_gate;
   return hit != 0;
 }
 
-// Off-diagonal tile S (ti x tj) = X[i0:i0+ti] X[j0:j0+tj]^T: offers S[a,c] to row i0+a
-// and to row j0+c. The caller guarantees no other thread touches these rows meanwhile.
-template <typename acc_t>
-NF_CPU_CLONES void select_pair_tile(const acc_t* S, int64_t ti, int64_t tj, int64_t i0, int64_t j0,
-                                     RunningTopk<acc_t>& topk) {
-  const acc_t* col_thr = topk.thr + j0;
+// Off-diagonal tile S (ti x tj) = X[i0:i0+ti] X[j0:j0+tj]^T: offers S[a,c] to row i0+a and to row
+// j0+c. The caller guarantees no other thread touches these rows meanwhile.
+NF_CPU_CLONES void select_pair_tile(const float* S, int64_t ti, int64_t tj, int64_t i0, int64_t j0,
+                                    RunningTopk& topk) {
+  const float* col_gate = topk.gate + j0;
   const int64_t full = tj - tj % kChunk;
   for (int64_t a = 0; a < ti; ++a) {
     const int64_t gi = i0 + a;
-    const acc_t* s = S + a * tj;
+    const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        if (s[c] >= topk.thr[gi]) topk.offer(gi, s[c], j0 + c);
-        if (s[c] >= col_thr[c]) topk.offer(j0 + c, s[c], gi);
+        double cn = kUnknown;  // c(i, j) == c(j, i): computed at most once for both rows
+        if (s[c] >= topk.gate[gi]) topk.offer(gi, s[c], j0 + c, cn);
+        if (s[c] >= col_gate[c]) topk.offer(j0 + c, s[c], gi, cn);
       }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
-      if (chunk_has_candidate(s + c0, col_thr + c0, topk.thr[gi])) offer_range(c0, c0 + kChunk);
+      if (chunk_has_candidate(s + c0, col_gate + c0, topk.gate[gi])) offer_range(c0, c0 + kChunk);
     offer_range(full, tj);
   }
 }
 
-// Diagonal tile S (t x t) of block [i0, i0+t): offers S[a,c], c != a, to row i0+a only.
-template <typename acc_t>
-NF_CPU_CLONES void select_diag_tile(const acc_t* S, int64_t t, int64_t i0, RunningTopk<acc_t>& topk) {
-  const int64_t full = t - t % kChunk;
-  for (int64_t a = 0; a < t; ++a) {
-    const int64_t gi = i0 + a;
-    const acc_t* s = S + a * t;
+// Tile S (ti x tj) of query rows [r0, r0+ti) against keys [j0, j0+tj) (or the diagonal tile of a
+// block, with self_in_tile): offers S[a,c] to query row r0+a, the query's own key skipped.
+NF_CPU_CLONES void select_row_tile(const float* S, int64_t ti, int64_t tj, int64_t r0, int64_t j0,
+                                   RunningTopk& topk) {
+  const int64_t full = tj - tj % kChunk;
+  for (int64_t a = 0; a < ti; ++a) {
+    const int64_t r = r0 + a;
+    const int64_t self = topk.q_rows ? topk.q_rows[r] : r;
+    const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        if (c != a && s[c] >= topk.thr[gi]) topk.offer(gi, s[c], i0 + c);
+      for (int64_t c = c0; c < c1; ++c) {
+        double cn = kUnknown;
+        if (j0 + c != self && s[c] >= topk.gate[r]) topk.offer(r, s[c], j0 + c, cn);
+      }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
-      if (chunk_has_candidate(s + c0, topk.thr[gi])) offer_range(c0, c0 + kChunk);
-    offer_range(full, t);
+      if (chunk_has_candidate(s + c0, topk.gate[r])) offer_range(c0, c0 + kChunk);
+    offer_range(full, tj);
   }
 }
 
@@ -123,52 +168,86 @@ int64_t tile_size(int64_t n, int64_t threads) {
   return std::clamp<int64_t>(per_thread, 64, kMaxTile);
 }
 
-// knn of one batch item x (N, d) into out (N, k), using up to `threads` threads.
-template <typename acc_t>
+// Per-row state of the running lists of R query rows, and 2*beta from the norms of the queries and
+// of all keys.
+struct ListState {
+  std::vector<float> f, gate;
+  std::vector<double> c, beta2;
+  ListState(const float* x, int64_t n, int64_t d, const int64_t* q_rows, int64_t R, int m)
+      : f(R * m, -std::numeric_limits<float>::infinity()),
+        gate(R, -std::numeric_limits<float>::infinity()),
+        c(R * m, kUnknown),
+        beta2(R) {
+    std::vector<double> norms(n);
+    double top = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      norms[j] = std::sqrt(nformer::cpu_canonical_dot(x + j * d, x + j * d, d));
+      top = std::max(top, norms[j]);
+    }
+    for (int64_t r = 0; r < R; ++r) beta2[r] = nformer::fp32_score_bound2(d, norms[q_rows ? q_rows[r] : r], top);
+  }
+  RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d, int64_t* out, int m, int64_t k) {
+    return RunningTopk{x, q_rows, d, f.data(), c.data(), out, gate.data(), beta2.data(), m, k};
+  }
+};
+
+// Runs task(I, ...) guarded: an exception must not leave an OpenMP region; the first is rethrown.
+struct Guard {
+  std::exception_ptr error;
+  std::mutex mutex;
+  template <typename Task>
+  void operator()(Task&& task) {
+    try {
+      task();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::current_exception();
+    }
+  }
+  void rethrow() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+// Slots never filled mean some scores were NaN (inputs are checked upstream).
+void check_filled(const int64_t* out, int64_t rows, int64_t k) {
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(out[r * k + k - 1] != kNoId, "knn: non-finite similarities (NaN/Inf in x?)");
+}
+
+// knn of one batch item x (N, d) fp32 into out (N, k), using up to `threads` threads.
 void knn_one(const at::Tensor& x, int64_t k, int64_t* out, int threads) {
-  const int64_t n = x.size(0);
+  const int64_t n = x.size(0), d = x.size(1);
   const int m = static_cast<int>(k - 1);
   for (int64_t i = 0; i < n; ++i) out[i * k] = i;
   if (m == 0) return;
-  std::vector<acc_t> vals(n * m, -std::numeric_limits<acc_t>::infinity());
-  std::vector<acc_t> thr(n, -std::numeric_limits<acc_t>::infinity());
-  for (int64_t i = 0; i < n; ++i)
-    std::fill(out + i * k + 1, out + (i + 1) * k, std::numeric_limits<int64_t>::max());
-  RunningTopk<acc_t> topk{vals.data(), out, thr.data(), m, k};
+  for (int64_t i = 0; i < n; ++i) std::fill(out + i * k + 1, out + (i + 1) * k, kNoId);
+  const float* xp = x.data_ptr<float>();
+  ListState state(xp, n, d, nullptr, n, m);
+  RunningTopk topk = state.lists(xp, nullptr, d, out, m, k);
 
   const int64_t T = std::min(n, tile_size(n, threads));
   const int64_t nb = (n + T - 1) / T;
-  std::vector<std::vector<acc_t>> scratch(threads, std::vector<acc_t>(T * T));
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(T * T));
   auto rows = [&](int64_t I) { return std::min(T, n - I * T); };
   auto block = [&](int64_t I) { return x.narrow(0, I * T, rows(I)); };
-  // GEMM of blocks I, J into this thread's scratch tile (BLAS runs single-threaded
-  // inside the parallel region).
+  // GEMM of blocks I, J into this thread's scratch tile (BLAS runs single-threaded inside the
+  // parallel region).
   auto tile = [&](int64_t I, int64_t J) {
-    acc_t* buf = scratch[thread_id()].data();
+    float* buf = scratch[thread_id()].data();
     at::Tensor s = at::from_blob(buf, {rows(I), rows(J)}, x.options());
     at::mm_out(s, block(I), block(J).t());
     return buf;
   };
-  // An exception must not leave an OpenMP region: keep the first, rethrow after it.
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto guarded = [&](auto&& task) {
-    try {
-      task();
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-    }
-  };
-
-  // Circle method over M (even) slots; slot nb is a bye when nb is odd. Dynamic
-  // scheduling within a round keeps both threads busy when one gets preempted.
+  Guard guarded;
+  // Circle method over M (even) slots; slot nb is a bye when nb is odd. Dynamic scheduling within
+  // a round keeps both threads busy when one gets preempted.
   const int64_t M = nb + (nb & 1);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t I = 0; I < nb; ++I)
-      guarded([&] { select_diag_tile(tile(I, I), rows(I), I * T, topk); });
+      guarded([&] { select_row_tile(tile(I, I), rows(I), rows(I), I * T, I * T, topk); });
     for (int64_t r = 0; r + 1 < M; ++r) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t p = 0; p < M / 2; ++p) {
@@ -180,39 +259,94 @@ void knn_one(const at::Tensor& x, int64_t k, int64_t* out, int threads) {
       }
     }
   }
-  if (error) std::rethrow_exception(error);
-  // Slots never filled mean some scores were NaN (inputs are checked upstream).
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(out[i * k + m] != std::numeric_limits<int64_t>::max(),
-                "knn: non-finite similarities (NaN/Inf in x?)");
+  guarded.rethrow();
+  check_filled(out, n, k);
+}
+
+// knn_rows of one batch item: query rows q_rows (R) of x (N, d) fp32 against all N rows, into out (R, k).
+void knn_rows_one(const at::Tensor& x, const int64_t* q_rows, int64_t R, int64_t k, int64_t* out, int threads) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const int m = static_cast<int>(k - 1);
+  for (int64_t r = 0; r < R; ++r) out[r * k] = q_rows[r];
+  if (m == 0 || R == 0) return;
+  for (int64_t r = 0; r < R; ++r) std::fill(out + r * k + 1, out + (r + 1) * k, kNoId);
+  const float* xp = x.data_ptr<float>();
+  ListState state(xp, n, d, q_rows, R, m);
+  RunningTopk topk = state.lists(xp, q_rows, d, out, m, k);
+  const at::Tensor queries = x.index_select(0, at::from_blob(const_cast<int64_t*>(q_rows), {R}, at::kLong));
+  const int64_t T = std::min<int64_t>(kMaxTile, std::max<int64_t>(64, n));
+  const int64_t TQ = std::clamp<int64_t>((R + threads - 1) / threads, 1, kMaxTile);
+  const int64_t nq = (R + TQ - 1) / TQ, nk = (n + T - 1) / T;
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(TQ * T));
+  Guard guarded;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t I = 0; I < nq; ++I) {
+    guarded([&] {
+      const int64_t tq = std::min(TQ, R - I * TQ);
+      const at::Tensor qb = queries.narrow(0, I * TQ, tq);
+      float* buf = scratch[thread_id()].data();
+      for (int64_t J = 0; J < nk; ++J) {  // each row block's lists belong to one thread
+        const int64_t tk = std::min(T, n - J * T);
+        at::Tensor s = at::from_blob(buf, {tq, tk}, x.options());
+        at::mm_out(s, qb, x.narrow(0, J * T, tk).t());
+        select_row_tile(buf, tq, tk, I * TQ, J * T, topk);
+      }
+    });
+  }
+  guarded.rethrow();
+  check_filled(out, R, k);
+}
+
+// The values of x as fp32 (fp16/bf16 exactly, fp64 rounded), detached: the canonical score's input.
+at::Tensor as_fp32(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (B,N,d), got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32/float64/float16/bfloat16, got ", dt);
+  // Detached: the tiles are written with mm_out, which refuses inputs that require grad.
+  return x.detach().to(at::kFloat).contiguous();
 }
 
 at::Tensor knn_cpu(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.device().is_cpu(), "knn: x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 3, "knn: x must be (B,N,d), got ", x.sizes());
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "knn: x must be float32/float64/float16/bfloat16, got ", dt);
+  const at::Tensor xa = as_fp32(x, "knn");
   const int64_t b = x.size(0), n = x.size(1);
   TORCH_CHECK(k >= 1 && k <= n, "knn: need 1 <= k <= N, got k=", k, " N=", n);
   auto out = at::empty({b, n, k}, x.options().dtype(at::kLong));
   if (b == 0) return out;
-  // Half inputs are widened once (O(N*d)), so the GEMM accumulates in fp32. Detached: the
-  // tiles are written with mm_out, which refuses inputs that require grad.
-  const at::Tensor xa = (dt == at::kDouble ? x : x.to(at::kFloat)).detach().contiguous();
   int64_t* out_p = out.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "knn_cpu", [&] {
-    if (b > 1 && n <= kMaxTile) {  // one tile per item: parallel over the batch instead
-      at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t bi = begin; bi < end; ++bi) knn_one<scalar_t>(xa[bi], k, out_p + bi * n * k, 1);
-      });
-    } else {
-      for (int64_t bi = 0; bi < b; ++bi) knn_one<scalar_t>(xa[bi], k, out_p + bi * n * k, at::get_num_threads());
-    }
-  });
+  if (b > 1 && n <= kMaxTile) {  // one tile per item: parallel over the batch instead
+    at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) knn_one(xa[bi], k, out_p + bi * n * k, 1);
+    });
+  } else {
+    for (int64_t bi = 0; bi < b; ++bi) knn_one(xa[bi], k, out_p + bi * n * k, at::get_num_threads());
+  }
+  return out;
+}
+
+at::Tensor knn_rows_cpu(const at::Tensor& x, const at::Tensor& rows, int64_t k) {
+  const at::Tensor xa = as_fp32(x, "knn_rows");
+  const int64_t b = x.size(0), n = x.size(1);
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 2 && rows.size(0) == b,
+              "knn_rows: rows must be an int64 CPU tensor (B,R) with B=", b, ", got ", rows.scalar_type(), " ",
+              rows.sizes());
+  TORCH_CHECK(k >= 1 && k <= n, "knn_rows: need 1 <= k <= N, got k=", k, " N=", n);
+  const int64_t R = rows.size(1);
+  auto out = at::empty({b, R, k}, rows.options());
+  if (b * R == 0) return out;
+  const at::Tensor rc = rows.contiguous();
+  auto [lo, hi] = at::aminmax(rc);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, "knn_rows: rows must lie in [0, N)");
+  for (int64_t bi = 0; bi < b; ++bi)
+    knn_rows_one(xa[bi], rc.data_ptr<int64_t>() + bi * R, R, k, out.data_ptr<int64_t>() + bi * R * k,
+                 at::get_num_threads());
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nformer, CPU, m) { m.impl("knn", &knn_cpu); }
+TORCH_LIBRARY_IMPL(nformer, CPU, m) {
+  m.impl("knn", &knn_cpu);
+  m.impl("knn_rows", &knn_rows_cpu);
+}

@@ -8,23 +8,20 @@ namespace nformer {
 namespace cuda {
 namespace {
 
-template <typename scalar_t>
 void launch_rescore(const at::Tensor& x, const at::Tensor& cand, const at::Tensor& margin, at::Tensor& idx,
                     at::Tensor& certified, int k) {
-  using acc_t = acc_type<scalar_t>;
   const int64_t rows = x.size(0) * x.size(1);
   const int kc = static_cast<int>(cand.size(2));
-  const size_t smem = rescore_smem_bytes(kc, sizeof(acc_t));
+  const size_t smem = rescore_smem_bytes(kc);
   const size_t have = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   TORCH_CHECK(smem <= have, "nformer::knn_rescore (CUDA): K'=", kc, " candidates need ", smem,
               " bytes of shared memory per block but this GPU allows ", have, "; the largest K' here is ",
-              rescore_max_candidates(have, sizeof(acc_t)));
-  auto kernel = knn_rescore_kernel<scalar_t, acc_t>;
-  set_dynamic_smem(kernel, smem);
-  kernel<<<rescore_blocks(rows), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<scalar_t>(), cand.data_ptr<int64_t>(), margin.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+              rescore_max_candidates(have));
+  set_dynamic_smem(knn_rescore_kernel, smem);
+  knn_rescore_kernel<<<rescore_blocks(rows), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<float>(), cand.data_ptr<int64_t>(), margin.data_ptr<double>(), idx.data_ptr<int64_t>(),
       certified.data_ptr<bool>(), rows, static_cast<int>(x.size(1)), static_cast<int>(x.size(2)), kc, k,
-      static_cast<int>(rescore_slice_bytes(kc, sizeof(acc_t))));
+      static_cast<int>(rescore_slice_bytes(kc)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -43,18 +40,17 @@ std::tuple<at::Tensor, at::Tensor> knn_rescore_cuda(const at::Tensor& x, const a
   TORCH_CHECK(k >= 1 && k <= kc, "nformer::knn_rescore (CUDA): need 1 <= k <= K', got k=", k, " K'=", kc);
   TORCH_CHECK(margin.sizes() == x.sizes().slice(0, 2), "nformer::knn_rescore (CUDA): margin must be (B, N), got ",
               margin.sizes());
-  check_dtype(margin, x.scalar_type(), "knn_rescore", "margin");
+  check_dtype(margin, at::kDouble, "knn_rescore", "margin");
+  TORCH_CHECK(x.is_floating_point(), "nformer::knn_rescore (CUDA): x must be floating point, got ", x.scalar_type());
   TORCH_CHECK(N < INT_MAX && d < INT_MAX && kc < INT_MAX && B * N < int64_t(INT_MAX) * kWarps,
               "nformer::knn_rescore (CUDA): x of shape ", x.sizes(), " with K'=", kc, " is too large");
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor idx = at::empty({B, N, k}, candidates.options());
   at::Tensor certified = at::empty({B, N}, x.options().dtype(at::kBool));
   if (B * N == 0) return {idx, certified};
-  switch (x.scalar_type()) {
-    case at::kFloat: launch_rescore<float>(x, candidates, margin, idx, certified, static_cast<int>(k)); break;
-    case at::kDouble: launch_rescore<double>(x, candidates, margin, idx, certified, static_cast<int>(k)); break;
-    default: TORCH_CHECK(false, "nformer::knn_rescore (CUDA): x must be float32 or float64, got ", x.scalar_type());
-  }
+  // The values as fp32 (the canonical score's input: fp16/bf16 exactly, fp64 rounded).
+  launch_rescore(x.to(at::kFloat).contiguous(), candidates.contiguous(), margin.contiguous(), idx, certified,
+                 static_cast<int>(k));
   return {idx, certified};
 }
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from nformer_kernels import _checks, backends, torch_ops
+from nformer_kernels import _checks, backends, canonical, torch_ops
 from nformer_kernels.ops.attention import landmark_factors
 
 
@@ -14,12 +14,16 @@ PRECISIONS = ("auto", "exact", "certified")
 # Extra stage-1 candidates per row: for k = 20, K' = 32 fills one 32-slot tile of the GPU kernels,
 # and certified every row of Gaussian and Re-ID-like features at N = 19,281 (docs/design.md).
 DEFAULT_MARGIN = 12
+# Above this fraction of uncertified rows, a backend with an exact knn kernel rescans every row with
+# it (one symmetric scan) rather than the rows alone (no symmetry: twice the work per row).
+_FULL_RESCAN_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
 class KnnStats:
-    """What a knn call did: rows, and for precision="certified" the rows certified by stage 1, the
-    candidates re-scored exactly and the rows recomputed by an exact scan."""
+    """What a knn call did: rows, and for a two-stage search (precision="certified", or "exact" on
+    cuda/triton) the rows certified by stage 1, the candidates re-scored canonically and the rows
+    recomputed by an exact rescan."""
 
     precision: str
     rows: int
@@ -32,15 +36,17 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
         precision: str = "auto", margin: Optional[int] = None, return_stats: bool = False):
     """Top-k neighbours of every row of x: (N,d) -> (N,k), (B,N,d) -> (B,N,k) int64.
 
-    Self first, then decreasing similarity (cosine, or raw inner product with metric="dot"),
-    ties broken by the smaller index. O(N*k) memory on every backend but `reference`.
+    Self first, then decreasing canonical score (cosine, or raw inner product with metric="dot"),
+    ties broken by the smaller index: the canonical score (nformer_kernels.canonical) has the same
+    bits on every backend, device, precision, thread count and CPU, so the answer is the same tensor
+    everywhere. O(N*k) memory on every backend but `reference`.
     query_mask (bool (N,) or (B,N)): rows flagged as queries never get another query as a
     neighbour (the paper's test-time query-query isolation); other rows are unaffected.
-    precision: "exact" scans in x's precision; "certified" (fp32/fp64 input) scans fp16-rounded
-    rows for k + margin candidates, re-scores them exactly and proves per row that no other row
-    can enter the top k, recomputing exactly the rows it cannot prove: the exact answer, faster
-    where reduced-precision matmul is (GPU tensor cores); "auto" is "certified" for fp32 on CUDA
-    and "exact" otherwise. return_stats=True returns (idx, KnnStats).
+    precision: how stage 1 scans, never what it returns: "exact" scans fp32 rows, "certified"
+    fp16-rounded rows (tensor cores) for k + margin candidates per row, re-scored canonically with a
+    per-row proof that no other row can enter the top k; rows it cannot prove are rescanned.
+    "auto" is "certified" on CUDA and "exact" on CPUs (fp16 matmul is no faster there).
+    return_stats=True returns (idx, KnnStats).
     """
     _checks.check_float(x, "x")
     if metric not in ("cosine", "dot"):
@@ -54,82 +60,63 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
     margin = DEFAULT_MARGIN if margin is None else _checks.as_int(margin, "margin")
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    x = (_unit_rows(x) if metric == "cosine" else _power_of_two_scaled(x)).contiguous()
+    rows = canonical.canonical_rows(x, metric)
     if precision == "auto":
-        precision = "certified" if x.dtype == torch.float32 and x.device.type == "cuda" else "exact"
-    if precision == "certified" and x.dtype in (torch.float32, torch.float64):
-        idx, stats = _certified_knn(x, k, margin)
-    else:  # fp16/bf16 input: already the reduced precision, the exact scan is the answer
-        idx = backends.kernel(backends.resolve("knn", x.device, k=k), "knn")(x, k)
-        stats = KnnStats(precision, x.shape[0] * x.shape[1])
-    if query_mask is not None:
-        idx = _isolate_queries(x, idx, k, query_mask)
+        precision = "certified" if rows.device.type == "cuda" else "exact"
+    with canonical.exact_fp32_matmul():  # a caller's TF32 / bf16 matmul settings never change an answer
+        idx, stats = _search(rows, k, precision, margin)
+        if query_mask is not None:
+            idx = _isolate_queries(rows, idx, k, query_mask)
     idx = idx[0] if squeezed else idx
     return (idx, stats) if return_stats else idx
 
 
-def _score_error_bound(x: torch.Tensor) -> torch.Tensor:
-    """(B,N): per row i, a bound on |approximate - exact| score against any row j (fp16 operands,
-    fp32 accumulation, both sides' rounding), from ||x_i|| and max_j ||x_j||.
-
-    fp16 rounding: |x~ - x| <= u|x| + 2^-25 per component (u = 2^-11; 2^-25 covers the subnormal
-    range), so |<x~_i,x~_j> - <x_i,x_j>| <= (2u+u^2)|x_i||x_j| + 2^-25(1+u)sqrt(d)(|x_i|+|x_j|)
-    + d*2^-50. Accumulating d products: gamma_d = d*v/(1-d*v) times sum|p| <= (1+u)^2|x_i||x_j|,
-    with v = 2^-24 (fp32; counted twice for tensor-core accumulation) plus the exact dtype's own
-    gamma_d for stage 2. docs/design.md derives it.
-    """
-    d = x.shape[-1]
-    u = 2.0 ** -11
-    sub = 2.0 ** -25
-
-    def gamma(v):
-        return d * v / (1 - d * v)
-
-    exact_v = 2.0 ** -53 if x.dtype == torch.float64 else 2.0 ** -24
-    norms = x.double().norm(dim=-1)  # (B,N)
-    top = norms.amax(dim=-1, keepdim=True)
-    product = norms * top
-    bound = ((2 * u + u * u) + (2 * gamma(2.0 ** -24) + gamma(exact_v)) * (1 + u) ** 2) * product \
-        + sub * (1 + u) * math.sqrt(d) * (norms + top) + d * sub * sub
-    return (bound * 1.01).to(x.dtype)  # 1% headroom for the rounding of the bound itself
+def _search(rows, k, precision, margin):
+    """The canonical top-k of canonical rows (B,N,d) fp32: directly where the backend's knn kernel is
+    exact and stage 1 is fp32, else two-stage (stage 1, knn_rescore, rescan of uncertified rows)."""
+    b, n, _ = rows.shape
+    # Where K' exceeds the selected backend's limit the whole call runs on the torch backend (logged).
+    backend = backends.resolve("knn", rows.device, k=min(n, k + margin))
+    if precision == "exact" and backends.exact_knn(backend):
+        return backends.kernel(backend, "knn")(rows, k), KnnStats(precision, b * n)
+    stage_dtype = torch.float16 if precision == "certified" else torch.float32
+    candidates = stage_candidates(rows, k, margin, stage_dtype)
+    idx, certified = rescore(rows, candidates, k, stage_dtype)
+    missed = ~certified
+    recomputed = int(missed.sum())
+    if recomputed:
+        rescan(rows, idx, missed, k)
+    return idx, KnnStats(precision, b * n, b * n - recomputed, candidates.numel(), recomputed)
 
 
-def _certified_knn(x, k, margin):
-    b, n, _ = x.shape
-    kc = min(n, k + margin)
-    backend = backends.resolve("knn", x.device, k=kc)
-    candidates = backends.kernel(backend, "knn")(x.to(torch.float16), kc)
-    if backend == "triton" and x.dtype == torch.float64:
-        backend = backends.resolve("knn", x.device, k=kc,
-                                   reason="the triton backend re-scores float32 rows only, not float64")
-    idx, certified = backends.kernel(backend, "knn_rescore")(x, candidates, k, 2 * _score_error_bound(x))
-    misses = (~certified).nonzero()
-    for bi in misses[:, 0].unique().tolist():  # exact scans of the rows stage 1 could not prove
-        rows = misses[misses[:, 0] == bi, 1]
-        idx[bi, rows] = torch_ops.topk_rows(x[bi, rows], x[bi], k, self_ids=rows)
-    stats = KnnStats("certified", b * n, int(certified.sum()), b * n * kc, int(misses.shape[0]))
-    return idx, stats
+def stage_candidates(rows, k, margin, stage_dtype=torch.float16):
+    """Stage 1: the backend's knn kernel on the canonical rows rounded to stage_dtype, K' = k + margin
+    candidates per row (B,N,K')."""
+    kc = min(rows.shape[1], k + margin)
+    return backends.kernel(backends.resolve("knn", rows.device, k=kc), "knn")(rows.to(stage_dtype), kc)
 
 
-def _unit_rows(x):
-    """Rows at unit L2 norm for any finite input: divided by their max-abs first, so the norm can
-    neither overflow nor underflow (in fp32 for fp16/bf16 input); zero rows stay zero."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xa = x.detach().to(acc)
-    peak = xa.abs().amax(dim=-1, keepdim=True)
-    xa = xa / torch.where(peak > 0, peak, torch.ones_like(peak))
-    return torch.nn.functional.normalize(xa, dim=-1).to(x.dtype)
+def rescore(rows, candidates, k, stage_dtype=torch.float16):
+    """Stage 2: (idx, certified) from the backend's knn_rescore with margin twice the stage-1 bound."""
+    margin = 2 * canonical.score_error_bound(rows, stage_dtype)
+    backend = backends.resolve("knn_rescore", rows.device, k=candidates.shape[-1])
+    return backends.kernel(backend, "knn_rescore")(rows, candidates, k, margin)
 
 
-def _power_of_two_scaled(x):
-    """x times the power of two that brings each batch item's max-abs into [0.5, 1) (in fp32 for
-    fp16/bf16 input): inner products keep their order and cannot overflow (|<x_i, x_j>| <= d)."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xa = x.detach().to(acc)
-    peak = xa.abs().amax(dim=(-2, -1), keepdim=True)
-    _, exponent = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
-    first = torch.div(-exponent, 2, rounding_mode="floor")  # two factors: 2^-exponent alone may overflow
-    return (xa * torch.exp2(first.to(acc)) * torch.exp2((-exponent - first).to(acc))).to(x.dtype)
+def rescan(rows, idx, missed, k):
+    """Replace in place the rows flagged in missed (B,N) of idx by an exact rescan: the backend's
+    knn_rows (a streaming scan of those rows against every row), or its exact knn of all rows when
+    most rows missed and it has one (one symmetric scan costs less than the rows alone)."""
+    n = rows.shape[1]
+    backend = backends.resolve("knn_rows", rows.device, k=k)
+    for bi in missed.any(dim=1).nonzero().squeeze(1).tolist():
+        which = missed[bi].nonzero().squeeze(1)
+        item = rows[bi:bi + 1]
+        if which.numel() > _FULL_RESCAN_FRACTION * n and backends.exact_knn(backend):
+            idx[bi, which] = backends.kernel(backend, "knn")(item, k)[0, which]
+        else:
+            idx[bi, which] = backends.kernel(backend, "knn_rows")(item, which[None], k)[0]
+    return idx
 
 
 def _isolate_queries(x, idx, k, query_mask):
@@ -138,7 +125,7 @@ def _isolate_queries(x, idx, k, query_mask):
         raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
     if tuple(query_mask.shape) not in (tuple(x.shape[1:2]), tuple(x.shape[:2])):
         raise ValueError(f"query_mask must have shape (N,) or (B,N) matching x, got {tuple(query_mask.shape)}")
-    query_mask = query_mask.to(x.device).expand(x.shape[:2])
+    query_mask = query_mask.to(x.device).expand(x.shape[:2])  # x: canonical rows
     idx = idx.clone()
     for b in range(x.shape[0]):
         queries = query_mask[b].nonzero().squeeze(1)
@@ -186,6 +173,14 @@ def _knn_fake(x, k, allow_tf32=False):
 
 for _op in backends.library_ops("knn"):
     torch.library.register_fake(_op)(_knn_fake)
+
+
+def _knn_rows_fake(x, rows, k):
+    return rows.new_empty((*rows.shape, k))
+
+
+if "nformer::knn" in backends.library_ops("knn"):
+    torch.library.register_fake("nformer::knn_rows")(_knn_rows_fake)
 
 
 def _knn_rescore_fake(x, candidates, k, margin):

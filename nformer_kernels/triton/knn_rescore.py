@@ -1,16 +1,17 @@
-"""knn_rescore, stage 2 of the certified knn, fused: exact scores, top-k selection, certificate.
+"""knn_rescore, stage 2 of the two-stage knn, fused: canonical scores, top-k selection, certificate.
 
-One program per BLOCK_M rows: the rows' K' candidate rows are gathered in d-chunks as one
-(BLOCK_M, K'_PAD, BLOCK_D) tile and reduced against the query chunk in fp32 (fp32 input only:
-the exact precision of the fp32 certified path). Each candidate's rank in the order (score desc,
-id asc, slot asc) is counted over a (BLOCK_M, K'_PAD, K'_PAD) comparison, and the candidates
-ranked below k are stored straight to their slot. Certificate: (K' >= N) | (s(last candidate) +
-margin < s_(k)) (docs/design.md, "Certified knn").
+One program per BLOCK_M rows: the rows' K' candidate rows are gathered LANES features at a time as
+one (BLOCK_M, K'_PAD, LANES) tile, and their exact fp64 products added lane by lane: the canonical
+score (nformer_kernels.canonical), the lanes folded in halves at the end, the same bits as every
+other backend. Each candidate's rank in the order (score desc, id asc, slot asc) is counted over a
+(BLOCK_M, K'_PAD, K'_PAD) comparison, and the candidates ranked below k are stored straight to their
+slot. Certificate: (K' >= N) | (c(last candidate) + margin < c_(k)) (docs/design.md, "Two-stage knn").
 """
 import torch
 import triton
 import triton.language as tl
 
+from nformer_kernels.canonical import LANES
 from nformer_kernels.triton.variants import POINTER_TYPE, Variant, check_device, check_int32_extent, next_pow2
 
 MAX_CANDIDATES = 64  # the triton knn's MAX_K: stage 1 never hands this backend more
@@ -19,7 +20,7 @@ _NO_ID = tl.constexpr(2147483647)
 
 @triton.jit
 def _knn_rescore_kernel(x_ptr, cand_ptr, margin_ptr, idx_ptr, cert_ptr, N, D, KC, K,
-                        KC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                        KC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     x_ptr += pid_b * N * D
@@ -33,14 +34,20 @@ def _knn_rescore_kernel(x_ptr, cand_ptr, margin_ptr, idx_ptr, cert_ptr, N, D, KC
     slots = tl.arange(0, KC_PAD)
     ok = row_ok[:, None] & (slots < KC)[None, :]
     cand = tl.load(cand_ptr + rows[:, None] * KC + slots[None, :], mask=ok, other=0).to(tl.int32)
-    s = tl.zeros((BLOCK_M, KC_PAD), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, KC_PAD, LANES), tl.float64)
+    for d0 in range(0, D, LANES):  # lane l adds feature d0 + l: the canonical order
+        dd = d0 + tl.arange(0, LANES)
         d_ok = dd < D
         q = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         g = tl.load(x_ptr + cand[:, :, None] * D + dd[None, None, :],
                     mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
-        s += tl.sum(q[:, None, :] * g, axis=2)
+        acc += q.to(tl.float64)[:, None, :] * g.to(tl.float64)  # exact products: one rounding, the sum's
+    h: tl.constexpr = LANES // 2
+    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h)), axis=2)  # lane l += lane l + 8
+    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 2)), axis=2)  # ... + 4
+    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 4)), axis=2)  # ... + 2
+    s = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 8)), axis=2)  # ... + 1
+    s = tl.reshape(s, (BLOCK_M, KC_PAD))
 
     last = tl.max(tl.where(slots[None, :] == KC - 1, s, float("-inf")), axis=1)
     s = tl.where(cand == rows[:, None], float("inf"), s)  # self first
@@ -61,17 +68,16 @@ def _knn_rescore_kernel(x_ptr, cand_ptr, margin_ptr, idx_ptr, cert_ptr, N, D, KC
 
 
 # K'_PAD -> BLOCK_M: BLOCK_M * K'_PAD = 128 (row, candidate) pairs per program, so the gathered tile
-# is 4K elements and the rank comparison 2-8K, over 128 threads.
+# is 2K elements (16 fp64 accumulators per thread) and the rank comparison 2-8K, over 128 threads.
 _BLOCK_M = {16: 8, 32: 4, 64: 2}
-_BLOCK_D = 32
 
 
 def _variant(kc_pad: int) -> Variant:
     return Variant(
         _knn_rescore_kernel,
-        {"x_ptr": POINTER_TYPE[torch.float32], "cand_ptr": "*i64", "margin_ptr": POINTER_TYPE[torch.float32],
+        {"x_ptr": POINTER_TYPE[torch.float32], "cand_ptr": "*i64", "margin_ptr": "*fp64",
          "idx_ptr": "*i64", "cert_ptr": "*u8", "N": "i32", "D": "i32", "KC": "i32", "K": "i32"},
-        {"KC_PAD": kc_pad, "BLOCK_M": _BLOCK_M[kc_pad], "BLOCK_D": _BLOCK_D},
+        {"KC_PAD": kc_pad, "BLOCK_M": _BLOCK_M[kc_pad], "LANES": LANES},
         num_warps=4, num_stages=1, aligned_ints=("D",))
 
 
@@ -88,8 +94,9 @@ def choose_variant(kc: int) -> Variant:
 
 def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch.Tensor):
     """(idx (B,N,k) int64, certified (B,N) bool): the contract's knn_rescore (torch_ops.rescore_candidates)."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32 for the triton knn_rescore, got {x.dtype}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    x = x.detach().to(torch.float32)  # the canonical score's input: fp16/bf16 exactly, fp64 rounded
     if x.dim() != 3:
         raise ValueError(f"x must be (B,N,d), got shape {tuple(x.shape)}")
     b, n, d = x.shape
@@ -99,8 +106,8 @@ def knn_rescore(x: torch.Tensor, candidates: torch.Tensor, k: int, margin: torch
     kc = candidates.shape[2]
     if not 1 <= k <= kc:
         raise ValueError(f"need 1 <= k <= K', got k={k}, K'={kc}")
-    if margin.dtype != x.dtype or tuple(margin.shape) != (b, n):
-        raise ValueError(f"margin must be ({b},{n}) {x.dtype}, got {margin.dtype} {tuple(margin.shape)}")
+    if margin.dtype != torch.float64 or tuple(margin.shape) != (b, n):
+        raise ValueError(f"margin must be ({b},{n}) float64, got {margin.dtype} {tuple(margin.shape)}")
     for name, t in (("x", x), ("candidates", candidates), ("margin", margin)):
         check_device(name, t)
     check_int32_extent("x", n * max(d, kc))

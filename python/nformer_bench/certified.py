@@ -1,19 +1,23 @@
 """nformer-bench certified: nk.knn(precision="certified") vs precision="exact" vs chunked torch.mm + topk.
 
   nformer-bench certified [--device cpu|cuda] [--n-list 10000,19281,100000,1000000] [--d 256] [--k 20]
-                          [--margin 12] [--kinds gaussian,reid] [--time-budget-s S] [--out DIR]
+                          [--margin 12] [--margins 4,12,32,64] [--kinds gaussian,reid,near-duplicates]
+                          [--time-budget-s S] [--out DIR]
 
 fp32 input. Per data kind and N: the wall time of nk.knn precision="exact" and precision="certified"
 (both on the selected backend), the certified path's stage split, timed by calling the pieces it
 is made of with the inputs it builds (stage 1: fp16 rounding + the backend's knn kernel for
 K' = k + margin candidates; stage 2: the score error bound + the backend's knn_rescore kernel;
-fallback: exact scans (torch_ops.topk_rows) of the rows stage 2 could not certify), the certified
-fraction and rows recomputed, and the chunked torch.mm + topk baseline (nformer_bench.baselines, as
-`nformer-bench run` sets it up). Certified answers are compared with exact ones (identical rows,
-recall); the baseline by recall against exact.
+fallback: the exact rescan (knn_rows, or one symmetric knn when most rows missed) of the rows stage 2
+could not certify), the certified fraction and rows recomputed, and the chunked torch.mm + topk
+baseline (nformer_bench.baselines, as `nformer-bench run` sets it up). Certified answers are compared
+with exact ones (they must be identical: one canonical answer); the baseline by recall against exact.
+--margins: the certified fraction of stage 1 + 2 at each of those margins too (which margin
+certifies >= 0.99 of the rows).
 
-Kinds: "gaussian" (i.i.d. N(0,1) rows) and "reid" (Re-ID-like clustered features,
-nformer_bench.runner.synthetic_features). Timing: nformer_bench.runner.time_call_ms (CUDA events on
+Kinds: "gaussian" (i.i.d. N(0,1) rows), "reid" (Re-ID-like clustered features,
+nformer_bench.runner.synthetic_features) and "near-duplicates" (1,000 cluster centres, members at
+noise 1e-4: consecutive video frames; their neighbours differ far below fp32 resolution). Timing: nformer_bench.runner.time_call_ms (CUDA events on
 the GPU, perf_counter on the CPU), median of up to --repeats calls after one warm-up call on the
 first 2,048 rows. The certified path pays off where fp16 matmuls are faster than fp32 ones (GPU
 tensor cores); on a CPU the stage costs and certified fractions are what it measures, and
@@ -29,7 +33,7 @@ from pathlib import Path
 from nformer_bench.knn import WARMUP_ROWS, recall
 from nformer_bench.sweep import RESULTS_DIR, _int_list
 
-KINDS = ("gaussian", "reid")
+KINDS = ("gaussian", "reid", "near-duplicates")
 DEFAULT_N = (10000, 19281, 100000, 1000000)
 
 
@@ -41,6 +45,8 @@ def add_arguments(p):
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--margin", type=int, default=None,
                    help="extra stage-1 candidates per row (default: nk.knn's default margin)")
+    p.add_argument("--margins", type=_int_list, default=[],
+                   help="comma-separated margins whose certified fractions are measured as well")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (at most)")
     p.add_argument("--repeat-budget-s", type=float, default=30.0,
@@ -61,6 +67,10 @@ def features(kind, n, d, device, seed=0):
     if kind == "reid":
         return synthetic_features(n, d, device, torch.float32, seed)
     gen = torch.Generator().manual_seed(seed)
+    if kind == "near-duplicates":
+        centres = torch.randn(1000, d, generator=gen)
+        members = torch.randint(0, 1000, (n,), generator=gen)
+        return (centres[members] + 1e-4 * torch.randn(n, d, generator=gen))[None].to(device)
     return torch.randn(1, n, d, generator=gen).to(device)
 
 
@@ -80,48 +90,52 @@ def _median_ms(fn, on_gpu, repeats, budget_s):
 
 
 def stage_pieces(x, k, margin):
-    """The certified path's stages as separate calls, with the inputs it builds from x (1,N,d):
-    (stage1, stage2, fallback, backend). stage1() -> candidates; stage2(candidates) ->
-    (idx, certified); fallback(idx, certified) -> idx with the uncertified rows scanned exactly."""
-    import torch
+    """The certified path's stages as separate calls (nformer_kernels.ops.knn's own), with the inputs
+    it builds from x (1,N,d): (stage1, stage2, fallback, backend). stage1() -> candidates;
+    stage2(candidates) -> (idx, certified); fallback(idx, certified) -> idx with the uncertified rows
+    rescanned exactly."""
+    from nformer_kernels import backends, canonical
+    from nformer_kernels.ops.knn import rescan, rescore, stage_candidates
 
-    from nformer_kernels import backends, torch_ops
-    from nformer_kernels.ops.knn import _score_error_bound, _unit_rows
-
-    xu = _unit_rows(x).contiguous()
+    xu = canonical.canonical_rows(x)
     kc = min(xu.shape[1], k + margin)
     backend = backends.resolve("knn", xu.device, k=kc)
-    knn_kernel, rescore = backends.kernel(backend, "knn"), backends.kernel(backend, "knn_rescore")
 
     def stage1():
-        return knn_kernel(xu.to(torch.float16), kc)
+        with canonical.exact_fp32_matmul():
+            return stage_candidates(xu, k, margin)
 
     def stage2(candidates):
-        return rescore(xu, candidates, k, 2 * _score_error_bound(xu))
+        return rescore(xu, candidates, k)
 
     def fallback(idx, certified):
-        rows = (~certified[0]).nonzero().squeeze(1)
-        if rows.numel():
-            idx[0, rows] = torch_ops.topk_rows(xu[0, rows], xu[0], k, self_ids=rows)
-        return idx
+        with canonical.exact_fp32_matmul():
+            return rescan(xu, idx, ~certified, k)
 
     return stage1, stage2, fallback, backend
 
 
 def fp64_neighbours(x, k, rows):
-    """(len(rows), k) top-k of those rows of x (1,N,d) from float64 scores: which answer is right
-    where the certified and the exact one differ (near-ties within fp32 rounding)."""
-    from nformer_kernels import torch_ops
-    from nformer_kernels.ops.knn import _unit_rows
+    """(len(rows), k) top-k of those rows of x (1,N,d) from float64 cosines of the input values: how
+    far the canonical (fp32-row) answer is from an fp64 one on near-ties."""
+    import torch
 
     if rows.numel() == 0:
         return rows.new_empty((0, k))
-    xu = _unit_rows(x.double())[0]
+    xu = torch.nn.functional.normalize(x[0].double(), dim=-1)
     rows = rows.to(xu.device)
-    return torch_ops.topk_rows(xu[rows], xu, k, self_ids=rows).cpu()
+    sims = xu[rows] @ xu.T
+    sims[torch.arange(rows.numel(), device=xu.device), rows] = float("inf")
+    return torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k].cpu()
 
 
-def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0):
+def certified_fraction(x, k, margin):
+    """The fraction of rows stage 1 + 2 certify at this margin."""
+    stage1, stage2, _, _ = stage_pieces(x, k, margin)
+    return stage2(stage1())[1].float().mean().item()
+
+
+def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0, margins=()):
     """One result row: exact, certified (stage split, stats, agreement) and torch.mm + topk."""
     import torch
 
@@ -173,6 +187,7 @@ def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0):
             "differing_rows_certified_as_fp64": int((idx_cert[differing] == truth).all(1).sum()),
             "differing_rows_exact_as_fp64": int((idx_exact[differing] == truth).all(1).sum()),
             "certified_recall": recall(idx_cert, idx_exact),
+            "certified_fraction_by_margin": {str(m): certified_fraction(x, k, m) for m in margins},
             "torch_mm_topk_recall": recall(idx_torch.cpu(), idx_exact)}
 
 
@@ -200,13 +215,22 @@ def markdown(result):
                      f"{r['differing_rows_exact_as_fp64']}) | {_fmt_ms(r['torch_mm_topk_ms'])} | "
                      f"{r['torch_mm_topk_recall']:.6f} |")
     lines += ["", "exact / certified: nk.knn(x, k, precision=...). Stage 1: fp16 rounding + the backend's knn "
-              "kernel for K' candidates; stage 2: the score error bound + knn_rescore; fallback: exact scans of "
+              "kernel for K' candidates; stage 2: the score error bound + knn_rescore; fallback: the exact rescan of "
               "the rows stage 2 could not certify (each timed alone, with the inputs the certified path builds). "
-              "rows != exact: rows whose certified indices differ from precision=\"exact\" ones, and of those, "
-              "the rows where each agrees with the top-k of float64 scores (an fp32 scan can order neighbours "
-              "whose scores differ by a few fp32 ulps wrongly; certified re-scores with a proven error bound). "
+              "rows != exact: rows whose certified indices differ from precision=\"exact\" ones (0: both return "
+              "the canonical answer), and of those the rows where each agrees with the top-k of float64 cosines. "
               "torch.mm+topk: "
               "nformer_bench.baselines.knn_torch_chunked, recall against exact."]
+    margins = sorted({int(m) for r in result["rows"] for m in r.get("certified_fraction_by_margin", {})})
+    if margins:
+        lines += ["", "Certified fraction of the rows (stage 1 + 2) by margin m:", "",
+                  "| kind | N | " + " | ".join(f"m = {m}" for m in margins) + " |",
+                  "|---|---:|" + "---:|" * len(margins)]
+        for r in result["rows"]:
+            if r["status"] == "ok":
+                by = r["certified_fraction_by_margin"]
+                lines.append(f"| {r['kind']} | {r['n']} | " + " | ".join(
+                    f"{by[str(m)]:.4f}" if str(m) in by else "" for m in margins) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,7 +286,8 @@ def run(args):
                     row = {"status": "skipped (time budget)", "kind": kind, "n": n}
                 else:
                     try:
-                        row = measure(kind, n, args.d, args.k, margin, device, args.repeats, args.repeat_budget_s)
+                        row = measure(kind, n, args.d, args.k, margin, device, args.repeats, args.repeat_budget_s,
+                                      args.margins)
                     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
                         if not isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) \
                                 and "out of memory" not in str(exc).lower():

@@ -14,7 +14,6 @@ Algorithm (N = Q + G probe+gallery items, d = Euclidean distance):
   jaccard[i, j] = 1 - s / (2 - s), s = sum_m min(V[i, m], V[j, m])
   final     = (1 - lambda) * jaccard + lambda * od, query rows x gallery columns.
 """
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 import nformer_kernels as nk
+from nformer_kernels.canonical import exact_fp32_matmul
 from nformer_kernels.ops import PRECISIONS as KNN_PRECISIONS
 from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_device, as_float, as_int, as_tensor, pow2_row_scale
@@ -156,7 +156,7 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     float64 scratch entries at a time, and only where a query and a gallery item share mass
     (jaccard = 1 elsewhere). Runs on the device of the features (or `device`): CPU or CUDA
     tensors, no host round trip until the result (CUDA matmuls in full fp32 for the call,
-    whatever torch.set_float32_matmul_precision says).
+    whatever a caller's TF32 / matmul precision settings say: nformer_kernels.canonical.exact_fp32_matmul).
 
     Features: numpy arrays or tensors of real numbers (any precision and strides), finite
     (ValueError for NaN/Inf); normalisation is scale-free (1e-30 and 1e30 rows normalise like 1), a
@@ -178,7 +178,7 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     if topk is None:
         if plan.t_qg is None:  # no queries or no gallery items
             return np.zeros((num_q, num_g), dtype=np.float32)
-        with _full_fp32_matmul():
+        with exact_fp32_matmul():
             for _ in _final_chunks(plan):
                 pass  # each chunk is finished in place in plan.t_qg
         return plan.t_qg.cpu().numpy()
@@ -187,7 +187,7 @@ def re_ranking_sparse(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_value: f
     dist = np.zeros((num_q, r), dtype=np.float32)
     if num_q == 0 or num_g == 0:
         return idx, dist
-    with _full_fp32_matmul():
+    with exact_fp32_matmul():
         for start, stop, block in _final_chunks(plan):
             i, d = _stable_smallest(block, r)
             idx[start:stop], dist[start:stop] = i.cpu().numpy(), d.cpu().numpy()
@@ -210,24 +210,13 @@ def re_ranking_sparse_chunks(q_feat, g_feat, k1: int = 20, k2: int = 6, lambda_v
         return
     chunks = _final_chunks(plan)
     while True:
-        with _full_fp32_matmul():  # only while a slice is computed, not while the caller holds it
+        with exact_fp32_matmul():  # only while a slice is computed, not while the caller holds it
             item = next(chunks, None)
             if item is None:
                 return
             start, stop, block = item
             rows = block.cpu().numpy()
         yield start, stop, rows
-
-
-@contextlib.contextmanager
-def _full_fp32_matmul():
-    """float32 matmuls in full fp32 (no TF32 on CUDA): neighbour ranks and ties need the exact products."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 @dataclass
@@ -275,7 +264,7 @@ def _prepare(q_feat, g_feat, k1, k2, lambda_value, pair_budget, device, knn_prec
                      pair_budget)
 
     kk = max(k1 + 1, k2)
-    with _full_fp32_matmul():
+    with exact_fp32_matmul():
         rank = nk.knn(x, kk, precision=knn_precision)
         max_d2, t_qg = _max_sq_dist_pass(x, sq_norm.float(), num_q, store)
         fwd = rank[:, :k1 + 1]

@@ -52,7 +52,9 @@ def register() -> str:
 
     @torch.library.custom_op("nformer_emulated::knn_rescore", mutates_args=())
     def knn_rescore(x: Tensor, candidates: Tensor, k: int, margin: Tensor) -> tuple[Tensor, Tensor]:
-        idx, certified = emu.knn_rescore(x.contiguous(), candidates.contiguous(), k, margin.contiguous())
+        # As the CUDA launcher: the values as fp32 (the canonical score's input).
+        idx, certified = emu.knn_rescore(x.float().contiguous(), candidates.contiguous(), k,
+                                         margin.contiguous())
         return idx, certified
 
     @torch.library.custom_op("nformer_emulated::reciprocal_mask", mutates_args=())
@@ -79,9 +81,11 @@ def register() -> str:
     def available(device):
         return "" if device.type == "cpu" else f"the CUDA emulation runs CPU tensors, not {device.type}"
 
+    missing = ("knn_rows",)  # as the cuda backend: its rescans run on the torch backend
     backends.register_backend(backends.Backend(
-        NAME, available, lambda: {name: getattr(torch.ops.nformer_emulated, name) for name in backends.KERNELS},
-        gather_backward=True))
+        NAME, available, lambda: {name: getattr(torch.ops.nformer_emulated, name) for name in backends.KERNELS
+                                  if name not in missing},
+        gather_backward=True, missing=missing))
     register_autograd(NAME)
     return NAME
 

@@ -54,17 +54,15 @@ torch::Tensor emu_knn(torch::Tensor x, int64_t k, int64_t force_bm, int64_t sm_c
 std::vector<torch::Tensor> emu_knn_rescore(torch::Tensor x, torch::Tensor cand, int64_t k, torch::Tensor margin) {
   const int64_t B = x.size(0), N = x.size(1), d = x.size(2), kc = cand.size(2);
   TORCH_CHECK(x.is_contiguous() && cand.is_contiguous() && margin.is_contiguous() && k >= 1 && k <= kc);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && margin.scalar_type() == torch::kDouble, "x float32, margin float64");
   auto idx = torch::empty({B, N, k}, cand.options());
   auto certified = torch::empty({B, N}, x.options().dtype(torch::kBool));
   const int64_t rows = B * N;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emu_knn_rescore", [&] {
-    using acc_t = acc_type<scalar_t>;
-    TORCH_CHECK(rescore_smem_bytes(kc, sizeof(acc_t)) <= kOptin);
-    const int slice = rescore_slice_bytes(kc, sizeof(acc_t));
-    emu::launch(dim3(rescore_blocks(rows)), dim3(kThreads), [&] {
-      knn_rescore_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), cand.data_ptr<int64_t>(), margin.data_ptr<scalar_t>(),
-                                          idx.data_ptr<int64_t>(), certified.data_ptr<bool>(), rows, N, d, kc, k, slice);
-    });
+  TORCH_CHECK(rescore_smem_bytes(kc) <= kOptin);
+  const int slice = rescore_slice_bytes(kc);
+  emu::launch(dim3(rescore_blocks(rows)), dim3(kThreads), [&] {
+    knn_rescore_kernel(x.data_ptr<float>(), cand.data_ptr<int64_t>(), margin.data_ptr<double>(), idx.data_ptr<int64_t>(),
+                       certified.data_ptr<bool>(), rows, N, d, kc, k, slice);
   });
   return {idx, certified};
 }

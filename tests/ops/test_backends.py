@@ -70,15 +70,20 @@ def test_forced_backend_unavailable_is_an_error():
 # ----------------------------------------------------------------------------- hand-over to `torch`
 @pytest.mark.backends("triton-interpreted", "triton")
 def test_knn_k_above_the_limit_runs_on_torch(backend, caplog):
+    """Stage 1 keeps k + margin candidates: past the triton kernel's 64 the call runs on torch."""
+    from nformer_kernels.ops.knn import DEFAULT_MARGIN
+
     x = unit_rows((1, 90, 8), device=backend.device)
+    k = 64 - DEFAULT_MARGIN + 1
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        idx = nk.knn(x, 65)
+        idx = nk.knn(x, k)
     assert "k=65 exceeds the triton backend's limit of 64; running on the 'torch' backend" in caplog.text
-    assert_knn(x, idx, 65)
+    assert_knn(x, idx, k)
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        assert_knn(x, nk.knn(x, 64), 64)
-    assert "running on the 'torch' backend" not in caplog.text
+        assert_knn(x, nk.knn(x, k - 1), k - 1)
+        assert_knn(x, nk.knn(x, 64, margin=0), 64)
+    assert "exceeds" not in caplog.text
 
 
 @pytest.mark.backends("triton-interpreted", "triton")

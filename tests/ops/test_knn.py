@@ -112,29 +112,28 @@ def test_knn_kernel_one_million_rows_bf16(backend):
 
 
 # ----------------------------------------------------------------------------- ties and duplicates
-CPU_TIES = ("the cpu kernel scores each pair in one BLAS GEMM tile, row and column roles shared: copies of a row "
-            "in other tiles or roles are rounded differently, so exact ties in the input do not come out "
-            "smaller index first as csrc/ops.cpp states")
-
-
-# Not interpreted: the interpreter's numpy dot rounds a copy by its column position, so copies do not
-# tie exactly there; its ties are checked on exactly representable data (the lattice test below).
-@pytest.mark.backends("reference", "torch", "cpu", EMULATED, "cuda", "triton")
+@pytest.mark.backends("reference", "torch", "cpu")  # the kernels whose knn is the canonical answer itself
+@pytest.mark.parametrize("threads", [1, 2, max(3, os.cpu_count() or 1)], ids=lambda t: f"threads{t}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
-def test_knn_kernel_exact_ties_smaller_index_first(backend, dtype, request):
-    """Duplicate rows and zero rows: exact ties resolve to the smaller index, self stays first."""
-    threads = torch.get_num_threads()
-    if backend.id == "cpu":  # with 2 threads the rows are split into tiles whose roles differ
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CPU_TIES))
-        torch.set_num_threads(2)
+def test_knn_kernel_exact_ties_smaller_index_first(backend, dtype, threads):
+    """Duplicate rows and zero rows: exact ties resolve to the smaller index, self stays first, on
+    every CPU, BLAS, tile split and thread count (the canonical score orders near pairs)."""
     x, sim = exact_tie_groups(dtype=dtype)
     k = 40  # crosses the boundary between groups of duplicates
     want = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
-    try:
+    with torch_threads(threads):
         got = backend.kernel("knn")(backend.tensor(x).unsqueeze(0), k)[0].cpu()
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_knn_exact_ties_smaller_index_first_on_every_backend(backend, dtype):
+    """nk.knn on every backend (the two-stage path on cuda and triton): the same tie order."""
+    x, sim = exact_tie_groups(n=90 if backend.slow else 203, dtype=dtype)
+    k = 40
+    want = torch.sort(-sim, dim=1, stable=True).indices[:, :k]
+    for precision in ("exact", "certified"):
+        assert torch.equal(nk.knn(backend.tensor(x), k, precision=precision).cpu(), want), precision
 
 
 @fast_and(INTERPRETED)  # the emulation's ties: the test above

@@ -1,11 +1,9 @@
-"""knn_rescore, stage 2 of the certified knn: every backend's batched kernel (contract: csrc/ops.cpp)
-against the spec, torch_ops.rescore_candidates, index for index and flag for flag, on tie-free
-Gaussian rows and on integer-valued rows with exact duplicates (exact scores in any summation
-order, ties broken by the smaller index); the certified knn dispatching its stage 2 to the active
-backend; schemas and fake kernels; bad calls the kernels refuse.
-
-Margins are set per row away from the certificate's boundary (half or 1.5 times the gap between
-the k-th and the last candidate's score), so kernels that sum in other orders agree on every flag.
+"""knn_rescore, stage 2 of the two-stage knn: every backend's batched kernel (contract: csrc/ops.cpp)
+against the spec, torch_ops.rescore_candidates, index for index and flag for flag: the canonical
+score has the same bits on every backend, so flags agree even on the certificate's boundary.
+On tie-free Gaussian rows, integer-valued rows with exact duplicates (ties broken by the smaller
+index) and near-duplicate rows (ties within fp32 rounding); the two-stage knn dispatching its
+stage 2 to the active backend; schemas and fake kernels; bad calls the kernels refuse.
 The emulated and interpreted cases (slow) take the small shapes only.
 """
 import logging
@@ -20,7 +18,7 @@ from tests.helpers import gapped_rows, register_counting_backend, unit_rows
 EMULATED, INTERPRETED = "cuda-emulated", "triton-interpreted"
 TRITON_MAX_CANDIDATES = 64  # nformer_kernels.triton.knn_rescore.MAX_CANDIDATES
 SLOW_MAX_ROWS = 120  # B*N the interpreted/emulated cases take
-FLOATS = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
+FLOATS = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]  # fp64: rounded to fp32
 
 
 def candidates_for(b, n, kc, seed=0, device="cpu"):
@@ -47,8 +45,7 @@ def margins_off_the_boundary(x, candidates, k):
     kth = torch.where(idx[..., k - 1] == rows, float("inf"), score(idx[..., k - 1]))
     gap = kth - score(candidates[..., -1])
     factor = torch.where(rows % 2 == 0, 0.5, 1.5).expand(b, n)
-    margin = torch.where(gap.isfinite() & (gap.abs() > 1e-3), gap.abs() * factor, torch.full_like(gap, 0.25))
-    return margin.to(x.dtype)
+    return torch.where(gap.isfinite() & (gap.abs() > 1e-3), gap.abs() * factor, torch.full_like(gap, 0.25))
 
 
 def assert_matches_spec(backend, x, candidates, k, margin, *, mixed=True):
@@ -104,7 +101,7 @@ def test_matches_spec_on_exact_duplicates(backend, dtype, shape):
     x = backend.tensor(integer_rows_with_duplicates(b, n, d, copies, seed=n).to(dtype))
     candidates = candidates_for(b, n * copies, kc, seed=d, device=backend.device)
     g = torch.Generator().manual_seed(1)
-    margin = backend.tensor((torch.randint(0, 3, (b, n * copies), generator=g) + 0.5).to(dtype))  # never on a tie
+    margin = backend.tensor((torch.randint(0, 3, (b, n * copies), generator=g) + 0.5).double())  # never on a tie
     assert_matches_spec(backend, x, candidates, k, margin, mixed=False)
 
 
@@ -114,29 +111,44 @@ def test_repeated_candidate_ids(backend):
     x = backend.tensor(integer_rows_with_duplicates(1, 12, 4, 2, seed=3).float())
     candidates = candidates_for(1, 24, 8, seed=2, device=backend.device)
     candidates[..., 5] = candidates[..., 3]
-    margin = torch.full((1, 24), 0.5, device=backend.device)
+    margin = torch.full((1, 24), 0.5, dtype=torch.float64, device=backend.device)
     assert_matches_spec(backend, x, candidates, 6, margin, mixed=False)
 
 
-@pytest.mark.backends("reference", "torch", "cpu")
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="float16"), pytest.param(torch.bfloat16, id="bfloat16")])
-def test_half_inputs_on_cpu(backend, dtype):
-    """fp16/bf16: scores accumulated in fp32 and rounded to the input dtype, as the spec."""
-    x = integer_rows_with_duplicates(2, 20, 6, 2, seed=4).to(dtype)
-    candidates = candidates_for(2, 40, 12, seed=5)
-    margin = (torch.randint(0, 3, (2, 40), generator=torch.Generator().manual_seed(6)) + 0.5).to(dtype)
+def test_half_inputs(backend, dtype):
+    """fp16/bf16: the canonical scores of the values (exact in fp32), as the spec."""
+    x = backend.tensor(integer_rows_with_duplicates(2, 20, 6, 2, seed=4).to(dtype))
+    candidates = candidates_for(2, 40, 12, seed=5, device=backend.device)
+    margin = backend.tensor(torch.randint(0, 3, (2, 40), generator=torch.Generator().manual_seed(6)) + 0.5).double()
     assert_matches_spec(backend, x, candidates, 9, margin, mixed=False)
+
+
+def test_near_duplicates_identical_on_the_boundary(backend):
+    """Rows that differ by 1e-7 (scores within fp32 rounding of each other) and margins set to the
+    gap itself: every backend's canonical scores, order and flags are the spec's, bit for bit."""
+    from nformer_kernels import canonical
+
+    b, n, d, k, kc = (1, 40, 24, 5, 12) if backend.slow else (2, 300, 40, 20, 32)
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn((b, n // 4, d), generator=g)
+    x = canonical.canonical_rows(base.repeat(1, 4, 1) + 1e-7 * torch.randn((b, n, d), generator=g))
+    candidates = candidates_for(b, n, kc, seed=3)
+    xd = canonical.canonical_scores(x[:, :, None], x[torch.arange(b)[:, None, None], candidates])
+    margin = (xd[..., k - 1] - xd[..., -1]).abs()  # on the boundary where the order of the sum matters
+    x, candidates, margin = backend.tensor(x), backend.tensor(candidates), backend.tensor(margin)
+    assert_matches_spec(backend, x, candidates, k, margin, mixed=False)
 
 
 @pytest.mark.backends("reference", "torch", "cpu", EMULATED, INTERPRETED, "cuda", "triton")
 def test_stage1_candidates_with_the_certified_bound(backend):
     """The call the certified knn makes: fp16 stage-1 candidates and margin 2*eps."""
-    from nformer_kernels.ops.knn import _score_error_bound
+    from nformer_kernels.canonical import score_error_bound
 
     n, k, kc = (57, 9, 21) if backend.slow else (400, 20, 32)
     x = backend.tensor(gapped_rows(2, n, 16, k, seed=7))
     candidates = backends.kernel("reference", "knn")(x.half(), kc)
-    assert_matches_spec(backend, x, candidates, k, 2 * _score_error_bound(x), mixed=False)
+    assert_matches_spec(backend, x, candidates, k, 2 * score_error_bound(x, torch.float16), mixed=False)
 
 
 def test_certified_knn_rescores_on_the_active_backend(monkeypatch):
@@ -150,12 +162,14 @@ def test_certified_knn_rescores_on_the_active_backend(monkeypatch):
         assert torch.equal(idx, nk.knn(x, 5, precision="exact"))
 
 
-@pytest.mark.backends(INTERPRETED, "triton")
-def test_triton_hands_float64_rescoring_to_torch(backend, caplog):
+@pytest.mark.backends(INTERPRETED, "triton", EMULATED, "cuda")
+def test_rescans_run_on_the_torch_backend(backend, caplog):
+    """cuda and triton have no knn_rows kernel: the rows a two-stage knn cannot certify (margin 0:
+    all of them) are rescanned by the torch backend, logged, and the answer is the reference's."""
     x = backend.tensor(gapped_rows(1, 40, 8, 5, seed=3, dtype=torch.float64))
     with caplog.at_level(logging.DEBUG, logger="nformer_kernels"):
-        idx = nk.knn(x, 5, precision="certified")
-    assert "re-scores float32 rows only, not float64" in caplog.text
+        idx = nk.knn(x, 5, precision="certified", margin=0)
+    assert f"the {backend.name} backend has no knn_rows kernel" in caplog.text
     with nk.use_backend("reference"):
         assert torch.equal(idx, nk.knn(x, 5, precision="exact"))
 
@@ -164,7 +178,7 @@ def test_triton_hands_float64_rescoring_to_torch(backend, caplog):
 def test_library_op_schema_and_fake_kernel(backend):
     x = unit_rows((2, 37, 12), seed=1, device=backend.device)
     candidates = candidates_for(2, 37, 16, seed=1, device=backend.device)
-    margin = torch.full((2, 37), 1e-3, device=backend.device)
+    margin = torch.full((2, 37), 1e-3, dtype=torch.float64, device=backend.device)
     torch.library.opcheck(backend.kernel("knn_rescore").default, (x, candidates, 5, margin),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -172,23 +186,25 @@ def test_library_op_schema_and_fake_kernel(backend):
 @pytest.mark.backends(INTERPRETED, "triton")
 def test_triton_refuses_what_it_cannot_take(backend):
     x = unit_rows((1, 80, 8), seed=2, device=backend.device)
-    margin = torch.zeros((1, 80), device=backend.device)
+    margin = torch.zeros((1, 80), dtype=torch.float64, device=backend.device)
     with pytest.raises(ValueError, match="outside the triton knn_rescore range"):
         backend.kernel("knn_rescore")(x, candidates_for(1, 80, 65, device=backend.device), 5, margin)
-    with pytest.raises(TypeError, match="float32"):
-        backend.kernel("knn_rescore")(x.double(), candidates_for(1, 80, 16, device=backend.device), 5, margin.double())
+    with pytest.raises(ValueError, match="float64"):
+        backend.kernel("knn_rescore")(x, candidates_for(1, 80, 16, device=backend.device), 5, margin.float())
+    with pytest.raises(TypeError, match="floating point"):
+        backend.kernel("knn_rescore")(x.long(), candidates_for(1, 80, 16, device=backend.device), 5, margin)
 
 
 @pytest.mark.backends("cpu", "cuda")
 def test_compiled_kernels_check_shapes(backend):
     x = unit_rows((1, 20, 8), seed=2, device=backend.device)
     candidates = candidates_for(1, 20, 6, device=backend.device)
-    margin = torch.zeros((1, 20), device=backend.device)
+    margin = torch.zeros((1, 20), dtype=torch.float64, device=backend.device)
     rescore = backend.kernel("knn_rescore")
     with pytest.raises(RuntimeError, match="k <= K'"):
         rescore(x, candidates, 7, margin)
     with pytest.raises(RuntimeError, match="margin"):
-        rescore(x, candidates, 3, margin.double())
+        rescore(x, candidates, 3, margin.float())
     with pytest.raises(RuntimeError, match="candidates"):
         rescore(x, candidates[:, :10], 3, margin)
 

@@ -1,0 +1,181 @@
+"""knn gives one answer everywhere: the same index tensor, bit for bit, on every backend case this
+machine runs (reference, torch, cpu, triton-interpreted, cuda-emulated; cuda and triton on a GPU),
+for precision "exact" and "certified", any thread count, and on adversarial data: near-duplicate
+clusters (gaps far below fp32 rounding), exact duplicate groups, zero rows, Re-ID-like clusters,
+random rows, batches, k = N, in fp32/fp16/bf16/fp64. The expected tensor is the dense reference's:
+the top-k of the canonical score (nformer_kernels.canonical), computed by plain PyTorch.
+A caller's TF32 / reduced-precision matmul settings never change the answer.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import nformer_kernels as nk
+from nformer_kernels import canonical
+from tests.helpers import torch_threads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def near_duplicates(b, n, d, seed=0, noise=1e-4, clusters=None):
+    g = torch.Generator().manual_seed(seed)
+    clusters = clusters or max(1, n // 20)
+    centres = torch.randn((b, clusters, d), generator=g)
+    member = torch.randint(0, clusters, (b, n), generator=g)
+    return torch.gather(centres, 1, member[..., None].expand(b, n, d)) + noise * torch.randn((b, n, d), generator=g)
+
+
+def duplicate_groups(b, n, d, seed=0):
+    """Groups of exact copies (some larger than k) and zero rows: exact ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.cat([torch.randn((b, 5, d), generator=g), torch.zeros((b, 1, d))], dim=1)
+    pick = torch.randint(0, 6, (b, n), generator=g)
+    return torch.gather(base, 1, pick[..., None].expand(b, n, d))
+
+
+def reid_like(b, n, d, seed=0):
+    return near_duplicates(b, n, d, seed=seed, noise=0.5, clusters=max(1, n // 8))
+
+
+def random_rows(b, n, d, seed=0):
+    return torch.randn((b, n, d), generator=torch.Generator().manual_seed(seed))
+
+
+DATA = {"near-duplicates": near_duplicates, "duplicate-groups": duplicate_groups, "reid-like": reid_like,
+        "random": random_rows}
+
+
+def expected(x, k, metric="cosine"):
+    with nk.use_backend("reference"):
+        return nk.knn(x.cpu(), k, metric=metric, precision="exact")
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("kind", list(DATA))
+def test_identical_on_every_backend_and_precision(backend, kind, dtype):
+    b, n, d, k = (1, 48, 16, 7) if backend.slow else (2, 400, 40, 20)
+    x = DATA[kind](b, n, d, seed=len(kind)).to(dtype)
+    want = expected(x, k)
+    for precision in ("exact", "certified"):
+        got = nk.knn(backend.tensor(x), k, precision=precision)
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), want), precision
+
+
+@pytest.mark.parametrize("kind", ["near-duplicates", "duplicate-groups"])
+def test_identical_for_k_equal_to_n_and_margin_zero(backend, kind):
+    """k = N (every row a permutation) and margin 0 (every row rescanned)."""
+    n = 20 if backend.slow else 90
+    x = DATA[kind](1, n, 12, seed=5)[0]
+    assert torch.equal(nk.knn(backend.tensor(x), n).cpu(), expected(x, n))
+    idx, stats = nk.knn(backend.tensor(x), 6, precision="certified", margin=0, return_stats=True)
+    assert torch.equal(idx.cpu(), expected(x, 6))
+    assert stats.rows_recomputed == n  # K' = k: no row can be certified, all are rescanned
+
+
+@pytest.mark.backends("cpu", "torch")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_identical_for_any_thread_count(backend, threads):
+    x = near_duplicates(1, 1500, 24, seed=2)[0]  # several CPU tiles
+    with torch_threads(threads):
+        got = nk.knn(x, 20)
+    assert torch.equal(got, expected(x, 20))
+
+
+@pytest.mark.backends("reference", "torch", "cpu")
+def test_dot_metric_and_query_isolation_identical(backend):
+    x = near_duplicates(1, 300, 16, seed=3)[0] * torch.linspace(0.5, 2, 300)[:, None]
+    queries = torch.zeros(300, dtype=torch.bool)
+    queries[::4] = True
+    with nk.use_backend("reference"):
+        want_dot = nk.knn(x, 9, metric="dot")
+        want_iso = nk.knn(x, 9, query_mask=queries)
+    assert torch.equal(nk.knn(x, 9, metric="dot"), want_dot)
+    assert torch.equal(nk.knn(x, 9, query_mask=queries), want_iso)
+
+
+def test_canonical_rows_and_scores_do_not_depend_on_the_blocking():
+    """The canonical score of a pair is the same whatever else is computed with it, and symmetric."""
+    x = canonical.canonical_rows(near_duplicates(1, 64, 37, seed=4)[0])
+    full = canonical.canonical_scores(x[:, None], x[None])
+    assert torch.equal(full, full.T)
+    for i in (0, 17, 63):
+        assert torch.equal(canonical.canonical_scores(x[i], x), full[i])
+    assert torch.equal(canonical.canonical_rows(torch.cat([x[:5] * 4, torch.zeros(1, 37)]))[:5],
+                       canonical.canonical_rows(x[:5]))
+
+
+def test_canonical_score_is_the_documented_order():
+    """c(a, b): 16 lanes, each summed in index order, then folded in halves (docs/design.md)."""
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(53, generator=g), torch.randn(53, generator=g)
+    p = [float(a[e]) * float(b[e]) for e in range(53)]  # python floats: IEEE fp64, exact products
+    lanes = [0.0] * 16
+    for e, v in enumerate(p):
+        lanes[e % 16] += v
+    h = 8
+    while h:
+        lanes = [lanes[i] + lanes[i + h] for i in range(h)]
+        h //= 2
+    assert canonical.canonical_scores(a, b).item() == lanes[0]
+
+
+@pytest.mark.backends("reference", "torch", "cpu", "triton-interpreted", "cuda", "triton")
+def test_tf32_and_medium_matmul_precision_change_nothing(backend, monkeypatch):
+    """A caller's allow_tf32 / set_float32_matmul_precision("medium") are off inside knn (checked at
+    every kernel call), restored after it, and the answer is unchanged (on a GPU: with TF32 on)."""
+    x = backend.tensor(near_duplicates(1, 48 if backend.slow else 300, 16, seed=7)[0])
+    want = expected(x, 9)
+    seen = []
+    real = nk.backends.kernel
+
+    def kernel(name, op):
+        fn = real(name, op)
+
+        def checked(*args):
+            seen.append(canonical.fp32_matmul_is_exact())
+            return fn(*args)
+        return checked
+
+    monkeypatch.setattr(nk.backends, "kernel", kernel)
+    knobs = canonical._fp32_precision_knobs()
+    saved = [knob.fp32_precision for knob in knobs]
+    try:
+        for knob in knobs:
+            knob.fp32_precision = "tf32"
+        if knobs and hasattr(torch.backends.mkldnn, "matmul"):
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        assert not canonical.fp32_matmul_is_exact()
+        for precision in ("exact", "certified"):
+            assert torch.equal(nk.knn(x, 9, precision=precision).cpu(), want)
+        assert not canonical.fp32_matmul_is_exact()  # restored
+    finally:
+        for knob, value in zip(knobs, saved):
+            knob.fp32_precision = value
+    assert seen and all(seen)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 70), d=st.integers(1, 40), k_frac=st.floats(0, 1), copies=st.integers(1, 4),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e20]), noise=st.sampled_from([0.0, 1e-7, 1e-3]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+def test_property_backends_agree(n, d, k_frac, copies, scale, noise, dtype, seed):
+    """Random shapes, scales, duplicate copies and noise: reference, torch and cpu (exact and
+    certified) return one tensor."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn((max(1, n // copies), d), generator=g)
+    x = base.repeat(copies, 1)[:n]
+    x = torch.cat([x, base[: n - x.shape[0]]]) if x.shape[0] < n else x
+    x = ((x + noise * torch.randn(x.shape, generator=g)) * scale).to(dtype)
+    if not torch.isfinite(x).all():
+        return
+    k = max(1, min(n, round(k_frac * n)))
+    want = expected(x, k)
+    for name in [b for b in ("torch", "cpu") if b in nk.available_backends("cpu")]:
+        with nk.use_backend(name):
+            for precision in ("exact", "certified"):
+                assert torch.equal(nk.knn(x, k, precision=precision), want), (name, precision)
