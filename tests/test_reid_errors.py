@@ -280,6 +280,36 @@ def test_official_release_errors_name_the_file(files, tmp_path, capsys):
             "--official", "not a readable PyTorch file")
 
 
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_with_a_payload_never_run_it(files, tmp_path, capsys):
+    """An official-layout state dict (bare or under "state_dict") plus one pickled object that runs a
+    command: --official (features, refine), --weights and --pretrained refuse it without running it."""
+    from nformer_reid.model import _load_state_dict
+
+    marker = tmp_path / "it_ran"
+    official = {"nformer.h.0.attn.c_attn.w": torch.zeros(16, 48), "backbone.classifier.weight": torch.zeros(4, 16)}
+    for i, state in enumerate([{**official, "evil": _RunsACommand(marker)},
+                               {"state_dict": official, "evil": _RunsACommand(marker)}]):
+        path = str(tmp_path / f"evil{i}.pth")
+        torch.save(state, path)
+        refused(capsys, feats_args(files, tmp_path / f"o{i}", "--official", path), "--official",
+                re.escape(path), "holds Python objects")
+        refused(capsys, ["refine", "--input", files["gallery"], "--output", str(tmp_path / f"r{i}.pt"),
+                         "--official", path], "--official", "holds Python objects")
+        refused(capsys, ["refine", "--input", files["gallery"], "--output", str(tmp_path / f"w{i}.pt"),
+                         "--weights", path], "--weights")
+        with pytest.raises(ReIDInputError, match="holds Python objects"):
+            _load_state_dict(path, "--pretrained")
+    assert not marker.exists()
+
+
 def test_train_and_eval_files_and_roots(tmp_path, capsys):
     pytest.importorskip("torchvision")
     from nformer_reid.model import ReIDModel

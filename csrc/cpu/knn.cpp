@@ -65,33 +65,36 @@ struct RunningTopk {
 
   const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
 
-  // Does (fn, idn) rank before entry p of row r? cn: its canonical score, computed when needed.
-  bool before(int64_t r, float fn, int64_t idn, double& cn, int p) {
-    const int64_t ide = ids[r * k + 1 + p];
-    if (ide == kNoId) return true;  // an empty slot
-    const double diff = double(fn) - double(f[r * m + p]), b2 = beta2[r];
-    if (diff > b2) return true;
-    if (diff < -b2) return false;
-    if (std::isnan(cn)) cn = nformer::cpu_canonical_dot(query(r), x + idn * d, d);
-    double& ce = c[r * m + p];
-    if (std::isnan(ce)) ce = nformer::cpu_canonical_dot(query(r), x + ide * d, d);
-    return nformer::ranks_before(cn, idn, ce, ide);
-  }
-
   // cn: the pair's canonical score if known (NaN if not), shared by its two offers in a pair tile.
-  void offer(int64_t r, float fn, int64_t idn, double& cn) {
-    if (!before(r, fn, idn, cn, m - 1)) return;
+  inline __attribute__((always_inline)) void offer(int64_t r, float fn, int64_t idn, double& cn) {
+    float* fr = f + r * m;
+    double* cr = c + r * m;
+    int64_t* ir = ids + r * k + 1;
+    const double b2 = beta2[r];
+    // Does (fn, idn) rank before entry p? By the BLAS scores where they are more than 2*beta
+    // apart, else by (canonical score, index), each computed once.
+    auto before = [&](int p) {
+      const int64_t ide = ir[p];
+      if (ide == kNoId) return true;  // an empty slot
+      const double diff = double(fn) - double(fr[p]);
+      if (diff > b2) return true;
+      if (diff < -b2) return false;
+      if (std::isnan(cn)) cn = nformer::cpu_canonical_dot(query(r), x + idn * d, d);
+      if (std::isnan(cr[p])) cr[p] = nformer::cpu_canonical_dot(query(r), x + ide * d, d);
+      return nformer::ranks_before(cn, idn, cr[p], ide);
+    };
+    if (!before(m - 1)) return;
     int p = m - 1;
-    for (; p > 0 && before(r, fn, idn, cn, p - 1); --p) {
-      f[r * m + p] = f[r * m + p - 1];
-      c[r * m + p] = c[r * m + p - 1];
-      ids[r * k + 1 + p] = ids[r * k + p];
+    for (; p > 0 && before(p - 1); --p) {
+      fr[p] = fr[p - 1];
+      cr[p] = cr[p - 1];
+      ir[p] = ir[p - 1];
     }
-    f[r * m + p] = fn;
-    c[r * m + p] = cn;
-    ids[r * k + 1 + p] = idn;
-    if (ids[r * k + m] != kNoId) {  // full: nothing below last - 2*beta can enter
-      const double g = double(f[r * m + m - 1]) - beta2[r];
+    fr[p] = fn;
+    cr[p] = cn;
+    ir[p] = idn;
+    if (ir[m - 1] != kNoId) {  // full: nothing below last - 2*beta can enter
+      const double g = double(fr[m - 1]) - b2;
       float gf = static_cast<float>(g);
       if (double(gf) > g) gf = std::nextafter(gf, -std::numeric_limits<float>::infinity());
       gate[r] = gf;

@@ -440,7 +440,7 @@ def _load_nformer(cfg):
     from nformer_reid.engine.checkpoints import load_weights, read_checkpoint
 
     if cfg.official:
-        state = load_torch(cfg.official, "--official", weights_only=False)
+        state = load_torch(cfg.official, "--official")
         if not isinstance(state, dict):
             raise ReIDInputError(f"--official {cfg.official}: expected a state dict, got {type(state).__name__}")
         with _user_error(f"--official {cfg.official}: "):

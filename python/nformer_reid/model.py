@@ -23,17 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 def _load_state_dict(path_or_state, what: str = "weights file"):
-    """A state dict from a file (a state dict, a pickled module, or a dict holding one under
-    "state_dict" / "model") or given directly; ReIDInputError naming the file when it is unreadable
-    or holds something else (TypeError for a non-mapping given directly)."""
+    """A state dict from a file (a state dict, or a dict holding one under "state_dict" / "model";
+    loaded weights-only, so a pickled module or any other object is refused, never run) or given
+    directly; ReIDInputError naming the file when it is unreadable or holds something else
+    (TypeError for a non-mapping given directly)."""
     source = None
     if isinstance(path_or_state, (str, os.PathLike)):
         source = os.fspath(path_or_state)
-        state = load_torch(source, what, weights_only=False)  # may hold a pickled nn.Module
+        state = load_torch(source, what)
     else:
         state = path_or_state
-    if hasattr(state, "state_dict") and not isinstance(state, dict):  # a pickled nn.Module
-        state = state.state_dict()
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

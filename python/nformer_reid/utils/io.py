@@ -129,10 +129,12 @@ def numpy_safe_globals() -> list:
     return allowed
 
 
-def load_torch(path: str, what: str, weights_only: bool = True, allow_numpy: bool = False):
-    """torch.load(path) on the CPU; ReIDInputError naming `what` and the file for a missing,
-    unreadable, truncated or non-PyTorch file, and (weights_only) for one holding objects that
-    weights-only loading refuses. allow_numpy (with weights_only) also rebuilds numeric numpy arrays."""
+def load_torch(path: str, what: str, allow_numpy: bool = False):
+    """torch.load(path, weights_only=True) on the CPU: no file can run code, whatever it holds.
+    ReIDInputError naming `what` and the file for a missing, unreadable, truncated or non-PyTorch
+    file, and for one holding objects that weights-only loading refuses (a pickled module, classes).
+    allow_numpy also rebuilds numeric numpy arrays (and nothing else)."""
+    weights_only = True
     import pickle
     import re
     import zipfile
