@@ -12,6 +12,11 @@ def eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def readable(t: torch.Tensor) -> bool:
+    """Whether t's values can be read for a check: eager, and not a meta tensor (no values)."""
+    return eager() and t.device.type != "meta"
+
+
 def batched(t: torch.Tensor, name: str, trailing: int):
     """(N, ...) -> (1, N, ...); returns the tensor and whether a batch dim was added."""
     if t.dim() == trailing + 1:
@@ -27,7 +32,7 @@ def check_float(t, name, check_finite=True):
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
     # One reduction pass, no copy: NaN propagates into both extremes, +-Inf into one of them.
-    if check_finite and eager() and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+    if check_finite and readable(t) and t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -95,6 +100,19 @@ def check_heads(num_heads) -> int:
     if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     return int(num_heads)
+
+
+def check_query_mask(query_mask, x_shape, name: str = "query_mask") -> torch.Tensor:
+    """query_mask must be a bool tensor (N,) or (B,N) for x of shape (..., N, d); returns it."""
+    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
+        found = query_mask.dtype if isinstance(query_mask, torch.Tensor) else type(query_mask).__name__
+        raise TypeError(f"{name} must be a bool tensor, got {found}")
+    n = x_shape[-2]
+    if query_mask.dim() not in (1, 2) or query_mask.shape[-1] != n or \
+            (query_mask.dim() == 2 and (len(x_shape) != 3 or query_mask.shape[0] != x_shape[0])):
+        raise ValueError(f"{name} must have shape (N,) or (B,N) matching x {tuple(x_shape)}, "
+                         f"got {tuple(query_mask.shape)}")
+    return query_mask
 
 
 def check_landmarks(landmarks, n: int, check_values: bool = True) -> None:

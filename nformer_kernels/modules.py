@@ -203,28 +203,32 @@ class NFormer(nn.Module):
                 generator: Optional[torch.Generator] = None, query_mask: Optional[torch.Tensor] = None):
         """x: (N,in_dim)|(B,N,in_dim). landmarks: (depth, l) int64 or a list of per-block tensors.
         query_mask: bool (N,)|(B,N); queries never neighbour other queries and are never landmarks.
-        Returns (N,dim)|(B,N,dim) features (with the logits in training, see the class)."""
+        x is cast to the model's dtype (model.double() for fp64). Returns (N,dim)|(B,N,dim) features
+        in that dtype (with the logits in training, see the class)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != self.in_dim:
             raise ValueError(f"x must be (N,{self.in_dim}) or (B,N,{self.in_dim}) (in_dim={self.in_dim}), "
                              f"got {tuple(x.shape)}")
-        if landmarks is not None and len(landmarks) != self.depth:
-            raise ValueError(f"landmarks must give one set per block ({self.depth}), got {len(landmarks)}")
+        if landmarks is not None:
+            if isinstance(landmarks, torch.Tensor) and landmarks.dim() != 2 or \
+                    not isinstance(landmarks, (torch.Tensor, list, tuple)):
+                raise TypeError(f"landmarks must be a (depth, l) int64 tensor or a list of {self.depth} 1-D "
+                                f"int64 tensors, got {type(landmarks).__name__}"
+                                f"{' of shape ' + str(tuple(landmarks.shape)) if isinstance(landmarks, torch.Tensor) else ''}")
+            if len(landmarks) != self.depth:
+                raise ValueError(f"landmarks must give one set per block ({self.depth}), got {len(landmarks)}")
         n = x.shape[-2]
         k = min(self.topk, n)
         pool = None
         if query_mask is not None:
-            if query_mask.dtype != torch.bool:
-                raise TypeError(f"query_mask must be bool, got {query_mask.dtype}")
-            if query_mask.shape[-1] != n or query_mask.dim() > x.dim() - 1:
-                raise ValueError(f"query_mask must be (N,) or (B,N) for x {tuple(x.shape)}")
+            _checks.check_query_mask(query_mask, x.shape)
             # Landmarks are shared by the batch: draw them among positions that are no query anywhere.
             flat = query_mask.reshape(-1, n).any(0)
             pool = (~flat).nonzero().squeeze(1).cpu()
             if pool.numel() == 0:
                 raise ValueError("query_mask flags every position; landmarks need non-query positions")
-        x = self.project(x)
+        x = self.project(x.to(self.bottleneck.weight.dtype))  # the model's own dtype (fp64/fp16 input is cast)
         idx = keep = None
         if self.neighbor_source == "input":
             idx = ops.knn(x, k, query_mask=query_mask, precision=self.knn_precision)

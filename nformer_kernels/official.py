@@ -27,6 +27,9 @@ def nformer_subset(state_dict) -> Dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     sd = {re.sub(r"^module\.", "", str(key)): val for key, val in state_dict.items()}
+    for key, val in state_dict.items():
+        if not isinstance(val, torch.Tensor):
+            raise TypeError(f"state_dict[{str(key)!r}] must be a tensor, got {type(val).__name__}")
     if any(key.startswith("nformer.") for key in sd):  # a full model: keep the NFormer part
         sd = {key[len("nformer."):]: val for key, val in sd.items() if key.startswith("nformer.")}
     return sd

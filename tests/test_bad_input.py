@@ -40,6 +40,36 @@ def test_query_mask_of_the_wrong_length():
         nk.knn(randn((10, 3)), 3, query_mask=[True] * 10)
 
 
+def test_nformer_query_mask_and_landmarks_name_the_argument():
+    model = nk.NFormer(dim=8, depth=1, topk=3).eval()
+    x = randn((10, 8))
+    with pytest.raises(TypeError, match="query_mask must be a bool tensor, got list"):
+        model(x, query_mask=[False] * 10)
+    with pytest.raises(ValueError, match="query_mask must have shape"):
+        model(x, query_mask=torch.zeros(3, 10, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"landmarks must be a \(depth, l\) int64 tensor.*shape \(\)"):
+        model(x, landmarks=torch.tensor(3))
+    with pytest.raises(TypeError, match="landmarks must be"):
+        model(x, landmarks=3)
+
+
+def test_library_leftovers():
+    """Zero feature columns, input of another dtype than the model, meta tensors, list weights."""
+    with pytest.raises(ValueError, match=r"x must have at least one feature column, got shape \(5, 0\)"):
+        nk.knn(torch.empty(5, 0), 2)
+    model = nk.NFormer(dim=8, depth=1, topk=3).eval()
+    x = randn((10, 8))
+    lm = torch.tensor([[0, 1, 2, 3, 4]])
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):  # cast to the model's dtype
+        out = model(x.to(dtype), landmarks=lm)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, model(x.to(dtype).float(), landmarks=lm), rtol=0, atol=0)
+    P, R = nk.landmark_factors(*(t.to("meta") for t in (x, x, x[:2], x[:2])), 2)  # shapes only
+    assert P.device.type == "meta" and P.shape == (10, 2, 2) and R.shape == (10, 2, 2)
+    with pytest.raises(TypeError, match=r"state_dict\['h.0.attn.c_attn.w'\] must be a tensor, got list"):
+        nk.NFormer.from_official({"h.0.attn.c_attn.w": [1, 2]})
+
+
 def _first(sd, suffix):
     return next(key for key in sd if key.endswith(suffix))
 

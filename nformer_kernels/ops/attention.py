@@ -13,8 +13,9 @@ from nformer_kernels.ops.reciprocal import reverse_index, within_reciprocal
 
 
 def _no_autocast(device_type):
-    """Autocast switched off where it is on; otherwise no context at all (keeps export graphs flat)."""
-    if torch.is_autocast_enabled(device_type):
+    """Autocast switched off where it is on; otherwise no context at all (keeps export graphs flat).
+    Devices without autocast (meta: shape-only calls) get no context either."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

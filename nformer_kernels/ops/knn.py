@@ -53,6 +53,8 @@ def knn(x: torch.Tensor, k: int, *, metric: str = "cosine", query_mask: Optional
         raise ValueError(f"metric must be 'cosine' or 'dot', got {metric!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if x.shape[-1:] == (0,):
+        raise ValueError(f"x must have at least one feature column, got shape {tuple(x.shape)}")
     x, squeezed = _checks.batched(x, "x", 1)
     if x.shape[1] == 0:
         raise ValueError("x must have at least one row")
@@ -121,10 +123,7 @@ def rescan(rows, idx, missed, k):
 
 def _isolate_queries(x, idx, k, query_mask):
     """Replace the rows of queries by self + top-(k-1) among non-queries."""
-    if not isinstance(query_mask, torch.Tensor) or query_mask.dtype != torch.bool:
-        raise TypeError(f"query_mask must be a bool tensor, got {getattr(query_mask, 'dtype', type(query_mask).__name__)}")
-    if tuple(query_mask.shape) not in (tuple(x.shape[1:2]), tuple(x.shape[:2])):
-        raise ValueError(f"query_mask must have shape (N,) or (B,N) matching x, got {tuple(query_mask.shape)}")
+    _checks.check_query_mask(query_mask, x.shape)
     query_mask = query_mask.to(x.device).expand(x.shape[:2])  # x: canonical rows
     idx = idx.clone()
     for b in range(x.shape[0]):
