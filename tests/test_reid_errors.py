@@ -310,6 +310,28 @@ def test_checkpoints_with_a_payload_never_run_it(files, tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_damaged_and_truncated_official_checkpoints_are_refused(files, tmp_path, capsys):
+    """A byte flipped inside a tensor (the zip member's CRC names it) and a file missing its last
+    block (3 of the release's 4) are refused; --nformer-depth 3 loads the 3-block file as it is."""
+    from nformer_bench.baselines import random_official_state_dict
+
+    full = random_official_state_dict(dim=16, depth=4, seed=1)
+    path = tmp_path / "official.pth"
+    torch.save(full, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data, far from the headers
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    refused(capsys, ["refine", "--input", files["gallery"], "--output", str(tmp_path / "r.pt"),
+                     "--official", str(damaged)], "--official", "damaged", "fails its CRC check")
+    truncated = tmp_path / "truncated.pth"
+    torch.save({k: v for k, v in full.items() if not k.startswith("nformer.h.3.")}, truncated)
+    refused(capsys, ["refine", "--input", files["gallery"], "--output", str(tmp_path / "t.pt"),
+                     "--official", str(truncated)], "--official", "depth=3", "depth=4")
+    assert main(["refine", "--input", files["gallery"], "--output", str(tmp_path / "t3.pt"), "--official",
+                 str(truncated), "--nformer-depth", "3"]) == 0
+
+
 def test_train_and_eval_files_and_roots(tmp_path, capsys):
     pytest.importorskip("torchvision")
     from nformer_reid.model import ReIDModel

@@ -414,7 +414,7 @@ def evaluate(cfg, invocation: Invocation = Invocation()):
     inputs = _input_files(cfg, ("weights", "official"))
     _check_root(cfg)
     if cfg.official:
-        model = load_official_checkpoint(cfg.official, knn_precision=cfg.knn_precision)
+        model = load_official_checkpoint(cfg.official, knn_precision=cfg.knn_precision, depth=cfg.nformer_depth)
         logger.info("loaded the official release %s (ResNet-50 without stem ReLU, as the official code)", cfg.official)
     else:
         model = load_model(cfg.weights, "ReIDModel", "--weights", knn_precision=cfg.knn_precision)
@@ -444,7 +444,7 @@ def _load_nformer(cfg):
         if not isinstance(state, dict):
             raise ReIDInputError(f"--official {cfg.official}: expected a state dict, got {type(state).__name__}")
         with _user_error(f"--official {cfg.official}: "):
-            return nk.NFormer.from_official(state, dim=cfg.nformer_dim, depth=cfg.nformer_depth,
+            return nk.NFormer.from_official(state, dim=cfg.nformer_dim, depth=cfg.nformer_depth or OFFICIAL_DEPTH,
                                             num_landmarks=cfg.nformer_landmarks or OFFICIAL_LANDMARKS,
                                             topk=cfg.nformer_topk or OFFICIAL_TOPK, knn_precision=cfg.knn_precision)
     not_ours = (f"--weights {cfg.weights} is not an NFormer saved by 'nformer-reid features --train' (nformer.pth; "

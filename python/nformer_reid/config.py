@@ -254,8 +254,9 @@ class NFormerFileOptions:
                                               "to it by a learned input projection, narrower ones keep their "
                                               "width; that of --weights / --official, checked if given)",
                                         at_least(2), type=int)
-    nformer_depth: Optional[int] = option(None, "NFormer blocks (default: 4 for --train; that of --weights / "
-                                                "--official, checked if given)", at_least(1), type=int)
+    nformer_depth: Optional[int] = option(None, "NFormer blocks (default: 4 for --train and --official, whose "
+                                                "file must hold exactly that many; that of --weights, checked if "
+                                                "given)", at_least(1), type=int)
     nformer_landmarks: Optional[int] = option(None, "landmarks of the landmark-agent attention (default: 5; that of "
                                                     "--weights)", at_least(1), type=int)
     nformer_topk: Optional[int] = option(None, "neighbours each feature attends to (default: 20; that of --weights)",

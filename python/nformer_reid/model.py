@@ -174,13 +174,16 @@ def _infer_arch(state, prefix):
 
 def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nformer_landmarks,
                              topk: int = TrainConfig.nformer_topk, num_heads: int = 2,
-                             strict: bool = True, knn_precision: str = KnnOptions.knn_precision) -> ReIDModel:
+                             strict: bool = True, knn_precision: str = KnnOptions.knn_precision,
+                             depth: Optional[int] = None) -> ReIDModel:
     """ReIDModel from the official NFormer release (nformer_model.pth: backbone.* + nformer.*).
 
     The backbone is ResNet-50 without the stem ReLU (as the official code); the nformer.* part is
     read by nk.NFormer.from_official (Conv1D (in,out) weights transposed, BatchNorm head included).
     num_landmarks / topk / num_heads are not stored in the file: the official defaults are 5/20/2.
-    knn_precision: the NFormer's neighbour search (nk.knn's precision).
+    knn_precision: the NFormer's neighbour search (nk.knn's precision). depth: the NFormer blocks the
+    file must hold (None: whatever it holds; `eval --official` asks for the release's 4, or
+    --nformer-depth), so a truncated file is refused.
     """
     where = f"{os.fspath(path_or_state)}: " if isinstance(path_or_state, (str, os.PathLike)) else ""
     state = _load_state_dict(path_or_state, "--official")
@@ -193,7 +196,11 @@ def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nfo
     if state["backbone.classifier.weight"].dim() != 2 or state["nformer.h.0.mlp.c_fc.w"].dim() != 2:
         raise ReIDInputError(f"{where}backbone.classifier.weight and nformer.h.0.mlp.c_fc.w must be 2-D")
     num_classes, feat_dim = state["backbone.classifier.weight"].shape
-    depth = sum(1 for k in state if k.startswith("nformer.h.") and k.endswith(".attn.c_attn.w"))
+    found = sum(1 for k in state if k.startswith("nformer.h.") and k.endswith(".attn.c_attn.w"))
+    if depth is not None and found != depth:
+        raise ReIDInputError(f"{where}holds {found} NFormer blocks, not {depth}: a truncated or edited checkpoint "
+                             f"(--nformer-depth {found} loads it as it is)")
+    depth = found
     try:
         arch = _infer_arch(state, "backbone.base.")
         nformer = nk.NFormer.from_official(state, num_classes=num_classes, strict=strict, num_heads=num_heads,

@@ -142,6 +142,15 @@ def load_torch(path: str, what: str, allow_numpy: bool = False):
     import torch
 
     path = check_input_file(path, what)
+    if zipfile.is_zipfile(path):  # torch.save's format: every member's CRC, before anything is read from it
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise ReIDInputError(f"{what} {path}: a damaged PyTorch file ({type(exc).__name__}: "
+                                 f"{str(exc).strip()[:120]})") from exc
+        if damaged is not None:
+            raise ReIDInputError(f"{what} {path}: a damaged PyTorch file: member {damaged!r} fails its CRC check")
     try:
         if weights_only and allow_numpy:
             with torch.serialization.safe_globals(numpy_safe_globals()):
