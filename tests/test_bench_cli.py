@@ -182,3 +182,36 @@ def test_report_command_takes_the_results_folder(sweep, tmp_path):
     readme.write_text(f"{report.BEGIN}\n{report.END}\n")
     cli.main(["report", str(json_path.parent.parent), "--readme", str(readme)])
     assert f"{json_path.stem}-latency.png" in readme.read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--n-list", "0"], "--n-list: expected comma-separated integers >= 1"),
+    (["run", "--n-list", "-5"], "--n-list"), (["run", "--d", "0"], "--d: must be >= 1"),
+    (["knn", "--n", "0"], "--n: must be >= 1"), (["knn", "--k", "0"], "--k: must be >= 1"),
+    (["knn", "--n", "10", "--k", "100"], "--k 100 exceeds --n 10"),
+    (["report", "/nonexistent-folder"], "no such folder"),
+    (["distributed", "--procs", "0"], "--procs"),
+    (["run", "--device", "banana"], "--device must be cpu or cuda"),
+    (["knn", "--device", "banana"], "--device must be cpu or cuda"),
+    (["eval-features", "--device", "banana"], "--device must be cpu or cuda"),
+    (["run", "--methods", "bogus", "--n-list", "100"], "--methods: unknown"),
+    (["eval-features", "--queries", "0"], "--queries must be >= 1"),
+    (["eval-features", "--ids", "0"], "--ids must be >= 1"),
+    (["certified", "--margin", "-1"], "--margin: must be >= 0"),
+    (["run", "--bogus-option"], "unrecognized arguments"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    """As nformer-reid: a user error is one line on stderr, exit status 2, no traceback, no output."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] in ("run", "certified", "eval-features") else [])])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("nformer-bench: error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_user_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["knn", "--device", "cuda", "--n", "10", "--k", "2"])
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err

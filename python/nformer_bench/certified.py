@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 from nformer_bench.knn import WARMUP_ROWS, recall
-from nformer_bench.sweep import RESULTS_DIR, _int_list
+from nformer_bench import arguments
+from nformer_bench.arguments import BenchArgumentError, int_list, nonnegative_int, positive_int
+from nformer_bench.sweep import RESULTS_DIR
 
 KINDS = ("gaussian", "reid", "near-duplicates")
 DEFAULT_N = (10000, 19281, 100000, 1000000)
@@ -39,21 +41,21 @@ DEFAULT_N = (10000, 19281, 100000, 1000000)
 
 def add_arguments(p):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--n-list", type=_int_list, default=list(DEFAULT_N),
+    p.add_argument("--n-list", type=int_list, default=list(DEFAULT_N),
                    help="comma-separated N values (default: 10000,19281,100000,1000000)")
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--margin", type=int, default=None,
+    p.add_argument("--d", type=positive_int, default=256)
+    p.add_argument("--k", type=positive_int, default=20)
+    p.add_argument("--margin", type=nonnegative_int, default=None,
                    help="extra stage-1 candidates per row (default: nk.knn's default margin)")
-    p.add_argument("--margins", type=_int_list, default=[],
+    p.add_argument("--margins", type=int_list, default=[],
                    help="comma-separated margins whose certified fractions are measured as well")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (at most)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per measurement (at most)")
     p.add_argument("--repeat-budget-s", type=float, default=30.0,
                    help="stop timing a measurement once its timed calls took this long (>= 1 call)")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="whole run: (kind, N) configurations that would start after this are skipped")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help=f"folder for certified-<timestamp>.json/.md (default: ./{RESULTS_DIR})")
 
@@ -244,18 +246,12 @@ def run(args):
     from nformer_kernels.ops.knn import DEFAULT_MARGIN
 
     t_start = time.monotonic()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = arguments.device(args.device)
     kinds = [kind for kind in args.kinds.split(",") if kind]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
-        raise SystemExit(f"--kinds: unknown {unknown}; choose from {','.join(KINDS)}")
+        raise BenchArgumentError(f"--kinds: unknown {unknown}; choose from {','.join(KINDS)}")
     margin = DEFAULT_MARGIN if args.margin is None else args.margin
-    if margin < 0 or args.k < 1 or args.d < 1 or args.repeats < 1 or not args.n_list or min(args.n_list) < 1:
-        raise SystemExit("--margin must be >= 0, --k, --d, --repeats and every --n-list value >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 # The parser imports no nformer_kernels: `check` rebuilds the extension from this process.
 from nformer_bench import RESULT_MARK, certified, check, distributed, knn, reid_eval, rerank_bench, sweep, tune
+from nformer_bench.arguments import BenchArgumentError, Parser
 
 
 def version():
@@ -37,7 +38,7 @@ def version():
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="nformer-bench", description=__doc__,
+    parser = Parser(prog="nformer-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nformer-bench {version()}")
     sub = parser.add_subparsers(dest="command",
@@ -73,6 +74,16 @@ def _parser():
 
 
 def main(argv=None):
+    """The CLI: a user error (BenchArgumentError: a bad option, size, device or folder) prints one line
+    on stderr and exits with status 2."""
+    try:
+        return _main(argv)
+    except BenchArgumentError as exc:
+        print(f"nformer-bench: error: {exc}", file=sys.stderr)
+        raise
+
+
+def _main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # internal: `_worker KIND <json config>` in a child process
         _worker(argv[1], json.loads(argv[2]))
@@ -104,6 +115,9 @@ def main(argv=None):
     else:
         from nformer_bench.report import update_readme
 
+        missing = [str(folder) for folder in args.folders if not folder.is_dir()]
+        if missing:
+            raise BenchArgumentError(f"report: no such folder {missing[0]}")
         for folder in args.folders:
             update_readme(folder, args.readme)
     return 0

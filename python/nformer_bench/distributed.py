@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from nformer_bench.analytic import fused_attention_flops, knn_flops, linear_flops
-from nformer_bench.sweep import _int_list
+from nformer_bench.arguments import BenchArgumentError, int_list, positive_int
 
 OPS = ("knn", "nformer")
 DEFAULT_N = (20000, 50000, 100000)
@@ -243,7 +243,7 @@ def run(args):
         return []
     unknown = sorted(set(args.ops) - set(OPS))
     if unknown:
-        raise SystemExit(f"--ops: unknown {unknown}; choose from {','.join(OPS)}")
+        raise BenchArgumentError(f"--ops: unknown {unknown}; choose from {','.join(OPS)}")
     print(f"nformer_kernels.distributed on gloo CPU processes, {args.threads} thread(s) each: d={args.d} k={args.k} "
           f"NFormer depth={args.depth} heads={args.heads} landmarks={args.landmarks} ffn={args.ffn}")
     print(f"{'N':>8} {'P':>2} {'op':<8}{'rank':>5}{'rows':>8}{'wall s':>9}{'CPU s':>9}{'wait s':>8}"
@@ -268,18 +268,18 @@ def run(args):
 
 
 def add_arguments(p):
-    p.add_argument("--n", type=_int_list, default=None,
+    p.add_argument("--n", type=int_list, default=None,
                    help="comma-separated N (default 20000,50000,100000; --plan: the first, default 10M)")
-    p.add_argument("--procs", type=_int_list, default=[1, 2], help="comma-separated process counts (default 1,2)")
+    p.add_argument("--procs", type=int_list, default=[1, 2], help="comma-separated process counts (default 1,2)")
     p.add_argument("--ops", type=lambda s: [t for t in s.split(",") if t], default=list(OPS),
                    help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--landmarks", type=int, default=5)
-    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--d", type=positive_int, default=256)
+    p.add_argument("--k", type=positive_int, default=20)
+    p.add_argument("--depth", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=2)
+    p.add_argument("--landmarks", type=positive_int, default=5)
+    p.add_argument("--ffn", type=positive_int, default=1024)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per (op, N, P) world")
     p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--plan", action="store_true", help="print the analytic cost instead of measuring")

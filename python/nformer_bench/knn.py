@@ -12,24 +12,26 @@ Recall: |neighbour set ∩ the first method's set| / k, averaged over rows (exac
 import tempfile
 from pathlib import Path
 
+from nformer_bench import arguments
 from nformer_bench.analytic import DTYPE_NAMES
+from nformer_bench.arguments import BenchArgumentError, positive_int
 
 METHODS = ("knn", "knn-torch", "knn-faiss")
 WARMUP_ROWS = 2048
 
 
 def add_arguments(p):
-    p.add_argument("--n", type=int, default=50000)
-    p.add_argument("--d", type=int, default=256)
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--n", type=positive_int, default=50000)
+    p.add_argument("--d", type=positive_int, default=256)
+    p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--backends", default=None,
                    help="nformer_kernels backends of the knn method (default: every one with kernels of "
                         "its own available on the device)")
-    p.add_argument("--threads", type=int, default=None, help="torch (and faiss) CPU threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per method (at most)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch (and faiss) CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per method (at most)")
     p.add_argument("--repeat-budget-s", type=float, default=30.0,
                    help="stop timing a method once its timed calls took this long (>= 1 call)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per method, CPU (a child process)")
@@ -81,11 +83,13 @@ def run(args):
 
     from nformer_bench.report import _fmt_mb, _fmt_ms
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = arguments.device(args.device).type
+    if args.k > args.n:
+        raise BenchArgumentError(f"--k {args.k} exceeds --n {args.n}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+        raise BenchArgumentError(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     threads = args.threads or torch.get_num_threads()
     print(f"exact cosine k-NN, N={args.n} d={args.d} k={args.k} {args.dtype} on {device}, "
           f"{threads} threads, torch {torch.__version__}")

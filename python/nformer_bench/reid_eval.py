@@ -31,6 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nformer_bench import arguments
+from nformer_bench.arguments import BenchArgumentError
 from nformer_bench import RESULT_MARK
 
 NUM_CAMS = 6
@@ -202,11 +204,12 @@ def run(args):
     from nformer_reid.utils.errors import ReIDInputError
     from nformer_reid.utils.io import write_json
 
+    arguments.device(args.device)
     for name in ("queries", "gallery", "dim", "ids"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+            raise BenchArgumentError(f"--{name.replace('_', '-')} must be >= 1")
     if args.compare_gallery < 0:
-        raise SystemExit("--compare-gallery must be >= 0")
+        raise BenchArgumentError("--compare-gallery must be >= 0")
     base = {"queries": args.queries, "dim": args.dim, "ids": args.ids, "seed": args.seed,
             "normalize": args.normalize, "device": args.device, "threads": args.threads,
             "query_chunk": args.query_chunk, "gallery_chunk": args.gallery_chunk}
@@ -243,7 +246,7 @@ def run(args):
         args.out.mkdir(parents=True, exist_ok=True)
         path = write_json(result, str(args.out / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"))
     except (OSError, ReIDInputError) as exc:
-        raise SystemExit(f"--out {args.out}: {exc}") from None
+        raise BenchArgumentError(f"--out {args.out}: {exc}") from None
     print(f"wrote {path}")
     return result
 

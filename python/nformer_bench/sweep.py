@@ -5,7 +5,6 @@ estimate above the CPU budget, an OOM, or a predicted time (from its last latenc
 ratio) above --timeout-s or the time left stops it at larger N. Rows are saved after every
 configuration, so a run cut short still leaves them.
 """
-import argparse
 import json
 import os
 import signal
@@ -13,24 +12,19 @@ import sys
 import time
 from pathlib import Path
 
+from nformer_bench import arguments
 from nformer_bench.analytic import BASELINE_BACKEND, DTYPE_NAMES, FUSED_METHODS, METHODS
+from nformer_bench.arguments import BenchArgumentError, int_list, nonnegative_int, positive_int
 
 # Relative to the working directory: results never go into the installed package.
 RESULTS_DIR = Path("nformer_bench_results")
 DEFAULT_N = (1000, 2000, 5000, 10000, 19281, 50000, 93820, 200000, 500000, 1000000)  # Market-1501, MSMT17
 
 
-def _int_list(text):
-    try:
-        return [int(float(tok)) for tok in text.split(",") if tok]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_arguments(run):
-    run.add_argument("--n-list", type=_int_list, default=list(DEFAULT_N),
+    run.add_argument("--n-list", type=int_list, default=list(DEFAULT_N),
                      help="comma-separated N values (default: log-spaced 1k..1M incl. 19281 and 93820)")
-    run.add_argument("--max-n", type=int, default=None, help="drop N values above this")
+    run.add_argument("--max-n", type=positive_int, default=None, help="drop N values above this")
     run.add_argument("--methods", default=",".join(METHODS),
                      help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     run.add_argument("--backends", default=None,
@@ -38,10 +32,10 @@ def add_arguments(run):
                           "of its own available on the device; 'torch' and 'reference' only when named)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     run.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    run.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (at most)")
+    run.add_argument("--repeats", type=positive_int, default=5, help="timed calls per configuration (at most)")
     run.add_argument("--repeat-budget-s", type=float, default=30.0,
                      help="stop timing a configuration once its timed calls took this long (>= 1 call)")
-    run.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 2 GPU, 1 CPU)")
+    run.add_argument("--warmup", type=nonnegative_int, default=None, help="untimed calls first (default: 2 GPU, 1 CPU)")
     run.add_argument("--mem-budget-gb", type=float, default=None,
                      help="CPU: skip N^2 methods whose estimated bytes exceed this (default: 70%% of "
                           "MemAvailable)")
@@ -50,16 +44,16 @@ def add_arguments(run):
                           "and the FLOP ratio) or seen to take longer is not tried at larger N")
     run.add_argument("--time-budget-s", type=float, default=None,
                      help="whole sweep: configurations that would start after this are skipped")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=positive_int, default=None,
                      help="torch (and faiss) CPU threads in every configuration (default: torch's default)")
-    run.add_argument("--check-n", type=int, default=1000,
+    run.add_argument("--check-n", type=positive_int, default=1000,
                      help="N of the fused-vs-dense-official agreement check (0 = skip)")
-    run.add_argument("--d", type=int, default=256)
-    run.add_argument("--heads", type=int, default=2)
-    run.add_argument("--ffn", type=int, default=1024)
-    run.add_argument("--k", type=int, default=20)
-    run.add_argument("--landmarks", type=int, default=5)
-    run.add_argument("--depth", type=int, default=4,
+    run.add_argument("--d", type=positive_int, default=256)
+    run.add_argument("--heads", type=positive_int, default=2)
+    run.add_argument("--ffn", type=positive_int, default=1024)
+    run.add_argument("--k", type=positive_int, default=20)
+    run.add_argument("--landmarks", type=positive_int, default=5)
+    run.add_argument("--depth", type=positive_int, default=4,
                      help="blocks of nformer, dense-official and dense-transformer (nformer-layer: 1)")
     run.add_argument("--out", type=Path, default=None,
                      help="directory for <timestamp>.json/.md/-latency.png/-memory.png "
@@ -84,7 +78,7 @@ def _configs(methods, device, backends):
     """(method, backend) pairs in the order they are run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
+        raise BenchArgumentError(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     pairs = []
     for method in methods:
         if method in FUSED_METHODS:
@@ -108,13 +102,7 @@ class Sweep:
         from nformer_bench.runner import kernel_backends
 
         self.args = args
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type not in ("cpu", "cuda"):
-            raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available")
-        if args.repeats < 1:
-            raise SystemExit("--repeats must be >= 1")
+        device = arguments.device(args.device)
         self.device = device
         self.warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
         self.isolated = args.isolation == "process" or (args.isolation == "auto" and device.type == "cpu")
