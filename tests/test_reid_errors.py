@@ -119,6 +119,29 @@ def test_process_level_exit_status_and_no_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- --config
+ALIAS_BOMB = ('a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n'
+              'c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nseed: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n')
+
+
+def test_hostile_yaml_is_refused_in_one_short_line(tmp_path, capsys):
+    """Aliases (a 300-byte tree expands to millions of values), keys given twice, 20,000 levels of
+    nesting, in a --config file or a KEY=VALUE value: one line of at most a few hundred bytes,
+    exit 2, at once; long values are clipped in messages."""
+    cases = {"bomb.yaml": (ALIAS_BOMB, "aliases"), "twice.yaml": ("seed: 1\nseed: 2\n", "key 'seed' is given twice"),
+             "deep.yaml": ("seed: " + "[" * 20000 + "]" * 20000 + "\n", "nested more than")}
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        started = time.monotonic()
+        refused(capsys, ["demo", "--config", str(tmp_path / name)], re.escape(str(tmp_path / name)), match)
+        assert time.monotonic() - started < 10
+    for value, match in (("&a [1, *a]", "aliases"), ("[" * 20000 + "]" * 20000, "nested more than"),
+                         (str(list(range(10000))), r"got \[0, 1, 2, 3, 4, 5, \.\.\.\]")):
+        capsys.readouterr()
+        assert main(["demo", f"seed={value}"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and len(err) < 600 and re.search(match, err), err
+
+
 def test_config_file_errors_name_the_file(tmp_path, capsys):
     missing = tmp_path / "none.yaml"
     refused(capsys, ["demo", "--config", str(missing)], "--config", re.escape(str(missing)), "no such file")

@@ -125,17 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_yaml(path: str) -> dict:
-    import yaml
-
+    from nformer_reid.utils import yaml_input
     from nformer_reid.utils.io import check_input_file
 
     path = check_input_file(path, "--config")
     try:
         with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())
-        raise ReIDInputError(f"--config {path}: not valid YAML: {reason[:200]}") from None
+            values = yaml_input.load(fh, f"--config {path}") or {}
+    except OSError as exc:
+        raise ReIDInputError(f"--config {path}: cannot be read: {exc.strerror or exc}") from None
     if not isinstance(values, dict):
         raise ReIDInputError(f"--config {path} must hold a mapping of option names to values, "
                              f"got {type(values).__name__}")
@@ -145,17 +143,15 @@ def _read_yaml(path: str) -> dict:
 def _parse_override(cls, text: str):
     """KEY=VALUE -> (key, value): the value read as a YAML scalar (or flow list); options of type str
     keep the text as written (`out=2024`, `device=0`), unquoted (`name="a b"`), null / empty = None."""
-    import yaml
+    from nformer_reid.utils import yaml_input
 
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or key.startswith("-"):
-        raise ReIDInputError(f"expected KEY=VALUE after the options (e.g. seq_len=512), got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        reason = " ".join(str(exc).split())
-        raise ReIDInputError(f"KEY=VALUE {text}: the value is not valid YAML: {reason[:160]}") from None
+        raise ReIDInputError(f"expected KEY=VALUE after the options (e.g. seq_len=512), got "
+                             f"{yaml_input.short(text)}")
+    value = yaml_input.load(raw, f"KEY=VALUE {yaml_input.short(text)[1:-1]}", "the value is not valid YAML") \
+        if raw.strip() else None
     f = next((f for f in dataclasses.fields(cls) if key.replace("-", "_") in (f.name, *f.metadata.get("aliases", ()))),
              None)
     plain_str = (f is not None and f.metadata.get("type", type(f.default)) is str and "nargs" not in f.metadata

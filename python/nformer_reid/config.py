@@ -17,6 +17,7 @@ import numpy as np
 
 from nformer_kernels.ops import PRECISIONS as KNN_PRECISIONS
 from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.yaml_input import short
 
 # Recipe constants that are not command options (reid-strong-baseline values, both stages).
 WEIGHT_DECAY = 5e-4
@@ -45,7 +46,7 @@ def positive_finite(value):
 
 def one_of(names):
     def check(value):
-        return None if value in names else f"must be one of {list(names)}, got {value!r}"
+        return None if value in names else f"must be one of {list(names)}, got {short(value)}"
     return check
 
 
@@ -419,7 +420,7 @@ def _coerce(f, value, source: Optional[str], label: Optional[str] = None):
         return None
     if meta.get("action") == "store_true":
         if not isinstance(value, (bool, np.bool_)):
-            raise ReIDInputError(f"{where}{label} must be true or false, got {value!r}")
+            raise ReIDInputError(f"{where}{label} must be true or false, got {short(value)}")
         return bool(value)
     convert = meta.get("type", type(f.default))
     try:
@@ -432,9 +433,9 @@ def _coerce(f, value, source: Optional[str], label: Optional[str] = None):
             value = _convert(convert, value)
     except (TypeError, ValueError):
         count = "a list" if "nargs" in meta else "one value"
-        raise ReIDInputError(f"{where}{label} must be {count} of type {convert.__name__}, got {value!r}") from None
+        raise ReIDInputError(f"{where}{label} must be {count} of type {convert.__name__}, got {short(value)}") from None
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ReIDInputError(f"{where}{label} must be one of {list(meta['choices'])}, got {value!r}")
+        raise ReIDInputError(f"{where}{label} must be one of {list(meta['choices'])}, got {short(value)}")
     check = meta.get("check")
     if check is not None:
         for v in value if isinstance(value, tuple) else (value,):
