@@ -422,3 +422,38 @@ def test_written_files_get_the_umask_mode_like_open(tmp_path):
         os.umask(old)
     mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
     assert mode("a.bin") == mode("b.bin") == 0o640
+
+
+def test_forged_and_mislabelled_files_are_refused_before_any_allocation(tmp_path):
+    """A .npy header declaring (1e12, 256) in a 200-byte file, text / gzip named .npy / .npz, a
+    stride-0 (1e6, 1e4) tensor of 4 bytes, a sparse tensor: ReIDInputError with the right reason,
+    at once."""
+    import gzip
+
+    forged = tmp_path / "forged.npy"
+    with open(forged, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 12, 256)})
+        fh.write(b"\0" * 64)
+    (tmp_path / "text.npy").write_text("hello")
+    (tmp_path / "text.npz").write_text("hello")
+    with gzip.open(tmp_path / "gzip.npz", "wb") as fh:
+        fh.write(b"not an archive")
+    np.savez(tmp_path / "member.npz", feats=np.zeros((3, 4), np.float32))
+    with zipfile.ZipFile(tmp_path / "member.npz", "a") as archive:  # a second member with a forged header
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 9, 8)})
+        archive.writestr("pids.npy", buf.getvalue())
+    ids = torch.zeros(10 ** 6, dtype=torch.long)
+    torch.save({"feats": torch.zeros(1, 1).expand(10 ** 6, 10 ** 4), "pids": ids, "camids": ids},
+               tmp_path / "expanded.pt")
+    torch.save({"feats": torch.zeros(5, 4).to_sparse(), "pids": ids[:5], "camids": ids[:5]}, tmp_path / "sparse.pt")
+    for name, reason in (("forged.npy", r"declares a \(1000000000000, 256\) float32 array"),
+                         ("text.npy", "not a readable .npy array: not a NumPy file"),
+                         ("text.npz", "not a readable .npz archive: not a NumPy file"),
+                         ("gzip.npz", "not a readable .npz archive: not a NumPy file"),
+                         ("member.npz", "member pids.npy: not a readable .npy array: it declares"),
+                         ("expanded.pt", "expanded view"), ("sparse.pt", "dense CPU tensor")):
+        with pytest.raises(ReIDInputError, match=reason):
+            load_features(str(tmp_path / name), "--query", need_pids=False)
+    with pytest.raises(ReIDInputError, match="declares"):
+        load_feature_rows(str(forged), 0, 1)

@@ -60,6 +60,16 @@ _INT64_MAX = np.iinfo(np.int64).max
 def _to_tensor(value, label: str) -> torch.Tensor:
     """value (tensor, numpy array, list/tuple of numbers) as a tensor; TypeError naming `label`."""
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise TypeError(f"{label} must be a dense CPU tensor, got a {value.layout} tensor on {value.device.type}")
+        if value.numel() and (value.storage_offset() + sum((n - 1) * st for n, st in
+                                                           zip(value.shape, value.stride())) + 1) \
+                * value.element_size() > value.untyped_storage().nbytes():
+            raise ValueError(f"{label} of shape {tuple(value.shape)} is larger than the data the file holds "
+                             f"({value.untyped_storage().nbytes():,} bytes): a forged tensor")
+        if any(st == 0 and n > 1 for n, st in zip(value.shape, value.stride())):
+            raise ValueError(f"{label} of shape {tuple(value.shape)} is an expanded view (stride 0) of "
+                             f"{value.untyped_storage().nbytes():,} bytes: save the tensor itself (.contiguous())")
         return value.detach()
     if isinstance(value, (list, tuple)):
         try:
@@ -163,12 +173,53 @@ def _suffix(path) -> str:
     return os.path.splitext(os.fspath(path))[1].lower()
 
 
+def _check_npy_header(fh, available: int, where: str) -> None:
+    """The .npy header at fh: a NumPy array whose declared size fits in the `available` bytes
+    after the header (a 1 KB file cannot declare a (1e12, 256) array: refused before any allocation)."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(fh)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise ReIDInputError(f"{where}: not a readable .npy array: not a NumPy file "
+                             f"({' '.join(str(exc).split())[:120]})") from None
+    if dtype.hasobject:
+        return  # refused by np.load(allow_pickle=False) with its own reason
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > available - fh.tell():
+        raise ReIDInputError(f"{where}: not a readable .npy array: it declares a {shape} {dtype} array ({need:,} "
+                             f"bytes) but holds only {max(0, available - fh.tell()):,} bytes after its header "
+                             "(truncated or forged)")
+
+
+def _check_numpy_file(path: str, what: str) -> None:
+    """Before np.load: a .npy file's header, or each member of a .npz archive, declares no more
+    data than it holds; a file of another kind (text, gzip, ...) is named as such."""
+    if _suffix(path) == ".npy":
+        with open(path, "rb") as fh:
+            _check_npy_header(fh, os.fstat(fh.fileno()).st_size, f"{what} {path}")
+        return
+    if not zipfile.is_zipfile(path):
+        raise ReIDInputError(f"{what} {path}: not a readable .npz archive: not a NumPy file (no zip structure: "
+                             "truncated, or text, gzip or another format named .npz)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as fh:
+                        _check_npy_header(fh, info.file_size, f"{what} {path}, member {info.filename}")
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+        raise ReIDInputError(f"{what} {path}: not a readable .npz archive: {' '.join(str(exc).split())[:160]}") \
+            from None
+
+
 def _read(path: str, what: str, wanted: Iterable[str]):
     """(values {key: raw value} for the keys in `wanted` the file has, all its key names, None) of a
     dict-like file; (None, [], the array) of a file holding one array."""
     suffix = _suffix(path)
     if suffix in (".npz", ".npy"):
         path = check_input_file(path, what)
+        _check_numpy_file(path, what)
         try:
             if suffix == ".npy":
                 return None, [], np.load(path, allow_pickle=False)
@@ -310,6 +361,7 @@ def _npy_map(path: str, what: str) -> np.ndarray:
     if _suffix(path) != ".npy":
         raise ReIDInputError(f"{what} {path}: row ranges are read from .npy files only (got {_suffix(path) or 'none'})")
     path = check_input_file(os.fspath(path), what)
+    _check_numpy_file(path, what)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
