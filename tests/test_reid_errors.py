@@ -26,6 +26,7 @@ from nformer_reid.engine import load_checkpoint, save_checkpoint, train_nformer
 from nformer_reid.utils import ReIDInputError, TrainingDiverged
 from nformer_reid.utils import logging as reid_logging
 from nformer_reid.utils.io import atomic_write, save_torch, write_json
+from tests.helpers import RunsACommand
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]))
@@ -303,14 +304,6 @@ def test_official_release_errors_name_the_file(files, tmp_path, capsys):
             "--official", "not a readable PyTorch file")
 
 
-class _RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_checkpoints_with_a_payload_never_run_it(files, tmp_path, capsys):
     """An official-layout state dict (bare or under "state_dict") plus one pickled object that runs a
     command: --official (features, refine), --weights and --pretrained refuse it without running it."""
@@ -318,8 +311,8 @@ def test_checkpoints_with_a_payload_never_run_it(files, tmp_path, capsys):
 
     marker = tmp_path / "it_ran"
     official = {"nformer.h.0.attn.c_attn.w": torch.zeros(16, 48), "backbone.classifier.weight": torch.zeros(4, 16)}
-    for i, state in enumerate([{**official, "evil": _RunsACommand(marker)},
-                               {"state_dict": official, "evil": _RunsACommand(marker)}]):
+    for i, state in enumerate([{**official, "evil": RunsACommand(marker)},
+                               {"state_dict": official, "evil": RunsACommand(marker)}]):
         path = str(tmp_path / f"evil{i}.pth")
         torch.save(state, path)
         refused(capsys, feats_args(files, tmp_path / f"o{i}", "--official", path), "--official",

@@ -20,6 +20,7 @@ from nformer_reid.data import (FeatureSet, count_feature_rows, load_feature_rows
                                save_features, save_query_gallery)
 from nformer_reid.data.features import ALIASES, QUERY_GALLERY_ALIASES
 from nformer_reid.utils import ReIDInputError
+from tests.helpers import RunsACommand
 
 LOGGER = "nformer_reid.data.features"
 
@@ -228,14 +229,6 @@ def test_combined_layout_errors_name_the_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- hostile files
-class RunsACommand:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 class CallsEval:
     def __reduce__(self):
         return eval, ("__import__('os').getpid()",)
