@@ -81,6 +81,10 @@ def _search(rows, k, precision, margin):
     backend = backends.resolve("knn", rows.device, k=min(n, k + margin))
     if precision == "exact" and backends.exact_knn(backend):
         return backends.kernel(backend, "knn")(rows, k), KnnStats(precision, b * n)
+    if min(n, k + margin) == k < n:  # K' = k: the last candidate is in the top k, no row can be certified
+        idx = torch.empty((b, n, k), dtype=torch.int64, device=rows.device)
+        rescan(rows, idx, torch.ones((b, n), dtype=torch.bool, device=rows.device), k)
+        return idx, KnnStats(precision, b * n, 0, 0, b * n)
     stage_dtype = torch.float16 if precision == "certified" else torch.float32
     candidates = stage_candidates(rows, k, margin, stage_dtype)
     idx, certified = rescore(rows, candidates, k, stage_dtype)
