@@ -63,11 +63,6 @@ def pair_scores(queries: torch.Tensor, keys: torch.Tensor, qi: torch.Tensor, kj:
     return out
 
 
-def _squared_norms(x64: torch.Tensor) -> torch.Tensor:
-    """sum_e x[e]^2 in the canonical order (fp64; x64 already fp64)."""
-    return canonical_scores(x64, x64) if x64.shape[-1] else x64.sum(-1)
-
-
 def canonical_rows(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
     """The fp32 rows every knn path scores, the same bits on every device.
 
@@ -90,7 +85,7 @@ def canonical_rows(x: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
         xa = flat[r0:r0 + step].to(torch.float64)
         peak = xa.abs().amax(dim=-1, keepdim=True)  # max is exact in any order
         xa = xa / torch.where(peak > 0, peak, torch.ones_like(peak))
-        norm = _squared_norms(xa).sqrt().unsqueeze(-1)
+        norm = row_norms(xa).unsqueeze(-1)
         dst[r0:r0 + step] = (xa / torch.where(norm > 0, norm, torch.ones_like(norm))).to(torch.float32)
     return out
 
@@ -100,7 +95,8 @@ def _gamma(d: int, unit: float) -> float:
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """(...,) fp64 L2 norms of fp32-valued rows (...,d)."""
+    """(...,) fp64 L2 norms of rows (...,d): the squares summed in the canonical order, an IEEE
+    sqrt (exact squares for fp32-valued rows; a fixed order for any rows)."""
     if not rows.shape[-1]:
         return rows.new_zeros(rows.shape[:-1], dtype=torch.float64)
     return canonical_scores(rows, rows).sqrt()

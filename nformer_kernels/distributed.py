@@ -331,21 +331,17 @@ def _ring_topk(world: _World, queries, keys, k, query_flags=None, key_flags=None
                                                                             top.to(queries.device)[0]))
     tensors = [keys] + ([] if key_flags is None else [key_flags.to(torch.uint8)])
     offsets = world.offsets
+    self_ids = world.start + torch.arange(n, device=queries.device)  # each query row is its own key
     with canonical.exact_fp32_matmul():
         for owner, held in ring_blocks(world, tensors, "ring"):
             block, flags = held[0], (held[1].bool() if key_flags is not None else None)
             for r0 in range(0, n if block.shape[0] else 0, _QUERY_ROWS):
                 rows = slice(r0, min(n, r0 + _QUERY_ROWS))
                 for c0 in range(0, block.shape[0], _KEY_COLS):
-                    cols = block[c0:c0 + _KEY_COLS]
-                    own = None
-                    if owner == world.rank:  # this rank's rows: the diagonal is the queries' self
-                        own = torch.arange(rows.start, rows.stop, device=queries.device) - c0
-                        own = torch.where((own >= 0) & (own < cols.shape[0]), own, -1)
                     banned = None
                     if query_flags is not None:  # query isolation: queries never neighbour other queries
                         banned = query_flags[rows, None] & flags[None, c0:c0 + _KEY_COLS]
-                    running.add(cols, offsets[owner] + c0, own, banned, rows)
+                    running.add(block[c0:c0 + _KEY_COLS], offsets[owner] + c0, self_ids[rows], banned, rows)
     return running.ids if n else torch.empty((0, k), dtype=torch.int64, device=queries.device)
 
 

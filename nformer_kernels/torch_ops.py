@@ -39,10 +39,10 @@ class RunningTopk:
         self.c = torch.full((r, k), float("-inf"), dtype=torch.float64, device=dev)
         self.ids = torch.full((r, k), _NO_ID, dtype=torch.int64, device=dev)
 
-    def add(self, block: torch.Tensor, offset: int, self_cols: Optional[torch.Tensor] = None,
+    def add(self, block: torch.Tensor, offset: int, self_ids: Optional[torch.Tensor] = None,
             banned: Optional[torch.Tensor] = None, rows: slice = slice(None)) -> None:
         """Merge key rows block (m, d) with global ids offset + column into query rows `rows`.
-        self_cols (r,): the column of each query row's own key (-1: not in this block), forced first.
+        self_ids (r,): the global id of each query row's own key, forced first where the block holds it.
         banned (r, m) bool: pairs that may not be neighbours."""
         q = self.queries[rows]
         r, m = q.shape[0], block.shape[0]
@@ -52,9 +52,10 @@ class RunningTopk:
         f = q @ block.T
         if banned is not None:
             f.masked_fill_(banned, float("-inf"))
-        if self_cols is not None:
-            own = (self_cols >= 0).nonzero().squeeze(1)
-            f[own, self_cols[own]] = float("inf")
+        if self_ids is not None:
+            cols = self_ids - offset
+            own = ((cols >= 0) & (cols < m)).nonzero().squeeze(1)
+            f[own, cols[own]] = float("inf")
         run_f, run_c, run_ids = self.f[rows], self.c[rows], self.ids[rows]
         kk = min(self.k, run_f.shape[1] + m)
         kth = torch.cat([run_f, f], dim=1).topk(kk, dim=1).values[:, -1]
@@ -81,7 +82,7 @@ class RunningTopk:
 
 
 def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: bool = False,
-              self_ids: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None) -> torch.Tensor:
+              self_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(M,k) int64 canonical top-k of queries (M,d) against keys (N,d) (values taken as fp32):
     ordered by (canonical score desc, index asc), self first where force_self (row r of queries is
     key r) or self_ids (row r is key self_ids[r]). Streams (query rows x key rows) tiles of at most
@@ -89,9 +90,8 @@ def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: boo
     queries, keys = queries.detach().to(torch.float32), keys.detach().to(torch.float32)
     if force_self and self_ids is None:
         self_ids = torch.arange(queries.shape[0], device=queries.device)
-    if beta is None:
-        beta = canonical.score_error_bound(queries, torch.float32, canonical.row_norms(keys).amax()
-                                           if keys.shape[0] else 0.0)
+    beta = canonical.score_error_bound(queries, torch.float32, canonical.row_norms(keys).amax()
+                                       if keys.shape[0] else 0.0)
     running = RunningTopk(queries, k, beta)
     m, n = queries.shape[0], keys.shape[0]
     rows_per = max(1, min(m, _TILE // max(1, min(n, 1 << 16))))
@@ -100,12 +100,7 @@ def topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, force_self: boo
         for r0 in range(0, m, rows_per):
             rows = slice(r0, r0 + rows_per)
             for c0 in range(0, n, cols_per):
-                block = keys[c0:c0 + cols_per]
-                own = None
-                if self_ids is not None:
-                    sid = self_ids[rows] - c0
-                    own = torch.where((sid >= 0) & (sid < block.shape[0]), sid, -1)
-                running.add(block, c0, own, rows=rows)
+                running.add(keys[c0:c0 + cols_per], c0, None if self_ids is None else self_ids[rows], rows=rows)
     return running.ids
 
 
