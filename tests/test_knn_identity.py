@@ -168,8 +168,7 @@ def test_property_backends_agree(n, d, k_frac, copies, scale, noise, dtype, seed
     certified) return one tensor."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn((max(1, n // copies), d), generator=g)
-    x = base.repeat(copies, 1)[:n]
-    x = torch.cat([x, base[: n - x.shape[0]]]) if x.shape[0] < n else x
+    x = base.repeat(-(-n // base.shape[0]), 1)[:n]  # n rows: each base row `copies` times (a few once more)
     x = ((x + noise * torch.randn(x.shape, generator=g)) * scale).to(dtype)
     if not torch.isfinite(x).all():
         return
