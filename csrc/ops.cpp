@@ -8,8 +8,8 @@
 //       c(x_i, x_j) of the values taken as fp32 (common/canonical.h), ties broken by smaller j.
 //       cpu, torch, reference: exactly that. cuda, triton: stage 1 of the two-stage knn, the same
 //       order by their own fp32/fp16 scores (within the bound of canonical.score_error_bound).
-//   knn_rows(x (B,N,d), rows (B,R) int64, k) -> (B,R,k): knn's rows `rows` alone (exact: cpu, torch,
-//       reference), the rescan of the rows a two-stage knn could not certify.
+//   knn_rows(x (B,N,d), rows (B,R) int64, k) -> (B,R,k): the canonical top-k of rows `rows` alone
+//       (exact on every backend), the rescan of the rows a two-stage knn could not certify.
 //   knn_rescore(x (B,N,d), candidates (B,N,K') int64, k, margin (B,N) float64) -> (idx (B,N,k),
 //       certified (B,N) bool): the canonical top-k among each row's candidates (score desc, id asc,
 //       slot asc; self first) and (K' >= N) | (c(last candidate) + margin < c(k-th)).

@@ -11,8 +11,7 @@ Every backend implements the batched kernel contract (csrc/ops.cpp): knn, knn_ro
 reciprocal_mask, reverse_index, sparse_attention, sparse_attention_backward. The knn of cpu, torch
 and reference is the canonical answer itself (exact_knn); that of cuda and triton is stage 1 of the
 two-stage knn (ops/knn.py). A backend that cannot take one call (k above its limit, a keep mask its
-gather-only backward cannot differentiate, a kernel it lacks: knn_rows on cuda and triton) hands
-that call to the `torch` backend; `resolve` says so and logs why on logging.getLogger("nformer_kernels").
+gather-only backward cannot differentiate, a kernel it lacks) hands that call to the `torch` backend; `resolve` says so and logs why on logging.getLogger("nformer_kernels").
 """
 import contextlib
 import dataclasses
@@ -121,10 +120,9 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-register_backend(Backend("cuda", _extension_available("cuda"), _library_kernels(), gather_backward=True,
-                         missing=("knn_rows",)))
+register_backend(Backend("cuda", _extension_available("cuda"), _library_kernels(), gather_backward=True))
 register_backend(Backend("triton", _triton_available, _library_kernels("_triton"), _triton_limits,
-                         gather_backward=True, missing=("knn_rows",)))
+                         gather_backward=True))
 register_backend(Backend("cpu", _extension_available("cpu"), _library_kernels(), gather_backward=True,
                          exact_knn=True))
 register_backend(Backend("torch", lambda device: "", _module_kernels(torch_ops), exact_knn=True))

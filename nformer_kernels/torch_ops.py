@@ -111,6 +111,8 @@ def knn(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def knn_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
     """(B,R,k): knn's rows `rows` (B,R) alone, against every row of x (B,N,d)."""
+    if rows.numel() and bool(((rows < 0) | (rows >= x.shape[1])).any()):
+        raise ValueError(f"rows must lie in [0, N={x.shape[1]})")
     return torch.stack([topk_rows(xb[rb], xb, k, self_ids=rb) for xb, rb in zip(x, rows)])
 
 

@@ -283,9 +283,10 @@ class KernelAttention(torch.autograd.Function):
         return None, dP, dR, dv, None, None, None
 
 
-def register_counting_backend(monkeypatch):
+def register_counting_backend(monkeypatch, missing=()):
     """Registers (for this test only) a CPU backend "counting" that runs the torch backend's kernels
-    (its knn exact, as the torch backend's) and records each kernel name called; returns that list."""
+    (its knn exact, as the torch backend's) but those named in `missing`, and records each kernel
+    name called; returns that list."""
     from nformer_kernels import backends, torch_ops
     monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
     calls = []
@@ -298,7 +299,8 @@ def register_counting_backend(monkeypatch):
 
     backends.register_backend(backends.Backend(
         "counting", lambda device: "" if device.type == "cpu" else "cpu only",
-        lambda: {name: counting(name) for name in backends.KERNELS}, exact_knn=True))
+        lambda: {name: counting(name) for name in backends.KERNELS if name not in missing}, exact_knn=True,
+        missing=tuple(missing)))
     return calls
 
 
@@ -310,3 +312,34 @@ class RunsACommand:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def near_duplicates(b, n, d, seed=0, noise=1e-4, clusters=None):
+    """(b,n,d) rows in clusters of ~20 around random centres, offsets of `noise`: at 1e-4 the cosines
+    within a cluster differ by ~1e-8, below fp32 rounding: near-ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    clusters = clusters or max(1, n // 20)
+    centres = torch.randn((b, clusters, d), generator=g)
+    member = torch.randint(0, clusters, (b, n), generator=g)
+    return torch.gather(centres, 1, member[..., None].expand(b, n, d)) + noise * torch.randn((b, n, d), generator=g)
+
+
+def duplicate_groups(b, n, d, seed=0):
+    """Groups of exact copies (some larger than k) and zero rows: exact ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.cat([torch.randn((b, 5, d), generator=g), torch.zeros((b, 1, d))], dim=1)
+    pick = torch.randint(0, 6, (b, n), generator=g)
+    return torch.gather(base, 1, pick[..., None].expand(b, n, d))
+
+
+def reid_like(b, n, d, seed=0):
+    return near_duplicates(b, n, d, seed=seed, noise=0.5, clusters=max(1, n // 8))
+
+
+def random_rows(b, n, d, seed=0):
+    return torch.randn((b, n, d), generator=torch.Generator().manual_seed(seed))
+
+
+KNN_DATA = {  # knn inputs hard on rounding (identity tests): near-ties, exact ties, zero rows
+    "near-duplicates": near_duplicates, "duplicate-groups": duplicate_groups, "reid-like": reid_like,
+    "random": random_rows}

@@ -13,37 +13,9 @@ from hypothesis import strategies as st
 
 import nformer_kernels as nk
 from nformer_kernels import canonical
-from tests.helpers import torch_threads
+from tests.helpers import KNN_DATA as DATA, near_duplicates, torch_threads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-def near_duplicates(b, n, d, seed=0, noise=1e-4, clusters=None):
-    g = torch.Generator().manual_seed(seed)
-    clusters = clusters or max(1, n // 20)
-    centres = torch.randn((b, clusters, d), generator=g)
-    member = torch.randint(0, clusters, (b, n), generator=g)
-    return torch.gather(centres, 1, member[..., None].expand(b, n, d)) + noise * torch.randn((b, n, d), generator=g)
-
-
-def duplicate_groups(b, n, d, seed=0):
-    """Groups of exact copies (some larger than k) and zero rows: exact ties everywhere."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.cat([torch.randn((b, 5, d), generator=g), torch.zeros((b, 1, d))], dim=1)
-    pick = torch.randint(0, 6, (b, n), generator=g)
-    return torch.gather(base, 1, pick[..., None].expand(b, n, d))
-
-
-def reid_like(b, n, d, seed=0):
-    return near_duplicates(b, n, d, seed=seed, noise=0.5, clusters=max(1, n // 8))
-
-
-def random_rows(b, n, d, seed=0):
-    return torch.randn((b, n, d), generator=torch.Generator().manual_seed(seed))
-
-
-DATA = {"near-duplicates": near_duplicates, "duplicate-groups": duplicate_groups, "reid-like": reid_like,
-        "random": random_rows}
 
 
 def expected(x, k, metric="cosine"):

@@ -15,7 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from nformer_kernels.triton import knn, reciprocal, sparse_attention  # noqa: E402
+from nformer_kernels.triton import knn, knn_rows, reciprocal, sparse_attention  # noqa: E402
 from nformer_kernels.triton.aot import all_variants, format_table  # noqa: E402
 
 # A few spilled bytes per thread are harmless; more means a configuration needs retuning.
@@ -32,6 +32,8 @@ def test_launchers_only_pick_listed_variants():
         for k in range(1, sparse_attention.MAX_K + 1):
             for variant in sparse_attention.choose_variants(dtype, k):
                 assert variant in listed, (dtype, k, variant.label)
+    for k in range(1, knn_rows.MAX_K + 1):
+        assert knn_rows.choose_variant(k) in listed, k
     for k in range(1, 300):
         for variant in reciprocal.choose_variants(k):
             assert variant in listed, (k, variant.label)

@@ -69,12 +69,16 @@ NF_CPU_CLONES inline double cpu_canonical_dot(const float* a, const float* b, in
 
 // Twice the bound on |fp32 stage score - canonical score| for rows of norms norm_i and max_norm
 // (nformer_kernels.canonical.score_error_bound, fp32 stage): gamma_d(2^-24) + gamma_d(2^-53) times
-// the norms (each padded by 2^-20 for its own rounding), 1% headroom.
+// the norms (each padded by kNormPad for its own rounding), 1% headroom.
+constexpr double kNormPad = 1.0 + 9.5367431640625e-07;  // 1 + 2^-20
+
+NF_HD double fp32_score_bound2_factor(int64_t d) {
+  const double dd = static_cast<double>(d), u24 = 5.9604644775390625e-08, u53 = 1.1102230246251565e-16;
+  return 2.0 * 1.01 * (dd * u24 / (1.0 - dd * u24) + dd * u53 / (1.0 - dd * u53));
+}
+
 inline double fp32_score_bound2(int64_t d, double norm_i, double max_norm) {
-  auto gamma = [d](double unit) { return double(d) * unit / (1.0 - double(d) * unit); };
-  const double pad = 1.0 + 9.5367431640625e-07;  // 1 + 2^-20
-  return 2.0 * 1.01 * (gamma(5.9604644775390625e-08) + gamma(1.1102230246251565e-16)) * (norm_i * pad) *
-         (max_norm * pad);
+  return fp32_score_bound2_factor(d) * (norm_i * kNormPad) * (max_norm * kNormPad);
 }
 
 }  // namespace nformer

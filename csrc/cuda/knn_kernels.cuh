@@ -244,65 +244,75 @@ constexpr size_t fma_smem_bytes(int k) {
   return size_t(kFmaBM) * fma_lds<acc_t>() * sizeof(acc_t) + size_t(kFmaBM) * k * (sizeof(acc_t) + sizeof(int));
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, 2) knn_fma_kernel(const scalar_t* __restrict__ x, int64_t* __restrict__ out,
-                                                           int n, int d, int k) {
+// The BM x BN score tile of query rows row_of(0 .. BM-1) (-1: no row) against candidates col0 ..
+// col0+BN-1 into S (pitch LDS), in acc_t by a register-blocked FMA GEMM. The staging buffers alias S:
+// the tile starts and ends with a block barrier, so the caller's reads of the previous tile are done
+// and this one's writes are visible.
+template <typename scalar_t, typename acc_t, typename RowOf>
+__device__ __forceinline__ void fma_score_tile(const scalar_t* __restrict__ x, RowOf row_of, int col0, int n, int d,
+                                               acc_t* S) {
   constexpr int BM = kFmaBM, BK = kFmaBK, BN = fma_tile_n<acc_t>(), LDS = fma_lds<acc_t>();
   constexpr int LDA = BM + 1, LDB = BN + 1;  // transposed staging, padded against bank conflicts
   constexpr int TM = BM / 16, TN = BN / 16;  // outputs per thread: rows ty + 16*i, cols tx + 16*j
   static_assert(BK * (LDA + LDB) <= BM * LDS, "staging must fit in the score tile");
+  acc_t* As = S;              // [BK][LDA]
+  acc_t* Bs = As + BK * LDA;  // [BK][LDB]
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  acc_t acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0;
 
+  for (int k0 = 0; k0 < d; k0 += BK) {
+    __syncthreads();  // previous readers of this memory (FMAs, or selection on S) are done
+    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+      const int r = row_of(e / BK), f = k0 + e % BK;
+      As[(e % BK) * LDA + e / BK] = (r >= 0 && f < d) ? acc_t(x[static_cast<int64_t>(r) * d + f]) : acc_t(0);
+    }
+    for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
+      const int c = col0 + e / BK, f = k0 + e % BK;
+      Bs[(e % BK) * LDB + e / BK] = (c < n && f < d) ? acc_t(x[static_cast<int64_t>(c) * d + f]) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = As[kk * LDA + ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = Bs[kk * LDB + tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+  __syncthreads();  // all FMAs have read the staging buffers before S overwrites them
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) S[(ty + 16 * i) * LDS + tx + 16 * j] = acc[i][j];
+  __syncthreads();
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads, 2) knn_fma_kernel(const scalar_t* __restrict__ x, int64_t* __restrict__ out,
+                                                           int n, int d, int k) {
+  constexpr int BM = kFmaBM, BN = fma_tile_n<acc_t>(), LDS = fma_lds<acc_t>();
   extern __shared__ __align__(128) unsigned char smem[];
-  acc_t* As = reinterpret_cast<acc_t*>(smem);  // [BK][LDA]
-  acc_t* Bs = As + BK * LDA;                   // [BK][LDB]
   acc_t* S = reinterpret_cast<acc_t*>(smem);
   acc_t* list_v = reinterpret_cast<acc_t*>(smem + size_t(BM) * LDS * sizeof(acc_t));
   int* list_i = reinterpret_cast<int*>(list_v + BM * k);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int row0 = blockIdx.x * BM;
   x += static_cast<int64_t>(blockIdx.y) * n * d;
   out += static_cast<int64_t>(blockIdx.y) * n * k;
   init_lists(list_v, list_i, BM * k);
-
+  auto row_of = [&](int r) { return row0 + r < n ? row0 + r : -1; };
   for (int col0 = 0; col0 < n; col0 += BN) {
-    acc_t acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = 0;
-
-    for (int k0 = 0; k0 < d; k0 += BK) {
-      __syncthreads();  // previous readers of this memory (FMAs, or selection on S) are done
-      for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
-        const int r = row0 + e / BK, f = k0 + e % BK;
-        As[(e % BK) * LDA + e / BK] = (r < n && f < d) ? acc_t(x[static_cast<int64_t>(r) * d + f]) : acc_t(0);
-      }
-      for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
-        const int c = col0 + e / BK, f = k0 + e % BK;
-        Bs[(e % BK) * LDB + e / BK] = (c < n && f < d) ? acc_t(x[static_cast<int64_t>(c) * d + f]) : acc_t(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        acc_t a[TM], b[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = As[kk * LDA + ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < TN; ++j) b[j] = Bs[kk * LDB + tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
-      }
-    }
-    __syncthreads();  // all FMAs have read the staging buffers before S overwrites them
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) S[(ty + 16 * i) * LDS + tx + 16 * j] = acc[i][j];
-    __syncthreads();
+    fma_score_tile<scalar_t, acc_t>(x, row_of, col0, n, d, S);
     select_tile<acc_t, BM, BN>(S, LDS, list_v, list_i, k, row0, col0, n, warp, lane);
   }
   write_lists<BM>(list_i, out, k, row0, n, warp, lane);

@@ -182,8 +182,8 @@ def _knn_rows_fake(x, rows, k):
     return rows.new_empty((*rows.shape, k))
 
 
-if "nformer::knn" in backends.library_ops("knn"):
-    torch.library.register_fake("nformer::knn_rows")(_knn_rows_fake)
+for _op in backends.library_ops("knn_rows"):
+    torch.library.register_fake(_op)(_knn_rows_fake)
 
 
 def _knn_rescore_fake(x, candidates, k, margin):

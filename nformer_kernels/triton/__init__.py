@@ -1,7 +1,8 @@
 """The `triton` backend: Triton kernels with the batched contract of the C++ `nformer::` ops.
 
 Each module holds one op family's kernels, launchers and torch.library custom ops
-(nformer::<op>_triton): knn.py, knn_rescore.py (stage 2 of the certified knn), reciprocal.py
+(nformer::<op>_triton): knn.py, knn_rescore.py (stage 2 of the certified knn), knn_rows.py (the
+exact rescan of the rows stage 2 could not certify), reciprocal.py
 (reciprocal_mask, reverse_index), sparse_attention.py (sparse_attention,
 sparse_attention_backward). Their fake kernels and autograd are registered with
 the C++ ops' in nformer_kernels/ops/. variants.py lists every launch configuration; aot.py compiles
@@ -19,7 +20,7 @@ except Exception as exc:  # not installed, or broken for this platform
     triton = None
     reason = f"triton cannot be imported ({exc})"
 else:
-    from nformer_kernels.triton import knn, knn_rescore, reciprocal, sparse_attention  # noqa: F401  (registers the ops)
+    from nformer_kernels.triton import knn, knn_rescore, knn_rows, reciprocal, sparse_attention  # noqa: F401  (registers the ops)
 
     if not (triton.knobs.runtime.interpret or torch.cuda.is_available()):
         reason = "no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run on CPU)"

@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 from nformer_kernels.triton.knn import variants as knn_variants
 from nformer_kernels.triton.knn_rescore import variants as rescore_variants
+from nformer_kernels.triton.knn_rows import variants as rows_variants
 from nformer_kernels.triton.reciprocal import variants as reciprocal_variants
 from nformer_kernels.triton.sparse_attention import variants as attention_variants
 
@@ -34,7 +35,7 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def all_variants() -> list:
-    return knn_variants() + rescore_variants() + reciprocal_variants() + attention_variants()
+    return knn_variants() + rescore_variants() + rows_variants() + reciprocal_variants() + attention_variants()
 
 
 def _compile(variant, target):

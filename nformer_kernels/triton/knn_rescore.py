@@ -19,6 +19,18 @@ _NO_ID = tl.constexpr(2147483647)
 
 
 @triton.jit
+def fold_lanes(acc, M: tl.constexpr, C: tl.constexpr, LANES: tl.constexpr):
+    """(M, C, LANES) fp64 lane sums -> (M, C) canonical scores: lane l += lane l + h, h = 8, 4, 2, 1
+    (each tl.sum adds two numbers: one correctly rounded addition, the documented order)."""
+    h: tl.constexpr = LANES // 2
+    acc = tl.sum(tl.reshape(acc, (M, C, 2, h)), axis=2)
+    acc = tl.sum(tl.reshape(acc, (M, C, 2, h // 2)), axis=2)
+    acc = tl.sum(tl.reshape(acc, (M, C, 2, h // 4)), axis=2)
+    s = tl.sum(tl.reshape(acc, (M, C, 2, h // 8)), axis=2)
+    return tl.reshape(s, (M, C))
+
+
+@triton.jit
 def _knn_rescore_kernel(x_ptr, cand_ptr, margin_ptr, idx_ptr, cert_ptr, N, D, KC, K,
                         KC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -42,12 +54,7 @@ def _knn_rescore_kernel(x_ptr, cand_ptr, margin_ptr, idx_ptr, cert_ptr, N, D, KC
         g = tl.load(x_ptr + cand[:, :, None] * D + dd[None, None, :],
                     mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
         acc += q.to(tl.float64)[:, None, :] * g.to(tl.float64)  # exact products: one rounding, the sum's
-    h: tl.constexpr = LANES // 2
-    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h)), axis=2)  # lane l += lane l + 8
-    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 2)), axis=2)  # ... + 4
-    acc = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 4)), axis=2)  # ... + 2
-    s = tl.sum(tl.reshape(acc, (BLOCK_M, KC_PAD, 2, h // 8)), axis=2)  # ... + 1
-    s = tl.reshape(s, (BLOCK_M, KC_PAD))
+    s = fold_lanes(acc, BLOCK_M, KC_PAD, LANES)
 
     last = tl.max(tl.where(slots[None, :] == KC - 1, s, float("-inf")), axis=1)
     s = tl.where(cand == rows[:, None], float("inf"), s)  # self first

@@ -57,6 +57,10 @@ def register() -> str:
                                          margin.contiguous())
         return idx, certified
 
+    @torch.library.custom_op("nformer_emulated::knn_rows", mutates_args=())
+    def knn_rows(x: Tensor, rows: Tensor, k: int) -> Tensor:
+        return emu.knn_rows(x, rows, k)
+
     @torch.library.custom_op("nformer_emulated::reciprocal_mask", mutates_args=())
     def reciprocal_mask(idx: Tensor) -> Tensor:
         return emu.reciprocal_mask(idx.contiguous(), SM_COUNT)
@@ -81,11 +85,9 @@ def register() -> str:
     def available(device):
         return "" if device.type == "cpu" else f"the CUDA emulation runs CPU tensors, not {device.type}"
 
-    missing = ("knn_rows",)  # as the cuda backend: its rescans run on the torch backend
     backends.register_backend(backends.Backend(
-        NAME, available, lambda: {name: getattr(torch.ops.nformer_emulated, name) for name in backends.KERNELS
-                                  if name not in missing},
-        gather_backward=True, missing=missing))
+        NAME, available, lambda: {name: getattr(torch.ops.nformer_emulated, name) for name in backends.KERNELS},
+        gather_backward=True))
     register_autograd(NAME)
     return NAME
 

@@ -9,6 +9,7 @@
 namespace nformer { namespace cuda { namespace { alignas(128) unsigned char smem[1 << 22]; } } }
 #include "cuda/knn_kernels.cuh"
 #include "cuda/knn_rescore_kernels.cuh"
+#include "cuda/knn_rows_kernels.cuh"
 #include "cuda/reciprocal_kernels.cuh"
 #include "cuda/sparse_attention_kernels.cuh"
 
@@ -65,6 +66,27 @@ std::vector<torch::Tensor> emu_knn_rescore(torch::Tensor x, torch::Tensor cand, 
                        certified.data_ptr<bool>(), rows, N, d, kc, k, slice);
   });
   return {idx, certified};
+}
+
+torch::Tensor emu_knn_rows(torch::Tensor x, torch::Tensor rows, int64_t k) {
+  const int64_t B = x.size(0), N = x.size(1), d = x.size(2), R = rows.size(1);
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 2 && rows.size(0) == B && k >= 1 && k <= N);
+  auto out = torch::empty({B, R, k}, rows.options());
+  if (B * R == 0) return out;
+  const torch::Tensor rc = rows.contiguous();
+  auto [lo, hi] = at::aminmax(rc);
+  TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < N, "knn_rows: rows must lie in [0, N)");
+  TORCH_CHECK(rows_smem_bytes(k) <= kOptin);
+  // As knn_rows.cu: fp32 values, beta per query row.
+  const torch::Tensor xf = x.detach().to(torch::kFloat).contiguous();
+  const torch::Tensor norms = at::linalg_vector_norm(xf, 2, at::IntArrayRef{-1}, false, at::kDouble).mul_(nformer::kNormPad);
+  const torch::Tensor top = std::get<0>(norms.max(-1, true));
+  const torch::Tensor beta = norms.gather(1, rc).mul_(top).mul_(0.5 * nformer::fp32_score_bound2_factor(d)).contiguous();
+  emu::launch(dim3(rows_blocks(R), B), dim3(kThreads), [&] {
+    knn_rows_kernel(xf.data_ptr<float>(), rc.data_ptr<int64_t>(), beta.data_ptr<double>(), out.data_ptr<int64_t>(),
+                    N, d, R, k);
+  });
+  return out;
 }
 
 torch::Tensor emu_reciprocal_mask(torch::Tensor idx, int64_t sm_count) {
@@ -149,6 +171,7 @@ std::vector<torch::Tensor> emu_sparse_attention_backward(torch::Tensor grad_out,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("knn", &emu_knn);
   m.def("knn_rescore", &emu_knn_rescore);
+  m.def("knn_rows", &emu_knn_rows);
   m.def("reciprocal_mask", &emu_reciprocal_mask);
   m.def("reverse_index", &emu_reverse_index);
   m.def("sparse_attention", &emu_sparse_attention);

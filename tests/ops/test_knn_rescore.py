@@ -163,13 +163,25 @@ def test_certified_knn_rescores_on_the_active_backend(monkeypatch):
 
 
 @pytest.mark.backends(INTERPRETED, "triton", EMULATED, "cuda")
-def test_rescans_run_on_the_torch_backend(backend, caplog):
-    """cuda and triton have no knn_rows kernel: the rows a two-stage knn cannot certify (margin 0:
-    all of them) are rescanned by the torch backend, logged, and the answer is the reference's."""
+def test_rescans_run_on_the_backends_own_knn_rows(backend, monkeypatch):
+    """margin 0: no row can be certified, so every row is rescanned, by the backend's own streaming
+    knn_rows kernel (never the torch backend); the answer is the reference's."""
     x = backend.tensor(gapped_rows(1, 40, 8, 5, seed=3, dtype=torch.float64))
-    with caplog.at_level(logging.DEBUG, logger="nformer_kernels"):
+    calls = []
+    real = backends.kernel
+    monkeypatch.setattr(backends, "kernel", lambda name, op: calls.append((name, op)) or real(name, op))
+    idx = nk.knn(x, 5, precision="certified", margin=0)
+    assert calls == [(backend.name, "knn_rows")]
+    with nk.use_backend("reference"):
+        assert torch.equal(idx.cpu(), nk.knn(x.cpu(), 5, precision="exact"))
+
+
+def test_a_backend_without_knn_rows_rescans_on_the_torch_backend(monkeypatch, caplog):
+    calls = register_counting_backend(monkeypatch, missing=("knn_rows",))
+    x = gapped_rows(1, 40, 8, 5, seed=3)[0]
+    with nk.use_backend("counting"), caplog.at_level(logging.DEBUG, logger="nformer_kernels"):
         idx = nk.knn(x, 5, precision="certified", margin=0)
-    assert f"the {backend.name} backend has no knn_rows kernel" in caplog.text
+    assert "the counting backend has no knn_rows kernel" in caplog.text and calls == []
     with nk.use_backend("reference"):
         assert torch.equal(idx, nk.knn(x, 5, precision="exact"))
 
