@@ -19,6 +19,7 @@ from nformer_reid.data import (load_features, load_query_gallery, make_feature_b
 from nformer_reid.engine import save_checkpoint
 from nformer_reid.metrics import compute_distance_matrix, evaluate_rank
 from nformer_reid.rerank import re_ranking_sparse
+from nformer_reid.utils.io import MANIFEST
 from tests.test_reid_cli import user_error
 
 DIM = 16
@@ -255,7 +256,7 @@ def test_save_model_decides_the_checkpoints_of_features(files, tmp_path):
     run(_train_args(files, tmp_path / "plain"))
     names = set(os.listdir(tmp_path / "plain"))
     assert {"nformer.pth", "refined_features.pt", "results.json", "cmc.png", "loss.png", "config.yaml",
-            "log.txt"} == names  # no resumable stage2_last.pth
+            "log.txt", MANIFEST} == names  # no resumable stage2_last.pth
     run(_train_args(files, tmp_path / "saved", "--save-model"))
     assert set(os.listdir(tmp_path / "saved")) == names | {"stage2_last.pth"}
     run(weights_run(files, tmp_path / "weights"))
@@ -374,7 +375,7 @@ def test_rerank_without_labels_writes_the_outputs_only(files, tmp_path, capsys):
     np.save(qf, files["bench"].query.feats.numpy())
     out = tmp_path / "rr"
     run(["rerank", "--query", str(qf), "--gallery", files["gallery_npy"], "--out", str(out), "--save-ranks", "3"])
-    assert sorted(os.listdir(out)) == ["config.yaml", "log.txt", "ranks.npy"]
+    assert sorted(os.listdir(out)) == sorted(["config.yaml", "log.txt", "ranks.npy", MANIFEST])
     expected = re_ranking_sparse(files["bench"].query.feats, files["bench"].gallery.feats)
     np.testing.assert_array_equal(np.load(out / "ranks.npy"), np.argsort(expected, axis=1, kind="stable")[:, :3])
     base = ["rerank", "--query", str(qf), "--gallery", files["gallery_npy"], "--out", str(tmp_path / "x")]

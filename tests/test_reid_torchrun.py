@@ -30,6 +30,7 @@ from nformer_reid.cli import main
 from nformer_reid.engine.ddp import TORCHRUN_ENV
 from nformer_reid.data import make_feature_benchmark, save_features, save_query_gallery
 from nformer_reid.engine import save_checkpoint
+from nformer_reid.utils.io import MANIFEST
 from tests.distributed_helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def _worker_cases(paths, folder, rank):
         ("refine_pt", _refine_argv(paths, "gallery_pt", os.path.join(folder, "refined_pt.npy"), "--distributed")),
         ("one_row", _refine_argv(paths, "one_row", os.path.join(folder, "refined_one.npy"), "--distributed",
                                  "--save-neighbors", os.path.join(folder, "one_nb.npy"))),
-        # rank 1 alone cannot read its --weights: every rank must fail (none waits for the others)
+        # rank 1 alone names a missing --weights: every rank must fail (none waits for the others)
         ("one_rank_fails", _refine_argv(paths, "gallery_npy", os.path.join(folder, "never.npy"), "--distributed")
          if rank == 0 else ["refine", "--input", paths["gallery_npy"], "--weights", missing, "--device", "cpu",
                             "--output", os.path.join(folder, "never.npy"), "--distributed"]),
@@ -92,6 +93,11 @@ def _worker_cases(paths, folder, rank):
         ("rerank", _features_argv(paths, os.path.join(folder, "rerank"), "--distributed", "--rerank")),
         ("train", ["train", "--data", "synthetic", "--out", os.path.join(folder, "train"), "--distributed", "--eval",
                    *TINY]),
+        # ranks started differently (an option, an input file): refused on both before any work
+        ("other_topk", _refine_argv(paths, "gallery_npy", os.path.join(folder, "never_topk.npy"), "--distributed",
+                                    "--nformer-topk", str(3 + rank))),
+        ("other_input", _refine_argv(paths, "gallery_npy" if rank == 0 else "one_row",
+                                     os.path.join(folder, "never_input.npy"), "--distributed")),
         # 3 identities per PK batch cannot be shared by 2 ranks: refused on both before any write
         ("train_uneven", ["train", "--data", "synthetic", "--out", os.path.join(folder, "uneven"), "--distributed",
                           "--batch-size", "12", *TINY]),
@@ -230,8 +236,9 @@ def test_refine_with_fewer_rows_than_ranks(files, worker_world, tmp_path):
 def test_a_failure_on_one_rank_fails_every_rank(files, worker_world):
     rank0, rank1 = (worker_world[r]["one_rank_fails"] for r in range(2))
     assert rank0["rc"] == rank1["rc"] == 2
-    assert "on rank 1: --weights" in rank0["stderr"] and "no_such_nformer.pth" in rank0["stderr"]
-    assert "on rank" not in rank1["stderr"] and "no_such_nformer.pth" in rank1["stderr"]
+    for got in (rank0, rank1):  # rank 1's --weights is missing: the launch check names it on both
+        assert got["stderr"].count("\n") == 1 and "the ranks were not started alike" in got["stderr"]
+        assert "no_such_nformer.pth' on rank 1" in got["stderr"] and "(not given) on rank 1" in got["stderr"]
     assert not os.path.exists(os.path.join(files["dir"], "never.npy"))
     for name, match in (("exists", "already exists; pass --overwrite"), ("rerank", "--rerank with --distributed")):
         for rank in range(2):
@@ -241,12 +248,24 @@ def test_a_failure_on_one_rank_fails_every_rank(files, worker_world):
     assert np.load(files["gallery_pt"].replace(".pt", "_copy.npy")).shape == (1, 1)  # left as it was
 
 
+def test_ranks_started_differently_are_refused_on_every_rank(files, worker_world):
+    """An option given to one rank only, or another input file on one rank (a stale copy): every rank
+    exits 2 with one line naming what differs, rank by rank, before any work or output."""
+    for case, named in (("other_topk", "--nformer-topk is 3 on rank 0, 4 on rank 1"),
+                        ("other_input", "the file of --input is")):
+        for outcome in worker_world:
+            got = outcome[case]
+            assert got["rc"] == 2 and got["stderr"].count("\n") == 1, got
+            assert "the ranks were not started alike" in got["stderr"] and named in got["stderr"], got
+    assert not [n for n in os.listdir(files["dir"]) if n.startswith("never_")]
+
+
 def test_train_under_torchrun_writes_once_from_rank_0(files, worker_world):
     for rank in range(2):
         assert worker_world[rank]["train"]["rc"] == 0, worker_world[rank]["train"]["stderr"]
     out = os.path.join(files["dir"], "train")
     assert {"model_final.pth", "loss.png", "results.json", "cmc.png", "config.yaml", "log.txt",
-            "synthetic_market"} == set(os.listdir(out))
+            "synthetic_market", MANIFEST} == set(os.listdir(out))
     state = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
     assert state["kind"] == "ReIDModel" and state["stage"] == 2
     doc = _results(out)
@@ -303,6 +322,10 @@ def test_torchrun_environment_checks(files, tmp_path, capsys, torchrun_env, monk
     _user_error(capsys, [*refine, "--distributed"], "out of range: RANK=2, LOCAL_RANK=0, WORLD_SIZE=2")
     monkeypatch.setenv("WORLD_SIZE", "two")
     _user_error(capsys, [*refine, "--distributed"], "WORLD_SIZE='two' is not an integer")
+    torchrun_env(world=1)
+    for port in ("abc", "99999", "0"):
+        monkeypatch.setenv("MASTER_PORT", port)
+        _user_error(capsys, [*refine, "--distributed"], f"MASTER_PORT='{port}' is not a TCP port (1-65535)")
     monkeypatch.delenv("MASTER_PORT")
     _user_error(capsys, [*refine, "--distributed"], "incomplete", "MASTER_PORT not")
     assert os.listdir(tmp_path) == []
@@ -356,3 +379,19 @@ def test_a_torchrun_world_of_one(files, tmp_path, capsys, torchrun_env):
 
 if __name__ == "__main__":  # a rank of the worker world (see the module docstring)
     _worker(sys.argv[1])
+
+
+def test_the_launch_digest_tells_copies_of_a_file_apart(files, tmp_path):
+    """A stale copy on another node has the name and maybe the size, not the bytes: the digest of
+    every file option differs; the options themselves are all in it."""
+    from nformer_reid.cli import parse_args
+    from nformer_reid.commands import launch_digest
+
+    a, b = tmp_path / "a" / "g.npy", tmp_path / "b" / "g.npy"
+    for path, value in ((a, 0.0), (b, 1.0)):
+        os.makedirs(path.parent)
+        np.save(path, np.full((300, 64), value, np.float32))  # one size, other bytes (past the header)
+    digests = [launch_digest(parse_args(_refine_argv({**files, "x": str(p)}, "x", str(tmp_path / "o.npy")))[0])
+               for p in (a, b)]
+    assert digests[0]["the file of --input"] != digests[1]["the file of --input"]
+    assert digests[0]["--weights"] == digests[1]["--weights"] and "--nformer-topk" in digests[0]

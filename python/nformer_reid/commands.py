@@ -17,6 +17,7 @@ left waiting), rank 0 alone writes the outputs, and the numbers are the single p
 """
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -29,7 +30,8 @@ import nformer_kernels as nk
 from nformer_reid.config import config_values
 from nformer_reid.utils.checks import as_device
 from nformer_reid.utils.errors import ReIDInputError
-from nformer_reid.utils.io import atomic_write, check_input_file, check_outputs, load_torch, save_torch
+from nformer_reid.utils.io import (OutputLock, OutputManifest, atomic_write, check_input_file, check_outputs,
+                                   load_torch, save_torch)
 from nformer_reid.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -83,24 +85,50 @@ def _input_files(cfg, names: Iterable[str]) -> Dict[str, Optional[str]]:
     return files
 
 
+# --out folder -> the outputs its run (started by _start_run in this process) writes.
+_RUN_OUTPUTS: Dict[str, list] = {}
+
+
+def _one_run(command):
+    """A command function: the output locks it takes are released when it returns or fails."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with OutputLock.scope():
+            return command(*args, **kwargs)
+    return run
+
+
 def _start_run(cfg, outputs: Iterable[str], inputs: Dict[str, Optional[str]], invocation: Invocation) -> None:
     """The last check before any write (check_outputs, config.yaml included; the --config file is
-    an input), then create --out and log to <out>/log.txt. `_finish_run` writes config.yaml."""
+    an input), then create --out, take its lock (one run per folder: a run started meanwhile is
+    refused, and the check is repeated under the lock) and log to <out>/log.txt. `_finish_run`
+    writes config.yaml."""
     inputs = {**inputs, "--config": invocation.config_file}
-    check_outputs(cfg.out, [*outputs, "config.yaml"], inputs, cfg.overwrite)
+    names = [*outputs, "config.yaml", "log.txt"]
+    check_outputs(cfg.out, names[:-1], inputs, cfg.overwrite)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
         raise ReIDInputError(f"--out {cfg.out}: cannot create the folder: {exc.strerror or exc}") from None
+    OutputLock.of_folder(cfg.out).acquire()
+    check_outputs(cfg.out, names[:-1], inputs, cfg.overwrite)  # a run that ended meanwhile left its files
+    _RUN_OUTPUTS[os.path.abspath(cfg.out)] = names
     setup_logging(os.path.join(cfg.out, "log.txt"))
 
 
 def _finish_run(cfg) -> None:
-    """The effective options to <out>/config.yaml (rerun with --config <out>/config.yaml). Written
+    """The effective options to <out>/config.yaml (rerun with --config <out>/config.yaml), written
     when the run has succeeded, so a failed run leaves no config.yaml to block its rerun (log.txt
-    has the options from the start)."""
+    has the options from the start). With --overwrite, the files an earlier run wrote here that
+    this run did not rewrite are removed (OutputManifest), so the folder holds one run's results."""
     path = write_config(cfg, os.path.join(cfg.out, "config.yaml"))
     logger.info("wrote %s (rerun: nformer-reid %s --config %s out=<new folder>)", path, cfg.command, path)
+    names = _RUN_OUTPUTS.pop(os.path.abspath(cfg.out), [])
+    manifest = OutputManifest(cfg.out)
+    removed = manifest.finish(names, manifest.stale(names) if cfg.overwrite else ())
+    if removed:
+        logger.info("--overwrite: removed %s, written by the earlier run in %s and not by this one",
+                    ", ".join(removed), cfg.out)
 
 
 def write_config(cfg, path: str) -> str:
@@ -274,6 +302,7 @@ def _check_train_dataset(cfg, dataset) -> None:
         _check_dataset_split(cfg, dataset, cfg.nformer_topk)
 
 
+@_one_run
 def train(cfg, invocation: Invocation = Invocation()):
     """`nformer-reid train`: stage 1 (backbone) and / or stage 2 (NFormer), then optionally the
     evaluation. With --distributed (under torchrun) both stages train with DistributedDataParallel
@@ -401,6 +430,7 @@ def _check_world_split(cfg, world: int) -> None:
                              "trains on an equal share of every batch of sequences)")
 
 
+@_one_run
 def evaluate(cfg, invocation: Invocation = Invocation()):
     if bool(cfg.weights) == bool(cfg.official):
         raise ReIDInputError("give exactly one of --weights (ours) or --official (nformer_model.pth)")
@@ -524,6 +554,7 @@ def _new_nformer(cfg, dim: int, num_classes: int) -> Tuple[nk.NFormer, dict]:
     return nformer, dict(getattr(nformer, "config", config))
 
 
+@_one_run
 def features(cfg, invocation: Invocation = Invocation()):
     """`nformer-reid features`: NFormer on precomputed query / gallery features (trained on --train,
     or from --weights / --official), scored before and after; returns the results by method. With
@@ -705,6 +736,21 @@ def _check_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Opt
                                  "file")
 
 
+def _claim_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Optional[str]], overwrite: bool) -> None:
+    """_check_output_files, then each output's lock (OutputLock.beside: one run per file; a run
+    started meanwhile is refused) and the check again under the locks."""
+    _check_output_files(outputs, inputs, overwrite)
+    for option, path in outputs.items():
+        if path:
+            path = os.path.expanduser(path)
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as exc:
+                raise ReIDInputError(f"{option} {path}: cannot create its folder: {exc.strerror or exc}") from None
+            OutputLock.beside(path, option).acquire()
+    _check_output_files(outputs, inputs, overwrite)
+
+
 def _check_suffix(option: str, path: Optional[str], suffixes) -> None:
     if path and not str(path).lower().endswith(tuple(suffixes)):
         raise ReIDInputError(f"{option} {path}: the file name must end in {' / '.join(suffixes)} (the format is "
@@ -720,6 +766,7 @@ def _save_array(path: str, array) -> str:
     return save_torch(torch.as_tensor(array), path)
 
 
+@_one_run
 def refine_command(cfg, invocation: Invocation = Invocation()):
     """`nformer-reid refine`: one set of features through an NFormer, no labels needed. With
     --distributed (under torchrun) each rank refines its contiguous share of the rows and writes
@@ -735,7 +782,7 @@ def refine_command(cfg, invocation: Invocation = Invocation()):
     device = _device(cfg)
     inputs = {**_input_files(cfg, ("input", "weights", "official")), "--config": invocation.config_file}
     outputs = {"--output": cfg.output, "--save-neighbors": cfg.save_neighbors}
-    _check_output_files(outputs, inputs, cfg.overwrite)
+    _claim_output_files(outputs, inputs, cfg.overwrite)
     feats = load_features(cfg.input, "--input", need_pids=False, need_camids=False)
     nformer = _load_nformer(cfg)
     _check_width(nformer, feats.feats.shape[1], cfg.weights or cfg.official, f"the features of --input {cfg.input}")
@@ -791,6 +838,10 @@ def _torchrun_env(command: str) -> Optional[Tuple[int, int, int]]:
     if world < 1 or not 0 <= rank < world or not 0 <= local_rank < world:
         raise ReIDInputError(f"torchrun's environment is out of range: RANK={rank}, LOCAL_RANK={local_rank}, "
                              f"WORLD_SIZE={world}")
+    port = os.environ["MASTER_PORT"].strip()
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ReIDInputError(f"environment variable MASTER_PORT={os.environ['MASTER_PORT']!r} is not a TCP port "
+                             f"(1-65535): launch with {_launch_hint(command)} (--master-port P)")
     return rank, world, local_rank
 
 
@@ -857,10 +908,54 @@ def _process_group(cfg):
     if not ddp.is_main_process():
         ddp.setup_rank_logging()
     try:
-        yield _Ranks(ddp.rank(), ddp.world_size(), device)
+        ranks = _Ranks(ddp.rank(), ddp.world_size(), device)
+        _check_same_launch(cfg, ranks)
+        yield ranks
     finally:
         if owned:
             ddp.shutdown()
+
+
+def _file_fingerprint(path: str) -> str:
+    """Size and a hash of the first and last 64 KiB: a stale or other copy of a file on another node
+    differs (its rows, its width, its bytes) without reading it whole."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 16))
+        if size > 1 << 16:
+            fh.seek(max(1 << 16, size - (1 << 16)))
+            digest.update(fh.read(1 << 16))
+    return f"{size} bytes, sha256 of its ends {digest.hexdigest()[:12]}"
+
+
+def launch_digest(cfg) -> Dict[str, str]:
+    """What every rank of a --distributed run must share: every option (the run policies included),
+    the WORLD_SIZE torchrun gave, and a fingerprint of every file an option names."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    digest = {_flag(name): repr(value) for name, value in values.items()}
+    digest["WORLD_SIZE"] = os.environ.get("WORLD_SIZE", "")
+    for name, value in values.items():
+        if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
+            digest[f"the file of {_flag(name)}"] = _file_fingerprint(os.path.expanduser(value))
+    return digest
+
+
+def _check_same_launch(cfg, ranks: "_Ranks") -> None:
+    """Before any work: every rank was started alike (launch_digest), else every rank raises the same
+    ReIDInputError naming what differs, rank by rank (a stale input copy on one node, an option given
+    to one rank only)."""
+    _, digests = _agree_all(lambda: launch_digest(cfg), ranks, share=lambda digest: digest)
+    differ = []
+    for key in sorted(set().union(*digests)):
+        seen = [d.get(key, "(not given)") for d in digests]
+        if len(set(seen)) > 1:
+            differ.append(f"{key} is " + ", ".join(f"{v} on rank {r}" for r, v in enumerate(seen)))
+    if differ:
+        raise ReIDInputError("the ranks were not started alike (every rank must get the same options and files): "
+                             + "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -973,8 +1068,8 @@ def _refine_distributed(cfg, invocation: Invocation):
                     raise ReIDInputError(f"{option} {path}: with --distributed the output is a .npy file (every rank "
                                          "writes its rows into it)")
             inputs = {**_input_files(cfg, ("input", "weights", "official")), "--config": invocation.config_file}
-            _check_output_files({"--output": cfg.output, "--save-neighbors": cfg.save_neighbors}, inputs,
-                                cfg.overwrite)
+            claim = _claim_output_files if ranks.main else _check_output_files  # rank 0 holds the locks
+            claim({"--output": cfg.output, "--save-neighbors": cfg.save_neighbors}, inputs, cfg.overwrite)
             if str(cfg.input).lower().endswith(".npy"):  # only this rank's rows, through a memory map
                 total = count_feature_rows(cfg.input, "--input")
                 start, stop = ranks.rows(total)
@@ -1027,6 +1122,7 @@ def top_ranks(dist: np.ndarray, r: int, chunk: int = 1024) -> np.ndarray:
     return out
 
 
+@_one_run
 def rerank_command(cfg, invocation: Invocation = Invocation()):
     """`nformer-reid rerank`: exact k-reciprocal re-ranking of query x gallery features; the
     distances / ranks written when asked, CMC / mAP when the files hold pids and camids. Returns
@@ -1096,6 +1192,7 @@ def rerank_command(cfg, invocation: Invocation = Invocation()):
     return dist
 
 
+@_one_run
 def demo(cfg, invocation: Invocation = Invocation()):
     from nformer_reid.demo import run_demo
 

@@ -14,10 +14,16 @@ any other object in the pickle is refused without being built.
 
 Output policy (`check_outputs`): a run refuses to replace a previous run's outputs unless
 overwrite is set (the CLI's --overwrite), and never writes over one of its own input files.
+`OutputLock`: one run per output at a time (an exclusively created lock file, held for the run).
+`OutputManifest`: the files a run wrote, so that an --overwrite run removes the earlier run's
+outputs it does not rewrite (and nothing else).
 """
+import atexit
 import contextlib
+import datetime
 import json
 import os
+import socket
 import tempfile
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
@@ -213,3 +219,146 @@ def check_outputs(out_dir: str, outputs: Iterable[str], inputs: Dict[str, Option
     if existing and not overwrite:
         raise ReIDInputError(f"--out {out_dir} already holds {', '.join(existing)} from an earlier run; pass "
                              f"{flag} to replace them, or choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or a pid this system cannot hold: assume it runs
+    return True
+
+
+class OutputLock:
+    """One run per output: `acquire` creates `path` exclusively (O_EXCL: of two runs started together
+    exactly one succeeds) holding the run's pid, host and start time, and `release` removes it. A
+    lock whose run is gone (same host, process dead; or this process's own, not held) is taken over;
+    any other refuses the run (ReIDInputError naming `option` and `target`). Locks still held when
+    the process exits are released (atexit), so a library caller's failed run does not block the
+    next one."""
+
+    _held = []
+
+    def __init__(self, path: str, option: str, target: str):
+        self.path, self.option, self.target = path, option, target
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path) as fh:
+                holder = json.load(fh)
+            return holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written, or damaged: treated as held
+
+    def _stale(self, holder: dict) -> bool:
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False
+        if pid == os.getpid():
+            return all(lock.path != self.path for lock in OutputLock._held)
+        return not _alive(pid)
+
+    def acquire(self) -> "OutputLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if self._stale(holder):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
+                    continue
+                who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+                       if holder else "starting")
+                raise ReIDInputError(f"{self.option} {self.target} is in use by another run ({who}); wait for it "
+                                     f"to finish or choose another {self.option} (no run active? delete {self.path})")
+            except OSError as exc:
+                raise ReIDInputError(f"{self.option} {self.target}: cannot create {self.path}: "
+                                     f"{exc.strerror or exc}") from exc
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": datetime.datetime.now().isoformat(timespec="seconds")}, fh)
+            OutputLock._held.append(self)
+            return self
+        raise ReIDInputError(f"{self.option} {self.target}: could not take {self.path} (other runs keep "
+                             "starting and stopping); try again")
+
+    def release(self) -> None:
+        if self in OutputLock._held:
+            OutputLock._held.remove(self)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    @classmethod
+    def release_all(cls) -> None:
+        for lock in list(cls._held):
+            lock.release()
+
+    @classmethod
+    @contextlib.contextmanager
+    def scope(cls):
+        """Release the locks taken inside the block when it ends, however it ends."""
+        before = list(cls._held)
+        try:
+            yield
+        finally:
+            for lock in [lock for lock in cls._held if lock not in before]:
+                lock.release()
+
+    @classmethod
+    def beside(cls, path: str, option: str) -> "OutputLock":
+        """The lock of a named output file: .<name>.nformer-reid.lock in its folder."""
+        folder, name = os.path.split(os.path.abspath(path))
+        return cls(os.path.join(folder, f".{name}.nformer-reid.lock"), option, path)
+
+    @classmethod
+    def of_folder(cls, out_dir: str) -> "OutputLock":
+        """The lock of an --out folder: .nformer-reid.lock in it."""
+        return cls(os.path.join(out_dir, ".nformer-reid.lock"), "--out", out_dir)
+
+
+atexit.register(OutputLock.release_all)
+
+MANIFEST = ".nformer-reid-outputs.json"
+
+
+class OutputManifest:
+    """The files a run wrote in an --out folder (MANIFEST there). `stale(outputs)`: the files an
+    earlier run recorded that this run (writing `outputs`) will not rewrite; an --overwrite run
+    removes those once it has succeeded (`finish`), so the folder holds one run's results. Files
+    no run recorded (a user's own) are never touched."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.path = os.path.join(out_dir, MANIFEST)
+
+    def recorded(self) -> list:
+        try:
+            with open(self.path) as fh:
+                names = json.load(fh).get("outputs", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return [n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")]
+
+    def stale(self, outputs: Iterable[str]) -> list:
+        keep = set(outputs)
+        return [n for n in self.recorded() if n not in keep and os.path.isfile(os.path.join(self.out_dir, n))]
+
+    def finish(self, outputs: Iterable[str], remove: Iterable[str] = ()) -> list:
+        """Remove `remove` (an earlier run's files) and record the outputs of this run that exist."""
+        removed = []
+        for name in remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.out_dir, name))
+                removed.append(name)
+        written = sorted(n for n in set(outputs) if os.path.isfile(os.path.join(self.out_dir, n)))
+        with atomic_write(self.path, "w") as fh:
+            json.dump({"outputs": written}, fh)
+        return removed
+
