@@ -385,3 +385,14 @@ def test_rerank_without_labels_writes_the_outputs_only(files, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     run([*base, "--save-distmat"])
     user_error(capsys, [*base, "--save-distmat"], re.escape(f"--out {tmp_path / 'x'} already holds distmat.npy"))
+
+
+def test_rerank_bounds_are_checked_before_training(files, tmp_path, capsys):
+    """features --rerank with k1 beyond the query + gallery features: one line, exit 2, before the
+    NFormer trains and before --out exists."""
+    out = tmp_path / "never"
+    argv = ["features", "--query", files["query"], "--gallery", files["gallery"], "--train", files["train"],
+            "--rerank", "--rerank-k1", "100000", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--rerank-k1 100000 + 1" in err and not out.exists()

@@ -571,6 +571,34 @@ def test_cuhk03_camera_ids_and_indices_are_checked(tmp_path):
         CUHK03(str(tmp_path), verbose=False)
 
 
+def test_a_damaged_cuhk03_split_file_is_a_layout_error(tmp_path):
+    """Truncated, bit-flipped, random or text bytes as the split .mat: DatasetLayoutError naming it,
+    whatever scipy raises while parsing."""
+    from scipy.io import savemat
+
+    from nformer_reid.data import CUHK03
+
+    touch(str(tmp_path / "images_labeled"), "1_001_1_01.png")
+    path = tmp_path / "cuhk03_new_protocol_config_labeled.mat"
+    filelist = np.empty((1, 1), dtype=object)
+    filelist[0, 0] = np.array(["1_001_1_01.png"])
+    savemat(str(path), {"filelist": filelist, "labels": np.arange(400.0)[:, None], "train_idx": np.array([[1]]),
+                        "query_idx": np.array([[1]]), "gallery_idx": np.array([[1]])}, do_compression=True)
+    good = path.read_bytes()
+    rng = np.random.default_rng(0)
+    flipped = bytearray(good)
+    flipped[200:260] = rng.integers(0, 256, 60, dtype=np.uint8).tobytes()
+    for damaged in (good[:len(good) // 2], bytes(flipped), rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+                    b"MATLAB 5.0 MAT-file, not really\n" * 8, b""):
+        path.write_bytes(damaged)
+        with pytest.raises(DatasetLayoutError, match=r"cuhk03_new_protocol_config_labeled.mat"):
+            CUHK03(str(tmp_path), verbose=False)
+    savemat(str(path), {"filelist": filelist, "labels": np.array(["one"]), "train_idx": np.array([[1]]),
+                        "query_idx": np.array([[1]]), "gallery_idx": np.array([[1]])})
+    with pytest.raises(DatasetLayoutError, match=r"labels does not hold integers"):
+        CUHK03(str(tmp_path), verbose=False)
+
+
 # -------------------------------------------------------------------------------------- training numerics
 def test_training_stops_at_the_first_non_finite_loss_and_saves_nothing(tmp_path):
     torch.manual_seed(0)

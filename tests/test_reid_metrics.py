@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nformer_reid.metrics import compute_distance_matrix, evaluate_rank, plot_cmc
+from nformer_reid.metrics import compute_distance_matrix, evaluate_features, evaluate_rank, plot_cmc
 
 
 def loop_reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
@@ -110,6 +110,15 @@ def test_input_validation():
     bad = np.array([[0.1, np.nan, 0.3], [0.2, 0.1, 0.4]], dtype=np.float32)
     with pytest.raises(ValueError, match="NaN"):
         evaluate_rank(bad, [1, 1], [1, 2, 1], [0, 0], [1, 1, 1])
+    t = [torch.as_tensor(a) for a in (dist, qp, gp, qc, gc)]
+    with pytest.raises(ValueError, match="distmat is a meta tensor"):
+        evaluate_rank(t[0].to("meta"), *t[1:])
+    with pytest.raises(ValueError, match="q_pids is a meta tensor"):
+        evaluate_rank(t[0], t[1].to("meta"), *t[2:])
+    with pytest.raises(TypeError, match="distmat must be a dense tensor"):
+        evaluate_rank(t[0].to_sparse(), *t[1:])
+    with pytest.raises(ValueError, match="qf is a meta tensor"):
+        evaluate_features(t[0].to("meta"), t[0], qp, qp, qc, qc)
 
 
 def test_distance_matrix_and_plot(tmp_path):

@@ -17,9 +17,11 @@ import datetime
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -107,8 +109,11 @@ def _worker_cases(paths, folder, rank):
 def _worker(folder):
     """Run under torchrun: one gloo group for all cases, each rank's exit status and stderr per case
     to folder/rank{r}.json."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)  # an abort (see worker_world) prints where every thread was
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     paths = json.load(open(os.path.join(folder, "paths.json")))
@@ -155,8 +160,22 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker_world(files):
-    """Every rank's outcomes of the worker cases (one torchrun launch)."""
+    """Every rank's outcomes of the worker cases (one torchrun launch).
+
+    Known, not understood: under a loaded pytest-xdist run, rank 0 of this worker (11 commands in one
+    process group, which no user launch does) has aborted in C++ ("terminate called without an
+    active exception", a joinable std::thread destroyed) right after `train --distributed --eval`,
+    in about 1 of 4 full suites; never reproduced alone or under CPU load. One relaunch then; any
+    other failure, or a second abort, fails."""
     rc, out = _launch(["-m", "tests.test_reid_torchrun", files["dir"]], ROOT)
+    if rc != 0 and "terminate called without an active exception" in out:
+        warnings.warn(f"the torchrun worker aborted (C++ terminate); relaunched once:\n{out[-3000:]}")
+        for case in ("official", "paper", "train", "uneven", "rerank"):
+            shutil.rmtree(os.path.join(files["dir"], case), ignore_errors=True)
+        for name in os.listdir(files["dir"]):
+            if name.startswith(("refined", "one_nb", "rank")) or name.endswith("_copy.npy"):
+                os.remove(os.path.join(files["dir"], name))
+        rc, out = _launch(["-m", "tests.test_reid_torchrun", files["dir"]], ROOT)
     assert rc == 0, out[-4000:]
     return [json.load(open(os.path.join(files["dir"], f"rank{r}.json"))) for r in range(2)]
 

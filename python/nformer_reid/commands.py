@@ -188,6 +188,15 @@ def _check_test_split(cfg, q_pids, g_pids, q_cams, g_cams, where: str, topk: int
     if getattr(cfg, "mode", None) == "paper":
         with _user_error(f"{where}: "):
             check_paper_mode(topk, len(q_pids), len(g_pids), "--nformer-topk")
+    if getattr(cfg, "rerank", False):
+        _check_rerank_bounds(cfg, len(q_pids), len(g_pids), where)
+
+
+def _check_rerank_bounds(cfg, num_q: int, num_g: int, where: str) -> None:
+    """Before any work: re-ranking's neighbour counts fit the query + gallery features."""
+    if max(cfg.rerank_k1 + 1, cfg.rerank_k2) > num_q + num_g:
+        raise ReIDInputError(f"--rerank-k1 {cfg.rerank_k1} + 1 and --rerank-k2 {cfg.rerank_k2} must not exceed the "
+                             f"{num_q + num_g} query + gallery features of {where}")
 
 
 def _check_dataset_split(cfg, dataset, topk: int) -> None:
@@ -921,13 +930,16 @@ def _file_fingerprint(path: str) -> str:
     differs (its rows, its width, its bytes) without reading it whole."""
     import hashlib
 
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(1 << 16))
-        if size > 1 << 16:
-            fh.seek(max(1 << 16, size - (1 << 16)))
+    try:
+        size = os.path.getsize(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
             digest.update(fh.read(1 << 16))
+            if size > 1 << 16:
+                fh.seek(max(1 << 16, size - (1 << 16)))
+                digest.update(fh.read(1 << 16))
+    except OSError as exc:  # never raises: the digest exchange is the first collective
+        return f"unreadable ({exc.strerror or exc})"
     return f"{size} bytes, sha256 of its ends {digest.hexdigest()[:12]}"
 
 
@@ -947,7 +959,14 @@ def _check_same_launch(cfg, ranks: "_Ranks") -> None:
     """Before any work: every rank was started alike (launch_digest), else every rank raises the same
     ReIDInputError naming what differs, rank by rank (a stale input copy on one node, an option given
     to one rank only)."""
-    _, digests = _agree_all(lambda: launch_digest(cfg), ranks, share=lambda digest: digest)
+    import torch.distributed as dist
+
+    try:  # launch_digest never raises: an error here is the collective's, the first of the run
+        _, digests = _agree_all(lambda: launch_digest(cfg), ranks, share=lambda digest: digest)
+    except (dist.DistError, RuntimeError) as exc:  # a rank launched into another world never answers
+        raise ReIDInputError(f"rank {ranks.rank} of WORLD_SIZE={ranks.size}: the other ranks did not answer within "
+                             f"--dist-timeout {cfg.dist_timeout:g} s (were they all started with the same "
+                             f"WORLD_SIZE, MASTER_ADDR and MASTER_PORT?): {_one_line(exc)[:160]}") from None
     differ = []
     for key in sorted(set().union(*digests)):
         seen = [d.get(key, "(not given)") for d in digests]
@@ -1145,9 +1164,7 @@ def rerank_command(cfg, invocation: Invocation = Invocation()):
         raise ReIDInputError(f"{where} holds no labels to score ({', '.join(missing)} missing): give --save-distmat "
                              "and/or --save-ranks R to write the re-ranked distances / ranks")
     num_q, num_g = query.feats.shape[0], gallery.feats.shape[0]
-    if max(cfg.rerank_k1 + 1, cfg.rerank_k2) > num_q + num_g:
-        raise ReIDInputError(f"--rerank-k1 {cfg.rerank_k1} + 1 and --rerank-k2 {cfg.rerank_k2} must not exceed the "
-                             f"{num_q + num_g} query + gallery features of {where}")
+    _check_rerank_bounds(cfg, num_q, num_g, where)
     if cfg.save_ranks and cfg.save_ranks > num_g:
         raise ReIDInputError(f"--save-ranks {cfg.save_ranks} exceeds the {num_g} gallery features of {where}")
     if labelled:

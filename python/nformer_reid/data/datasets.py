@@ -16,6 +16,8 @@ import os
 import re
 from typing import Dict, List, Tuple
 
+import numpy as np
+
 from nformer_reid.utils.errors import ReIDInputError
 
 Item = Tuple[str, int, int]
@@ -257,14 +259,21 @@ class CUHK03(ReIDDataset):
                                     "scipy") from exc
         try:
             split = loadmat(os.path.join(base, split_name))
-        except (OSError, ValueError, TypeError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001  (a damaged file raises zlib, struct, MatReadError, ...)
             raise DatasetLayoutError(f"{self.name}: {os.path.join(base, split_name)} is not a readable .mat file: "
                                      f"{' '.join(str(exc).split())[:160]}") from None
         missing = [k for k in ("train_idx", "query_idx", "gallery_idx", "labels", "filelist") if k not in split]
         if missing:
             raise DatasetLayoutError(f"{self.name}: {split_name} lacks {missing}; is it the new-protocol config?")
         img_dir = os.path.join(base, f"images_{subset}")
-        labels = split["labels"].flatten()
+
+        def numbers(key):
+            try:
+                return np.asarray(split[key], dtype=np.int64).flatten()
+            except (TypeError, ValueError, OverflowError):
+                raise DatasetLayoutError(f"{self.name}: {split_name}: {key} does not hold integers") from None
+
+        labels = numbers("labels")
         names = [str(entry[0]) if not isinstance(entry, str) else entry for entry in split["filelist"].flatten()]
 
         if len(labels) != len(names):
@@ -272,7 +281,7 @@ class CUHK03(ReIDDataset):
 
         def items(key):
             out = []
-            for i in split[key].flatten():
+            for i in numbers(key):
                 if not 1 <= int(i) <= len(names):  # MATLAB indices are 1-based
                     raise DatasetLayoutError(f"{self.name}: {split_name}: {key} holds index {int(i)} outside "
                                              f"[1, {len(names)}]")

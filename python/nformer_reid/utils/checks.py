@@ -73,8 +73,13 @@ def as_device(device, name: str = "device") -> torch.device:
 
 def as_tensor(x, name: str) -> torch.Tensor:
     """A numpy array, torch tensor or (nested) sequence of numbers as a detached torch tensor
-    (numpy views of any strides are copied contiguous); TypeError for anything else."""
+    (numpy views of any strides are copied contiguous); TypeError for anything else, sparse tensors
+    included; ValueError for a meta tensor (a shape without values)."""
     if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise ValueError(f"{name} is a meta tensor (a shape without values)")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {x.layout}")
         return x.detach()
     if isinstance(x, np.ndarray):
         arr = x
