@@ -326,6 +326,57 @@ def test_checkpoints_with_a_payload_never_run_it(files, tmp_path, capsys):
     assert not marker.exists()
 
 
+# Every option of every command that names a file to read, with the other options a valid run needs
+# ({evil}: the planted file; {out}: a fresh output place). --config is every command's: a YAML file.
+FILE_OPTIONS = [
+    ("features", "--query", ["features", "--query", "{evil}", "--gallery", "{gallery}", "--weights", "{nformer}"]),
+    ("features", "--gallery", ["features", "--query", "{query}", "--gallery", "{evil}", "--weights", "{nformer}"]),
+    ("features", "--features", ["features", "--features", "{evil}", "--weights", "{nformer}"]),
+    ("features", "--train", ["features", "--query", "{query}", "--gallery", "{gallery}", "--train", "{evil}"]),
+    ("features", "--weights", ["features", "--query", "{query}", "--gallery", "{gallery}", "--weights", "{evil}"]),
+    ("features", "--official", ["features", "--query", "{query}", "--gallery", "{gallery}", "--official", "{evil}"]),
+    ("refine", "--input", ["refine", "--input", "{evil}", "--output", "{out}.npy", "--weights", "{nformer}"]),
+    ("refine", "--weights", ["refine", "--input", "{gallery}", "--output", "{out}.npy", "--weights", "{evil}"]),
+    ("refine", "--official", ["refine", "--input", "{gallery}", "--output", "{out}.npy", "--official", "{evil}"]),
+    ("rerank", "--query", ["rerank", "--query", "{evil}", "--gallery", "{gallery}"]),
+    ("rerank", "--gallery", ["rerank", "--query", "{query}", "--gallery", "{evil}"]),
+    ("rerank", "--features", ["rerank", "--features", "{evil}"]),
+    ("eval", "--weights", ["eval", "--data", "synthetic", "--weights", "{evil}", "--size", "32", "16"]),
+    ("eval", "--official", ["eval", "--data", "synthetic", "--official", "{evil}", "--size", "32", "16"]),
+    ("train", "--pretrained", ["train", "--data", "synthetic", "--pretrained", "{evil}", "--size", "32", "16"]),
+    ("train", "--weights", ["train", "--data", "synthetic", "--weights", "{evil}", "--size", "32", "16"]),
+    ("train", "--resume", ["train", "--data", "synthetic", "--resume", "{evil}", "--size", "32", "16"]),
+]
+
+
+@pytest.mark.parametrize("command,option,argv", [pytest.param(*case, id=f"{case[0]}{case[1]}") for case in FILE_OPTIONS])
+def test_a_payload_in_any_file_option_never_runs(files, tmp_path, capsys, command, option, argv):
+    """A .pt file whose pickle runs a command (touching a marker) given to each file option of each
+    command: exit 2, one line naming the option, and the marker never appears."""
+    pytest.importorskip("torchvision") if command in ("eval", "train") else None
+    marker = tmp_path / "it_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"feats": torch.zeros(4, 16), "state_dict": {}, "payload": RunsACommand(marker)}, evil)
+    values = {**files, "evil": str(evil), "out": str(tmp_path / "o")}
+    filled = [a.format(**values) for a in argv]
+    if command != "refine":
+        filled += ["--out", str(tmp_path / "o")]
+    refused(capsys, [*filled, "--device", "cpu"], re.escape(option))
+    assert not marker.exists()
+
+
+def test_a_yaml_config_that_builds_objects_never_runs(files, tmp_path, capsys):
+    """--config: YAML tags that would build Python objects (yaml.unsafe_load's) are refused."""
+    marker = tmp_path / "it_ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"seed: !!python/object/apply:os.system [\"touch {marker}\"]\n")
+    for argv in (feats_args(files, tmp_path / "o", "--weights", files["nformer"]),
+                 ["refine", "--input", files["gallery"], "--output", str(tmp_path / "r.npy"), "--weights",
+                  files["nformer"]]):
+        refused(capsys, [*argv, "--config", str(config)], "--config")
+    assert not marker.exists()
+
+
 def test_damaged_and_truncated_official_checkpoints_are_refused(files, tmp_path, capsys):
     """A byte flipped inside a tensor (the zip member's CRC names it) and a file missing its last
     block (3 of the release's 4) are refused; --nformer-depth 3 loads the 3-block file as it is."""

@@ -277,6 +277,26 @@ def test_official_checkpoint_import(tmp_path):
         load_official_checkpoint({"x": torch.zeros(1)})
 
 
+def test_eval_official_from_the_command_line(tmp_path, capsys):
+    """`eval --official`: a 2-block release is refused without --nformer-depth (the release has 4)
+    and evaluated with --nformer-depth 2; --nformer-depth with --weights is refused."""
+    from nformer_reid.cli import main
+
+    torch.manual_seed(0)
+    src = Backbone(5, arch="resnet18", feat_dim=32, stem_relu=False, verbose=False).eval()
+    path = str(tmp_path / "nformer_model.pth")
+    torch.save(official_state(src, dim=32, depth=2, num_classes=5), path)
+    argv = ["eval", "--data", "synthetic", "--official", path, "--size", "32", "16", "--workers", "0",
+            "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "block" in capsys.readouterr().err
+    assert main([*argv, "--nformer-depth", "2", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "results.json").exists()
+    assert main(["eval", "--data", "synthetic", "--weights", path, "--nformer-depth", "2", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "--nformer-depth is the block count of --official" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
 def test_official_arch_is_inferred_from_the_blocks(arch):
     import torchvision

@@ -450,10 +450,13 @@ def evaluate(cfg, invocation: Invocation = Invocation()):
     from nformer_reid.model import load_official_checkpoint
 
     device = _device(cfg)
+    if cfg.nformer_depth is not None and not cfg.official:
+        raise ReIDInputError("--nformer-depth is the block count of --official; a --weights checkpoint records its own")
     inputs = _input_files(cfg, ("weights", "official"))
     _check_root(cfg)
     if cfg.official:
-        model = load_official_checkpoint(cfg.official, knn_precision=cfg.knn_precision, depth=cfg.nformer_depth)
+        model = load_official_checkpoint(cfg.official, knn_precision=cfg.knn_precision,
+                                         depth=cfg.nformer_depth or OFFICIAL_DEPTH)
         logger.info("loaded the official release %s (ResNet-50 without stem ReLU, as the official code)", cfg.official)
     else:
         model = load_model(cfg.weights, "ReIDModel", "--weights", knn_precision=cfg.knn_precision)

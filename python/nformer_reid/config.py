@@ -229,6 +229,9 @@ class EvalConfig(Validated, KnnOptions, EvalOptions, RunOptions, DataOptions):
 
     weights: Optional[str] = option(None, "nformer-reid checkpoint", type=str)
     official: Optional[str] = option(None, "official NFormer release file nformer_model.pth", type=str)
+    nformer_depth: Optional[int] = option(None, "NFormer blocks of --official (default: the release's 4; a file "
+                                                "with another count is refused unless it is given)",
+                                          at_least(1), type=int)
     visrank: Optional[int] = option(None, "also draw ranked lists: each query (up to 100, spread over the query list) "
                                           "with its K nearest gallery images, before and after NFormer, under "
                                           "<out>/visrank/ (needs Pillow)", at_least(1), type=int, metavar="K")
