@@ -78,11 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2) knn_rows_kernel(const float* __re
       }
     }
   }
-  __syncthreads();
-  for (int r = warp; r < BM; r += kWarps) {
-    if (r0 + r >= R) break;
-    for (int p = lane; p < k; p += kWarpSize) out[static_cast<int64_t>(r0 + r) * k + p] = list_i[r * k + p];
-  }
+  write_lists<BM>(list_i, out, k, r0, R, warp, lane);  // each warp its own rows' lists
 }
 
 }  // namespace

@@ -31,6 +31,22 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def sorted_ids(vals, ids, real, slots, K, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
+    """(BLOCK_M, K_PAD) int32: per row, the ids of the K real slots ordered by higher score first,
+    then smaller id (slot t holds the t-th); the slots past K are 0."""
+    vals = tl.where(real, vals, float("-inf"))
+    ids = tl.where(real, ids, _NO_ID)
+    out = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+    for t in range(0, K):
+        best = tl.max(vals, axis=1)
+        best_id = tl.min(tl.where(vals == best[:, None], ids, _NO_ID), axis=1)
+        out = tl.where(slots == t, best_id[:, None], out)
+        vals = tl.where(ids == best_id[:, None], float("-inf"), vals)
+        ids = tl.where(ids == best_id[:, None], _NO_ID, ids)
+    return out
+
+
+@triton.jit
 def _knn_kernel(x_ptr, idx_ptr, N, D, K,
                 K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, ALLOW_TF32: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -89,16 +105,7 @@ def _knn_kernel(x_ptr, idx_ptr, N, D, K,
             ids = tl.where(replace, best_id[:, None], ids)
             sim = tl.where(cols[None, :] == best_id[:, None], float("-inf"), sim)
 
-    # Sort the k real entries: higher score first, then smaller index.
-    vals = tl.where(real_slot, vals, float("-inf"))
-    ids = tl.where(real_slot, ids, _NO_ID)
-    out = tl.zeros((BLOCK_M, K_PAD), tl.int32)
-    for t in range(0, K):
-        best = tl.max(vals, axis=1)
-        best_id = tl.min(tl.where(vals == best[:, None], ids, _NO_ID), axis=1)
-        out = tl.where(slots == t, best_id[:, None], out)
-        vals = tl.where(ids == best_id[:, None], float("-inf"), vals)
-        ids = tl.where(ids == best_id[:, None], _NO_ID, ids)
+    out = sorted_ids(vals, ids, real_slot, slots, K, BLOCK_M, K_PAD)
     tl.store(idx_ptr + rows[:, None] * K + slots, out.to(tl.int64),
              mask=row_ok[:, None] & real_slot)
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from nformer_kernels import canonical
+from nformer_kernels.triton.knn import sorted_ids
 from nformer_kernels.triton.knn_rescore import fold_lanes
 from nformer_kernels.triton.variants import (POINTER_TYPE, Variant, check_device, check_int32_extent,
                                              next_pow2)
@@ -89,16 +90,7 @@ def _knn_rows_kernel(x_ptr, rows_ptr, beta_ptr, idx_ptr, N, D, R, K,
             gate = c_w - beta
             pending = pending & (cols[None, :] != best_id[:, None]) & (sim.to(tl.float64) >= gate[:, None])
 
-    # Sort the k real entries: higher canonical score first, then smaller index (self: +inf, first).
-    c = tl.where(real, c, float("-inf"))
-    ids = tl.where(real, ids, _NO_ID)
-    out = tl.zeros((BLOCK_M, K_PAD), tl.int32)
-    for t in range(0, K):
-        best = tl.max(c, axis=1)
-        best_id = tl.min(tl.where(c == best[:, None], ids, _NO_ID), axis=1)
-        out = tl.where(slots == t, best_id[:, None], out)
-        c = tl.where(ids == best_id[:, None], float("-inf"), c)
-        ids = tl.where(ids == best_id[:, None], _NO_ID, ids)
+    out = sorted_ids(c, ids, real, slots, K, BLOCK_M, K_PAD)  # self (+inf) first
     tl.store(idx_ptr + r[:, None] * K + slots, out.to(tl.int64), mask=r_ok[:, None] & real)
 
 
