@@ -414,3 +414,26 @@ def test_the_launch_digest_tells_copies_of_a_file_apart(files, tmp_path):
                for p in (a, b)]
     assert digests[0]["the file of --input"] != digests[1]["the file of --input"]
     assert digests[0]["--weights"] == digests[1]["--weights"] and "--nformer-topk" in digests[0]
+
+
+def test_a_rank_that_stops_answering_is_one_user_error(monkeypatch):
+    """Any agreement collective that fails (a rank killed mid-run, or in another world) raises one
+    ReIDInputError naming this rank, unless this rank's own step failed (that error wins)."""
+    from nformer_kernels import distributed as nkd
+    from nformer_reid import commands
+    from nformer_reid.utils.errors import ReIDInputError
+
+    def gone(local_check, group=None):
+        local_check()
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:4242")
+
+    monkeypatch.setattr(nkd, "gather_checked", gone)
+    ranks = commands._Ranks(0, 2, torch.device("cpu"))
+    with pytest.raises(ReIDInputError, match=r"rank 0 of 2: another rank stopped answering .*Connection closed"):
+        commands._agree_all(lambda: 1, ranks)
+
+    def fails():
+        raise OSError("this rank's own failure")
+
+    with pytest.raises(OSError, match="own failure"):
+        commands._agree_all(fails, ranks)

@@ -962,14 +962,9 @@ def _check_same_launch(cfg, ranks: "_Ranks") -> None:
     """Before any work: every rank was started alike (launch_digest), else every rank raises the same
     ReIDInputError naming what differs, rank by rank (a stale input copy on one node, an option given
     to one rank only)."""
-    import torch.distributed as dist
-
-    try:  # launch_digest never raises: an error here is the collective's, the first of the run
-        _, digests = _agree_all(lambda: launch_digest(cfg), ranks, share=lambda digest: digest)
-    except (dist.DistError, RuntimeError) as exc:  # a rank launched into another world never answers
-        raise ReIDInputError(f"rank {ranks.rank} of WORLD_SIZE={ranks.size}: the other ranks did not answer within "
-                             f"--dist-timeout {cfg.dist_timeout:g} s (were they all started with the same "
-                             f"WORLD_SIZE, MASTER_ADDR and MASTER_PORT?): {_one_line(exc)[:160]}") from None
+    lost = (f"the other ranks did not answer within --dist-timeout {cfg.dist_timeout:g} s (were they all started "
+            "with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT?)")
+    _, digests = _agree_all(lambda: launch_digest(cfg), ranks, share=lambda digest: digest, lost=lost)
     differ = []
     for key in sorted(set().union(*digests)):
         seen = [d.get(key, "(not given)") for d in digests]
@@ -984,12 +979,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _agree_all(step, ranks: _Ranks, share=lambda result: None):
+_LOST_RANK = "another rank stopped answering (it failed or was stopped: its own output says why)"
+
+
+def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST_RANK):
     """Run step() on every rank and compare the outcomes before anything else is communicated
     (nformer_kernels.distributed.gather_checked): when it raised on any rank, every rank raises
     (its own exception where it failed; elsewhere ReIDInputError "on rank r: ..." for a user error,
-    RuntimeError for any other), so no rank is left waiting in a later collective. Returns
-    (this rank's result, [share(result) of every rank], pickled: keep it small)."""
+    RuntimeError for any other), so no rank is left waiting in a later collective. A rank that
+    never answers (gone, or in another world) makes the collective fail after --dist-timeout: that
+    is a ReIDInputError "rank r: <lost>: <why>" (unless this rank's own step failed: that error).
+    Returns (this rank's result, [share(result) of every rank], pickled: keep it small)."""
+    import torch.distributed as dist
+
     from nformer_kernels import distributed as nkd
 
     result, failure = None, None
@@ -999,7 +1001,12 @@ def _agree_all(step, ranks: _Ranks, share=lambda result: None):
         failure = exc
     mine = (("user" if isinstance(failure, ReIDInputError) else type(failure).__name__), _one_line(failure)) \
         if failure is not None else None
-    _, metas = nkd.gather_checked(lambda: (0, ranks.device, (mine, None if failure else share(result))))
+    try:
+        _, metas = nkd.gather_checked(lambda: (0, ranks.device, (mine, None if failure else share(result))))
+    except (dist.DistError, RuntimeError) as exc:  # the collective itself: the local check cannot raise
+        if failure is not None:
+            raise failure from None
+        raise ReIDInputError(f"rank {ranks.rank} of {ranks.size}: {lost}: {_one_line(exc)[:160]}") from None
     for r, (error, _) in enumerate(metas):
         if error is None:
             continue
