@@ -68,8 +68,9 @@ def extensions():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return [CUDAExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
                           define_macros=[("NFORMER_WITH_CUDA", None)],
-                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
-                                                                   "-lineinfo"]},
+                          # No --use_fast_math: its flush-to-zero and approximate division would void the
+                          # knn kernels' error bounds (docs/design.md); the attention's exp is __expf itself.
+                          extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                           extra_link_args=["-fopenmp"])]
 
 
