@@ -13,11 +13,13 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nformer_reid.cli import main
 from nformer_reid.data import make_feature_benchmark, save_features
 from nformer_reid.utils.errors import ReIDInputError
-from nformer_reid.utils.io import MANIFEST, OutputLock
+from nformer_reid.utils.io import MANIFEST, OutputLock, OutputManifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")])}
@@ -122,3 +124,26 @@ def test_a_failed_overwrite_run_removes_nothing(feats, tmp_path):
     assert main(rerank_args(feats, out, "--save-distmat")) == 0
     assert main(rerank_args(feats, out, "--overwrite", "--k1", "100000")) == 2  # refused: nothing removed
     assert "distmat.npy" in os.listdir(out)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=st.lists(st.tuples(st.sets(st.sampled_from(["a.npy", "b.npy", "results.json", "cmc.png"]), min_size=1),
+                               st.booleans()), min_size=1, max_size=6))
+def test_the_manifest_keeps_one_runs_results_and_never_a_users_file(tmp_path_factory, runs):
+    """Any sequence of runs (each writing some outputs, with or without --overwrite): the user's own
+    file is never touched, every recorded name exists, and after an --overwrite run the folder holds
+    exactly that run's outputs (and the user's file)."""
+    out = tmp_path_factory.mktemp("runs")
+    (out / "mine.txt").write_text("a user's file")
+    for outputs, overwrite in runs:
+        manifest = OutputManifest(str(out))
+        stale = manifest.stale(outputs) if overwrite else []
+        for name in outputs:
+            (out / name).write_text("written")
+        manifest.finish(outputs, stale)
+        recorded = set(manifest.recorded())
+        assert (out / "mine.txt").read_text() == "a user's file" and "mine.txt" not in recorded
+        assert all((out / name).exists() for name in recorded) and set(outputs) <= recorded
+        if overwrite:
+            assert recorded == set(outputs) and set(os.listdir(out)) == set(outputs) | {"mine.txt", MANIFEST}
+

@@ -351,13 +351,14 @@ class OutputManifest:
         return [n for n in self.recorded() if n not in keep and os.path.isfile(os.path.join(self.out_dir, n))]
 
     def finish(self, outputs: Iterable[str], remove: Iterable[str] = ()) -> list:
-        """Remove `remove` (an earlier run's files) and record the outputs of this run that exist."""
+        """Remove `remove` (an earlier run's files) and record the outputs of this run that exist,
+        with the earlier runs' recorded files that are still there."""
         removed = []
         for name in remove:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.out_dir, name))
                 removed.append(name)
-        written = sorted(n for n in set(outputs) if os.path.isfile(os.path.join(self.out_dir, n)))
+        written = sorted(n for n in set(outputs) | set(self.recorded()) if os.path.isfile(os.path.join(self.out_dir, n)))
         with atomic_write(self.path, "w") as fh:
             json.dump({"outputs": written}, fh)
         return removed
