@@ -137,10 +137,9 @@ def test_the_manifest_keeps_one_runs_results_and_never_a_users_file(tmp_path_fac
     (out / "mine.txt").write_text("a user's file")
     for outputs, overwrite in runs:
         manifest = OutputManifest(str(out))
-        stale = manifest.stale(outputs) if overwrite else []
         for name in outputs:
             (out / name).write_text("written")
-        manifest.finish(outputs, stale)
+        manifest.finish(outputs, overwrite)
         recorded = set(manifest.recorded())
         assert (out / "mine.txt").read_text() == "a user's file" and "mine.txt" not in recorded
         assert all((out / name).exists() for name in recorded) and set(outputs) <= recorded

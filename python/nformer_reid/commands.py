@@ -104,15 +104,15 @@ def _start_run(cfg, outputs: Iterable[str], inputs: Dict[str, Optional[str]], in
     refused, and the check is repeated under the lock) and log to <out>/log.txt. `_finish_run`
     writes config.yaml."""
     inputs = {**inputs, "--config": invocation.config_file}
-    names = [*outputs, "config.yaml", "log.txt"]
-    check_outputs(cfg.out, names[:-1], inputs, cfg.overwrite)
+    names = [*outputs, "config.yaml"]
+    check_outputs(cfg.out, names, inputs, cfg.overwrite)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
         raise ReIDInputError(f"--out {cfg.out}: cannot create the folder: {exc.strerror or exc}") from None
     OutputLock.of_folder(cfg.out).acquire()
-    check_outputs(cfg.out, names[:-1], inputs, cfg.overwrite)  # a run that ended meanwhile left its files
-    _RUN_OUTPUTS[os.path.abspath(cfg.out)] = names
+    check_outputs(cfg.out, names, inputs, cfg.overwrite)  # a run that ended meanwhile left its files
+    _RUN_OUTPUTS[os.path.abspath(cfg.out)] = [*names, "log.txt"]
     setup_logging(os.path.join(cfg.out, "log.txt"))
 
 
@@ -123,9 +123,7 @@ def _finish_run(cfg) -> None:
     this run did not rewrite are removed (OutputManifest), so the folder holds one run's results."""
     path = write_config(cfg, os.path.join(cfg.out, "config.yaml"))
     logger.info("wrote %s (rerun: nformer-reid %s --config %s out=<new folder>)", path, cfg.command, path)
-    names = _RUN_OUTPUTS.pop(os.path.abspath(cfg.out), [])
-    manifest = OutputManifest(cfg.out)
-    removed = manifest.finish(names, manifest.stale(names) if cfg.overwrite else ())
+    removed = OutputManifest(cfg.out).finish(_RUN_OUTPUTS.pop(os.path.abspath(cfg.out), []), cfg.overwrite)
     if removed:
         logger.info("--overwrite: removed %s, written by the earlier run in %s and not by this one",
                     ", ".join(removed), cfg.out)
@@ -754,12 +752,7 @@ def _claim_output_files(outputs: Dict[str, Optional[str]], inputs: Dict[str, Opt
     _check_output_files(outputs, inputs, overwrite)
     for option, path in outputs.items():
         if path:
-            path = os.path.expanduser(path)
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as exc:
-                raise ReIDInputError(f"{option} {path}: cannot create its folder: {exc.strerror or exc}") from None
-            OutputLock.beside(path, option).acquire()
+            OutputLock.beside(os.path.expanduser(path), option).acquire()  # creating its folder
     _check_output_files(outputs, inputs, overwrite)
 
 
@@ -990,8 +983,6 @@ def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST
     never answers (gone, or in another world) makes the collective fail after --dist-timeout: that
     is a ReIDInputError "rank r: <lost>: <why>" (unless this rank's own step failed: that error).
     Returns (this rank's result, [share(result) of every rank], pickled: keep it small)."""
-    import torch.distributed as dist
-
     from nformer_kernels import distributed as nkd
 
     result, failure = None, None
@@ -1003,7 +994,7 @@ def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST
         if failure is not None else None
     try:
         _, metas = nkd.gather_checked(lambda: (0, ranks.device, (mine, None if failure else share(result))))
-    except (dist.DistError, RuntimeError) as exc:  # the collective itself: the local check cannot raise
+    except RuntimeError as exc:  # the collective itself (DistError is one): the local check cannot raise
         if failure is not None:
             raise failure from None
         raise ReIDInputError(f"rank {ranks.rank} of {ranks.size}: {lost}: {_one_line(exc)[:160]}") from None

@@ -263,6 +263,12 @@ class OutputLock:
         return not _alive(pid)
 
     def acquire(self) -> "OutputLock":
+        """Take the lock (creating its folder), or raise ReIDInputError."""
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as exc:
+            raise ReIDInputError(f"{self.option} {self.target}: cannot create its folder: "
+                                 f"{exc.strerror or exc}") from None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -329,10 +335,9 @@ MANIFEST = ".nformer-reid-outputs.json"
 
 
 class OutputManifest:
-    """The files a run wrote in an --out folder (MANIFEST there). `stale(outputs)`: the files an
-    earlier run recorded that this run (writing `outputs`) will not rewrite; an --overwrite run
-    removes those once it has succeeded (`finish`), so the folder holds one run's results. Files
-    no run recorded (a user's own) are never touched."""
+    """The files the runs wrote in an --out folder (MANIFEST there). An --overwrite run removes,
+    once it has succeeded (`finish`), the files an earlier run recorded that it did not rewrite, so
+    the folder holds one run's results. Files no run recorded (a user's own) are never touched."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -346,19 +351,17 @@ class OutputManifest:
             return []
         return [n for n in names if isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")]
 
-    def stale(self, outputs: Iterable[str]) -> list:
-        keep = set(outputs)
-        return [n for n in self.recorded() if n not in keep and os.path.isfile(os.path.join(self.out_dir, n))]
-
-    def finish(self, outputs: Iterable[str], remove: Iterable[str] = ()) -> list:
-        """Remove `remove` (an earlier run's files) and record the outputs of this run that exist,
-        with the earlier runs' recorded files that are still there."""
+    def finish(self, outputs: Iterable[str], overwrite: bool) -> list:
+        """Record the outputs of this run that exist, with the earlier runs' recorded files that are
+        still there; with overwrite, first remove those earlier files this run did not rewrite.
+        Returns the names removed."""
+        outputs, recorded = set(outputs), self.recorded()
         removed = []
-        for name in remove:
+        for name in (n for n in recorded if overwrite and n not in outputs):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.out_dir, name))
                 removed.append(name)
-        written = sorted(n for n in set(outputs) | set(self.recorded()) if os.path.isfile(os.path.join(self.out_dir, n)))
+        written = sorted(n for n in outputs | set(recorded) if os.path.isfile(os.path.join(self.out_dir, n)))
         with atomic_write(self.path, "w") as fh:
             json.dump({"outputs": written}, fh)
         return removed
