@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nformer_kernels as nk
-from nformer_kernels import canonical
+from nformer_kernels import canonical, reference
 from tests.helpers import KNN_DATA as DATA, near_duplicates, torch_threads
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -47,6 +47,22 @@ def test_identical_for_k_equal_to_n_and_margin_zero(backend, kind):
     idx, stats = nk.knn(backend.tensor(x), 6, precision="certified", margin=0, return_stats=True)
     assert torch.equal(idx.cpu(), expected(x, 6))
     assert stats.rows_recomputed == n  # K' = k: no row can be certified, all are rescanned
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-4], ids=["copies", "near-copies"])
+def test_groups_larger_than_a_list_holds(backend, noise):
+    """A group of near-ties far larger than k + the cpu list's 32 spare slots: the lists overflow
+    and are cut to their canonical top m mid-scan, on rows inside and outside the group."""
+    n, group, k = (70, 50, 3) if backend.slow else (300, 180, 20)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 16, generator=g)
+    x[:group] = x[0] + noise * torch.randn(group, 16, generator=g)
+    x = x[torch.randperm(n, generator=g)]
+    assert torch.equal(nk.knn(backend.tensor(x), k).cpu(), expected(x, k))
+    u = canonical.canonical_rows(x)[None]
+    rows = torch.arange(0, n, 7)[None]
+    got = backend.kernel("knn_rows")(backend.tensor(u), backend.tensor(rows), k).cpu()
+    assert torch.equal(got, reference.knn_rows(u, rows, k))
 
 
 @pytest.mark.backends("cpu", "torch")

@@ -9,11 +9,12 @@
 // lists of a subset of rows against every row (row blocks in parallel, no symmetry).
 //
 // Each task is one fp32 BLAS GEMM into a per-thread scratch tile plus a selection scan. A BLAS score
-// f is within beta of the canonical score c (common/canonical.h), beta from the row norms; so a
-// row's list is ordered by f where two scores are more than 2*beta apart and by (c, index) where
-// they are not (c computed on demand, once per entry): the list is the canonical order, and the
-// result the same on every CPU, BLAS, tile split and thread count. Every row keeps a gate, the f of
-// its last entry minus 2*beta: most candidates are rejected by one vectorised compare.
+// f is within beta of the canonical score c (common/canonical.h), beta from the row norms; so the
+// canonical order is the order by f where two scores are more than 2*beta apart and by (c, index)
+// where they are not (c computed on demand, once per entry). A row's list keeps every key that is
+// not more than 2*beta below its m-th largest f, and is put in that order once, at the end: the
+// result is the same on every CPU, BLAS, tile split and thread count. Every row keeps a gate, its
+// m-th f minus 2*beta: most candidates are rejected by one vectorised compare.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -46,59 +47,161 @@ int thread_id() {
 
 // Columns tested per vectorised compare before the scalar fallback.
 constexpr int64_t kChunk = 32;
-constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
 constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();  // a canonical score not yet computed
 
-// Running top-m lists (m = k-1: every neighbour but self) of a set of query rows, in canonical
-// order. ids live in the output tensor (row stride k; slot 0 holds self).
+// Running candidate lists of a set of query rows: each holds every offered key that is not yet
+// known to rank below m others (m = k-1: every neighbour but self), sorted by BLAS score f. An
+// entry whose f is more than 2*beta below the m-th largest f ranks below m entries canonically, so
+// it is dropped; entries closer than that are kept unordered, and their canonical scores c are
+// computed only when the list is finalised or overflows its slack. Near-duplicate groups that
+// pass through a list on their way out (common in Re-ID galleries) so cost no canonical score.
 struct RunningTopk {
   const float* x;         // (N, d) the keys (and, through query(), the query rows)
   const int64_t* q_rows;  // query row r is key row q_rows[r] (nullptr: r itself)
   int64_t d;
-  float* f;               // (R, m) BLAS scores
-  double* c;              // (R, m) canonical scores, NaN until needed
-  int64_t* ids;           // (R, k), entries 1..k-1 used
-  float* gate;            // (R) f of the last entry - 2*beta, rounded down (-inf until full)
+  float* f;               // (R, cap) BLAS scores, descending
+  int32_t* ids;           // (R, cap) key rows (N < 2^31 is checked): a small list stays in cache
+  int* size;              // (R) entries held
+  float* gate;            // (R) m-th largest f - 2*beta, rounded down (-inf until m entries)
   const double* beta2;    // (R) 2*beta
-  int m;
-  int64_t k;
+  int32_t* known_ids;     // (R, m) entries whose c a cut computed, and their c: computed once
+  double* known_c;
+  int* known_n;           // (R)
+  int m, cap;
 
   const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
 
-  // cn: the pair's canonical score if known (NaN if not), shared by its two offers in a pair tile.
-  inline __attribute__((always_inline)) void offer(int64_t r, float fn, int64_t idn, double& cn) {
-    float* fr = f + r * m;
-    double* cr = c + r * m;
-    int64_t* ir = ids + r * k + 1;
+  // c of row r and key j: from an earlier cut of the list if it computed it.
+  double score(int64_t r, int32_t j) const {
+    for (int e = 0; e < known_n[r]; ++e)
+      if (known_ids[r * m + e] == j) return known_c[r * m + e];
+    return nformer::cpu_canonical_dot(query(r), x + int64_t(j) * d, d);
+  }
+
+  // Row r's entries in canonical order, as slots. Two entries compare by f where they are more
+  // than 2*beta apart (the canonical order agrees there), else by (c, index), c computed once per
+  // entry. Binary insertion: in bounds whatever the comparator, one comparison per entry when f
+  // already has the order.
+  void canonical_order(int64_t r, std::vector<int>& order, std::vector<double>& c) {
+    const int64_t o = r * cap;
     const double b2 = beta2[r];
-    // Does (fn, idn) rank before entry p? By the BLAS scores where they are more than 2*beta
-    // apart, else by (canonical score, index), each computed once.
-    auto before = [&](int p) {
-      const int64_t ide = ir[p];
-      if (ide == kNoId) return true;  // an empty slot
-      const double diff = double(fn) - double(fr[p]);
+    const int n = size[r];
+    c.assign(n, kUnknown);
+    auto before = [&](int a, int b) {
+      const double diff = double(f[o + a]) - double(f[o + b]);
       if (diff > b2) return true;
       if (diff < -b2) return false;
-      if (std::isnan(cn)) cn = nformer::cpu_canonical_dot(query(r), x + idn * d, d);
-      if (std::isnan(cr[p])) cr[p] = nformer::cpu_canonical_dot(query(r), x + ide * d, d);
-      return nformer::ranks_before(cn, idn, cr[p], ide);
+      for (int e : {a, b})
+        if (std::isnan(c[e])) c[e] = score(r, ids[o + e]);
+      return nformer::ranks_before(c[a], ids[o + a], c[b], ids[o + b]);
     };
-    if (!before(m - 1)) return;
-    int p = m - 1;
-    for (; p > 0 && before(p - 1); --p) {
+    order.clear();
+    for (int e = 0; e < n; ++e) {
+      int lo = 0, hi = static_cast<int>(order.size());
+      if (hi > 0 && !before(e, order[hi - 1])) lo = hi;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (before(e, order[mid])) hi = mid;
+        else lo = mid + 1;
+      }
+      order.insert(order.begin() + lo, e);
+    }
+  }
+
+  // Sorts row r's tail by f, so the whole list is sorted.
+  void sort_tail(int64_t r) {
+    const int n = size[r];
+    if (n <= m + 1) return;
+    thread_local std::vector<std::pair<float, int32_t>> tail;
+    const int64_t o = r * cap;
+    tail.clear();
+    for (int e = m; e < n; ++e) tail.emplace_back(f[o + e], ids[o + e]);
+    std::sort(tail.begin(), tail.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (int e = m; e < n; ++e) f[o + e] = tail[e - m].first, ids[o + e] = tail[e - m].second;
+  }
+
+  void set_gate(int64_t r, double g) {
+    float gf = static_cast<float>(g);
+    if (double(gf) > g) gf = std::nextafter(gf, -std::numeric_limits<float>::infinity());
+    gate[r] = gf;
+  }
+
+  // The list is full of entries within 2*beta of its m-th: keep its canonical top m, by f.
+  void shrink(int64_t r) {
+    thread_local std::vector<int> order;
+    thread_local std::vector<float> fs;
+    thread_local std::vector<int32_t> is;
+    thread_local std::vector<double> c;
+    sort_tail(r);
+    canonical_order(r, order, c);
+    order.resize(m);
+    const int64_t o = r * cap;
+    int known = 0;
+    for (int e : order)
+      if (!std::isnan(c[e])) known_ids[r * m + known] = ids[o + e], known_c[r * m + known++] = c[e];
+    known_n[r] = known;
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return f[o + a] > f[o + b]; });
+    fs.resize(m), is.resize(m);
+    for (int e = 0; e < m; ++e) fs[e] = f[o + order[e]], is[e] = ids[o + order[e]];
+    std::copy(fs.begin(), fs.end(), f + o);
+    std::copy(is.begin(), is.end(), ids + o);
+    size[r] = m;
+    set_gate(r, double(f[o + m - 1]) - beta2[r]);
+  }
+
+  // Slots [0, m) hold the m largest f, sorted; the tail [m, n) the rest, unsorted, each within
+  // 2*beta of the m-th, so an offer shifts at most m entries. The caller has checked fn >= gate[r].
+  inline __attribute__((always_inline)) void offer(int64_t r, float fn, int32_t idn) {
+    if (size[r] == cap) shrink(r);
+    int n = size[r];
+    const int64_t o = r * cap;
+    float* fr = f + o;
+    int32_t* ir = ids + o;
+    if (n >= m && !(fn > fr[m - 1])) {  // into the tail
+      if (double(fn) >= double(fr[m - 1]) - beta2[r]) {
+        fr[n] = fn;
+        ir[n] = idn;
+        size[r] = n + 1;
+      }
+      return;
+    }
+    int p = std::min(n, m - 1);
+    if (n >= m) {  // the m-th moves to the tail
+      fr[n] = fr[m - 1];
+      ir[n] = ir[m - 1];
+    }
+    for (; p > 0 && fr[p - 1] < fn; --p) {
       fr[p] = fr[p - 1];
-      cr[p] = cr[p - 1];
       ir[p] = ir[p - 1];
     }
     fr[p] = fn;
-    cr[p] = cn;
     ir[p] = idn;
-    if (ir[m - 1] != kNoId) {  // full: nothing below last - 2*beta can enter
-      const double g = double(fr[m - 1]) - b2;
-      float gf = static_cast<float>(g);
-      if (double(gf) > g) gf = std::nextafter(gf, -std::numeric_limits<float>::infinity());
-      gate[r] = gf;
+    ++n;
+    if (n >= m) {  // drop what ranks below the m first; nothing below m-th f - 2*beta can enter
+      const double g = double(fr[m - 1]) - beta2[r];
+      for (int e = m; e < n;) {
+        if (double(fr[e]) < g) {
+          --n;
+          fr[e] = fr[n];
+          ir[e] = ir[n];
+        } else {
+          ++e;
+        }
+      }
+      set_gate(r, g);
     }
+    size[r] = n;
+  }
+
+  // Writes row r's canonical top m to out[1..m]; false if it holds fewer (NaN scores).
+  bool finish(int64_t r, int64_t* out) {
+    if (size[r] < m) return false;
+    thread_local std::vector<int> order;
+    thread_local std::vector<double> c;
+    sort_tail(r);
+    canonical_order(r, order, c);
+    for (int e = 0; e < m; ++e) out[1 + e] = ids[r * cap + order[e]];
+    return true;
   }
 };
 
@@ -129,9 +232,8 @@ NF_CPU_CLONES void select_pair_tile(const float* S, int64_t ti, int64_t tj, int6
     const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double cn = kUnknown;  // c(i, j) == c(j, i): computed at most once for both rows
-        if (s[c] >= topk.gate[gi]) topk.offer(gi, s[c], j0 + c, cn);
-        if (s[c] >= col_gate[c]) topk.offer(j0 + c, s[c], gi, cn);
+        if (s[c] >= topk.gate[gi]) topk.offer(gi, s[c], j0 + c);
+        if (s[c] >= col_gate[c]) topk.offer(j0 + c, s[c], gi);
       }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
@@ -151,8 +253,7 @@ NF_CPU_CLONES void select_row_tile(const float* S, int64_t ti, int64_t tj, int64
     const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double cn = kUnknown;
-        if (j0 + c != self && s[c] >= topk.gate[r]) topk.offer(r, s[c], j0 + c, cn);
+        if (j0 + c != self && s[c] >= topk.gate[r]) topk.offer(r, s[c], j0 + c);
       }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
@@ -172,15 +273,27 @@ int64_t tile_size(int64_t n, int64_t threads) {
 }
 
 // Per-row state of the running lists of R query rows, and 2*beta from the norms of the queries and
-// of all keys.
+// of all keys. Each list has kSlack slots beyond m for entries within 2*beta of its m-th.
+constexpr int kSlack = 32;
+
 struct ListState {
+  int m, cap;
   std::vector<float> f, gate;
-  std::vector<double> c, beta2;
+  std::vector<double> beta2;
+  std::vector<int32_t> ids, known_ids;
+  std::vector<double> known_c;
+  std::vector<int> size, known_n;
   ListState(const float* x, int64_t n, int64_t d, const int64_t* q_rows, int64_t R, int m)
-      : f(R * m, -std::numeric_limits<float>::infinity()),
+      : m(m),
+        cap(m + kSlack),
+        f(R * cap),
         gate(R, -std::numeric_limits<float>::infinity()),
-        c(R * m, kUnknown),
-        beta2(R) {
+        beta2(R),
+        ids(R * cap),
+        known_ids(R * m),
+        known_c(R * m),
+        size(R, 0),
+        known_n(R, 0) {
     std::vector<double> norms(n);
     double top = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -189,8 +302,9 @@ struct ListState {
     }
     for (int64_t r = 0; r < R; ++r) beta2[r] = nformer::fp32_score_bound2(d, norms[q_rows ? q_rows[r] : r], top);
   }
-  RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d, int64_t* out, int m, int64_t k) {
-    return RunningTopk{x, q_rows, d, f.data(), c.data(), out, gate.data(), beta2.data(), m, k};
+  RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d) {
+    return RunningTopk{x, q_rows, d, f.data(), ids.data(), size.data(), gate.data(), beta2.data(),
+                       known_ids.data(), known_c.data(), known_n.data(), m, cap};
   }
 };
 
@@ -212,10 +326,24 @@ struct Guard {
   }
 };
 
-// Slots never filled mean some scores were NaN (inputs are checked upstream).
-void check_filled(const int64_t* out, int64_t rows, int64_t k) {
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(out[r * k + k - 1] != kNoId, "knn: non-finite similarities (NaN/Inf in x?)");
+// Each row's canonical top m into out (rows x k, slot 0 already self). A list short of m entries
+// means some scores were NaN (inputs are checked upstream).
+void finish_lists(RunningTopk& topk, int64_t rows, int64_t k, int64_t* out, int threads) {
+  bool filled = true;
+  // Rows whose lists hold the same keys (a near-duplicate group) are finished one after another,
+  // so the key rows their canonical scores read are still in cache: ordered by smallest key.
+  std::vector<std::pair<int32_t, int64_t>> by_key(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int32_t* ir = topk.ids + r * topk.cap;
+    by_key[r] = {topk.size[r] ? *std::min_element(ir, ir + topk.size[r]) : 0, r};
+  }
+  std::sort(by_key.begin(), by_key.end());
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 64) reduction(&& : filled)
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = by_key[i].second;
+    filled = topk.finish(r, out + r * k) && filled;
+  }
+  TORCH_CHECK(filled, "knn: non-finite similarities (NaN/Inf in x?)");
 }
 
 // knn of one batch item x (N, d) fp32 into out (N, k), using up to `threads` threads.
@@ -224,10 +352,9 @@ void knn_one(const at::Tensor& x, int64_t k, int64_t* out, int threads) {
   const int m = static_cast<int>(k - 1);
   for (int64_t i = 0; i < n; ++i) out[i * k] = i;
   if (m == 0) return;
-  for (int64_t i = 0; i < n; ++i) std::fill(out + i * k + 1, out + (i + 1) * k, kNoId);
   const float* xp = x.data_ptr<float>();
   ListState state(xp, n, d, nullptr, n, m);
-  RunningTopk topk = state.lists(xp, nullptr, d, out, m, k);
+  RunningTopk topk = state.lists(xp, nullptr, d);
 
   const int64_t T = std::min(n, tile_size(n, threads));
   const int64_t nb = (n + T - 1) / T;
@@ -263,7 +390,7 @@ void knn_one(const at::Tensor& x, int64_t k, int64_t* out, int threads) {
     }
   }
   guarded.rethrow();
-  check_filled(out, n, k);
+  finish_lists(topk, n, k, out, threads);
 }
 
 // knn_rows of one batch item: query rows q_rows (R) of x (N, d) fp32 against all N rows, into out (R, k).
@@ -272,10 +399,9 @@ void knn_rows_one(const at::Tensor& x, const int64_t* q_rows, int64_t R, int64_t
   const int m = static_cast<int>(k - 1);
   for (int64_t r = 0; r < R; ++r) out[r * k] = q_rows[r];
   if (m == 0 || R == 0) return;
-  for (int64_t r = 0; r < R; ++r) std::fill(out + r * k + 1, out + (r + 1) * k, kNoId);
   const float* xp = x.data_ptr<float>();
   ListState state(xp, n, d, q_rows, R, m);
-  RunningTopk topk = state.lists(xp, q_rows, d, out, m, k);
+  RunningTopk topk = state.lists(xp, q_rows, d);
   const at::Tensor queries = x.index_select(0, at::from_blob(const_cast<int64_t*>(q_rows), {R}, at::kLong));
   const int64_t T = std::min<int64_t>(kMaxTile, std::max<int64_t>(64, n));
   const int64_t TQ = std::clamp<int64_t>((R + threads - 1) / threads, 1, kMaxTile);
@@ -297,7 +423,7 @@ void knn_rows_one(const at::Tensor& x, const int64_t* q_rows, int64_t R, int64_t
     });
   }
   guarded.rethrow();
-  check_filled(out, R, k);
+  finish_lists(topk, R, k, out, threads);
 }
 
 // The values of x as fp32 (fp16/bf16 exactly, fp64 rounded), detached: the canonical score's input.
@@ -315,6 +441,7 @@ at::Tensor knn_cpu(const at::Tensor& x, int64_t k) {
   const at::Tensor xa = as_fp32(x, "knn");
   const int64_t b = x.size(0), n = x.size(1);
   TORCH_CHECK(k >= 1 && k <= n, "knn: need 1 <= k <= N, got k=", k, " N=", n);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "knn: the cpu backend takes N < 2^31 rows, got N=", n);
   auto out = at::empty({b, n, k}, x.options().dtype(at::kLong));
   if (b == 0) return out;
   int64_t* out_p = out.data_ptr<int64_t>();
@@ -335,6 +462,7 @@ at::Tensor knn_rows_cpu(const at::Tensor& x, const at::Tensor& rows, int64_t k) 
               "knn_rows: rows must be an int64 CPU tensor (B,R) with B=", b, ", got ", rows.scalar_type(), " ",
               rows.sizes());
   TORCH_CHECK(k >= 1 && k <= n, "knn_rows: need 1 <= k <= N, got k=", k, " N=", n);
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "knn_rows: the cpu backend takes N < 2^31 rows, got N=", n);
   const int64_t R = rows.size(1);
   auto out = at::empty({b, R, k}, rows.options());
   if (b * R == 0) return out;
