@@ -63,6 +63,7 @@ struct RunningTopk {
   int32_t* ids;           // (R, cap) key rows (N < 2^31 is checked): a small list stays in cache
   int* size;              // (R) entries held
   float* gate;            // (R) m-th largest f - 2*beta, rounded down (-inf until m entries)
+  float* tail_min;        // (R) smallest f of the tail (+inf when empty): most gate moves skip it
   const double* beta2;    // (R) 2*beta
   int32_t* known_ids;     // (R, m) entries whose c a cut computed, and their c: computed once
   double* known_c;
@@ -146,6 +147,7 @@ struct RunningTopk {
     std::copy(fs.begin(), fs.end(), f + o);
     std::copy(is.begin(), is.end(), ids + o);
     size[r] = m;
+    tail_min[r] = std::numeric_limits<float>::infinity();
     set_gate(r, double(f[o + m - 1]) - beta2[r]);
   }
 
@@ -162,6 +164,7 @@ struct RunningTopk {
         fr[n] = fn;
         ir[n] = idn;
         size[r] = n + 1;
+        tail_min[r] = std::min(tail_min[r], fn);
       }
       return;
     }
@@ -169,6 +172,7 @@ struct RunningTopk {
     if (n >= m) {  // the m-th moves to the tail
       fr[n] = fr[m - 1];
       ir[n] = ir[m - 1];
+      tail_min[r] = std::min(tail_min[r], fr[m - 1]);
     }
     for (; p > 0 && fr[p - 1] < fn; --p) {
       fr[p] = fr[p - 1];
@@ -179,14 +183,18 @@ struct RunningTopk {
     ++n;
     if (n >= m) {  // drop what ranks below the m first; nothing below m-th f - 2*beta can enter
       const double g = double(fr[m - 1]) - beta2[r];
-      for (int e = m; e < n;) {
-        if (double(fr[e]) < g) {
-          --n;
-          fr[e] = fr[n];
-          ir[e] = ir[n];
-        } else {
-          ++e;
+      if (double(tail_min[r]) < g) {
+        float low = std::numeric_limits<float>::infinity();
+        for (int e = m; e < n;) {
+          if (double(fr[e]) < g) {
+            --n;
+            fr[e] = fr[n];
+            ir[e] = ir[n];
+          } else {
+            low = std::min(low, fr[e++]);
+          }
         }
+        tail_min[r] = low;
       }
       set_gate(r, g);
     }
@@ -278,7 +286,7 @@ constexpr int kSlack = 32;
 
 struct ListState {
   int m, cap;
-  std::vector<float> f, gate;
+  std::vector<float> f, gate, tail_min;
   std::vector<double> beta2;
   std::vector<int32_t> ids, known_ids;
   std::vector<double> known_c;
@@ -288,6 +296,7 @@ struct ListState {
         cap(m + kSlack),
         f(R * cap),
         gate(R, -std::numeric_limits<float>::infinity()),
+        tail_min(R, std::numeric_limits<float>::infinity()),
         beta2(R),
         ids(R * cap),
         known_ids(R * m),
@@ -303,7 +312,7 @@ struct ListState {
     for (int64_t r = 0; r < R; ++r) beta2[r] = nformer::fp32_score_bound2(d, norms[q_rows ? q_rows[r] : r], top);
   }
   RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d) {
-    return RunningTopk{x, q_rows, d, f.data(), ids.data(), size.data(), gate.data(), beta2.data(),
+    return RunningTopk{x, q_rows, d, f.data(), ids.data(), size.data(), gate.data(), tail_min.data(), beta2.data(),
                        known_ids.data(), known_c.data(), known_n.data(), m, cap};
   }
 };
