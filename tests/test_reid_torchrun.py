@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -428,3 +429,30 @@ def test_a_rank_that_stops_answering_is_one_user_error(monkeypatch):
 
     with pytest.raises(OSError, match="own failure"):
         commands._agree_all(fails, ranks)
+
+
+def test_a_rank_lost_mid_run_is_one_line_and_exit_1(monkeypatch, capsys):
+    """A collective of the work that fails because a peer is gone (DDP's all-reduce, the ring) is one
+    RankLost naming this rank: the CLI prints one line and exits 1. Other RuntimeErrors propagate."""
+    from nformer_reid import cli, commands
+    from nformer_reid.utils.errors import RankLost
+
+    ranks = commands._Ranks(1, 2, torch.device("cpu"))
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:8605: Connection reset by peer"
+    with pytest.raises(RankLost, match=r"^rank 1 of 2: another rank stopped answering .*Connection reset by peer"):
+        with commands.rank_loss_is_one_error(ranks):
+            raise RuntimeError(gloo)
+    with pytest.raises(RuntimeError, match="an error of the work"):
+        with commands.rank_loss_is_one_error(ranks):
+            raise RuntimeError("an error of the work")
+
+    def lost(cfg, invocation):
+        with commands.rank_loss_is_one_error(ranks):
+            raise RuntimeError(gloo)
+
+    monkeypatch.setitem(cli.RUNNERS, "refine", lost)
+    monkeypatch.setattr(cli, "parse_args", lambda argv: (types.SimpleNamespace(command="refine"), None))
+    monkeypatch.setattr(cli, "check_launch", lambda cfg: None)
+    code = cli.main(["refine", "--distributed"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("nformer-reid refine: rank 1 of 2: another rank")

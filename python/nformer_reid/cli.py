@@ -31,7 +31,7 @@ from typing import List, Optional
 import nformer_kernels as nk
 from nformer_reid.commands import RUNNERS, Invocation, check_launch
 from nformer_reid.config import COMMANDS, OPTION_KEYS, SYNTHETIC, check_values, make_config
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import RankLost, ReIDInputError, one_line
 from nformer_reid.utils.logging import reset_logging, setup_logging
 
 EPILOG = """\
@@ -187,13 +187,10 @@ def parse_config(argv: Optional[List[str]] = None):
     return parse_args(argv)[0]
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command. Returns 0 on success, 2 after printing a user error (ReIDInputError: a bad
-    option, file or folder, a missing optional dependency) as one line on stderr, 130 after
+    option, file or folder, a missing optional dependency) as one line on stderr, 1 after one line
+    when another rank of a distributed run stopped answering mid-run (RankLost), 130 after
     Ctrl-C; other exceptions propagate (internal errors). --debug re-raises user errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -207,8 +204,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ReIDInputError as exc:
         if debug:
             raise
-        print(f"{prefix}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}: {one_line(exc)}", file=sys.stderr)
         return 2
+    except RankLost as exc:  # another rank failed mid-run; its own output has the cause
+        if debug:
+            raise
+        print(f"{prefix}: {one_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if debug:
             raise

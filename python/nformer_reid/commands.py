@@ -29,7 +29,7 @@ import torch
 import nformer_kernels as nk
 from nformer_reid.config import config_values
 from nformer_reid.utils.checks import as_device
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import RankLost, ReIDInputError, is_transport_failure, one_line
 from nformer_reid.utils.io import (OutputLock, OutputManifest, atomic_write, check_input_file, check_outputs,
                                    load_torch, save_torch)
 from nformer_reid.utils.logging import setup_logging
@@ -67,7 +67,7 @@ def _user_error(prefix: str = ""):
     except ReIDInputError:
         raise
     except (ValueError, TypeError) as exc:
-        raise ReIDInputError(prefix + " ".join(str(exc).split())) from exc
+        raise ReIDInputError(prefix + one_line(exc)) from exc
 
 
 def _device(cfg) -> torch.device:
@@ -915,10 +915,25 @@ def _process_group(cfg):
     try:
         ranks = _Ranks(ddp.rank(), ddp.world_size(), device)
         _check_same_launch(cfg, ranks)
-        yield ranks
+        with rank_loss_is_one_error(ranks):
+            yield ranks
     finally:
         if owned:
             ddp.shutdown()
+
+
+@contextlib.contextmanager
+def rank_loss_is_one_error(ranks: "_Ranks"):
+    """A collective of the work (DDP's gradient all-reduce, the refinement ring) that fails because a
+    peer is gone becomes one RankLost naming this rank, not torch's transport traceback."""
+    try:
+        yield
+    except RankLost:
+        raise
+    except RuntimeError as exc:
+        if not is_transport_failure(exc):
+            raise
+        raise RankLost(f"rank {ranks.rank} of {ranks.size}: {_LOST_RANK}: {one_line(exc)[:160]}") from None
 
 
 def _file_fingerprint(path: str) -> str:
@@ -968,10 +983,6 @@ def _check_same_launch(cfg, ranks: "_Ranks") -> None:
                              + "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else ""))
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 _LOST_RANK = "another rank stopped answering (it failed or was stopped: its own output says why)"
 
 
@@ -990,14 +1001,14 @@ def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST
         result = step()
     except Exception as exc:  # noqa: BLE001  (re-raised below, once every rank knows)
         failure = exc
-    mine = (("user" if isinstance(failure, ReIDInputError) else type(failure).__name__), _one_line(failure)) \
+    mine = (("user" if isinstance(failure, ReIDInputError) else type(failure).__name__), one_line(failure)) \
         if failure is not None else None
     try:
         _, metas = nkd.gather_checked(lambda: (0, ranks.device, (mine, None if failure else share(result))))
     except RuntimeError as exc:  # the collective itself (DistError is one): the local check cannot raise
         if failure is not None:
             raise failure from None
-        raise ReIDInputError(f"rank {ranks.rank} of {ranks.size}: {lost}: {_one_line(exc)[:160]}") from None
+        raise ReIDInputError(f"rank {ranks.rank} of {ranks.size}: {lost}: {one_line(exc)[:160]}") from None
     for r, (error, _) in enumerate(metas):
         if error is None:
             continue

@@ -32,7 +32,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 from nformer_reid.utils.io import atomic_write, check_input_file, load_torch, save_torch
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _read(path: str, what: str, wanted: Iterable[str]):
                 files = list(archive.files)
                 return {key: archive[key] for key in files if key in wanted}, files, None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            reason = one_line(exc)[:200]
             if "allow_pickle" in reason:
                 reason = "it holds Python objects (an object array), which are never unpickled from files"
             kind = ".npy array (truncated, or not written by numpy.save)" if suffix == ".npy" else \
