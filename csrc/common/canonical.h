@@ -24,6 +24,16 @@ NF_HD double canonical_add(double a, double b) {
 #endif
 }
 
+// The tail (elements e0.. of a, b into lanes 0..) and the fold of the lane sums s: the end of
+// canonical_dot, shared with the CPU's vectorised body.
+NF_HD double canonical_finish(double* s, const float* a, const float* b, int64_t e0, int64_t d) {
+  for (int l = 0; e0 + l < d; ++l)  // the lanes past d add the zero padding, i.e. nothing
+    s[l] = canonical_add(s[l], static_cast<double>(a[e0 + l]) * static_cast<double>(b[e0 + l]));
+  for (int h = kCanonicalLanes / 2; h > 0; h /= 2)
+    for (int l = 0; l < h; ++l) s[l] = canonical_add(s[l], s[l + h]);
+  return s[0];
+}
+
 NF_HD double canonical_dot(const float* a, const float* b, int64_t d) {
   double s[kCanonicalLanes];
   for (int l = 0; l < kCanonicalLanes; ++l) s[l] = 0.0;
@@ -31,11 +41,7 @@ NF_HD double canonical_dot(const float* a, const float* b, int64_t d) {
   for (; e0 + kCanonicalLanes <= d; e0 += kCanonicalLanes)
     for (int l = 0; l < kCanonicalLanes; ++l)
       s[l] = canonical_add(s[l], static_cast<double>(a[e0 + l]) * static_cast<double>(b[e0 + l]));
-  for (int l = 0; e0 + l < d; ++l)  // the tail: the lanes past d add the zero padding, i.e. nothing
-    s[l] = canonical_add(s[l], static_cast<double>(a[e0 + l]) * static_cast<double>(b[e0 + l]));
-  for (int h = kCanonicalLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) s[l] = canonical_add(s[l], s[l + h]);
-  return s[0];
+  return canonical_finish(s, a, b, e0, d);
 }
 
 #if !defined(__CUDACC__) && !defined(__HIPCC__)
@@ -44,13 +50,6 @@ NF_HD double canonical_dot(const float* a, const float* b, int64_t d) {
 // vectors lower that widening lane by lane, hence the intrinsics. Each lane's additions stay in
 // index order and the products are exact (an FMA rounds as mul + add), so the bits are
 // canonical_dot's on every path.
-inline double cpu_canonical_finish(double* s, const float* a, const float* b, int64_t e0, int64_t d) {
-  for (int l = 0; e0 + l < d; ++l) s[l] += static_cast<double>(a[e0 + l]) * static_cast<double>(b[e0 + l]);
-  for (int h = kCanonicalLanes / 2; h > 0; h /= 2)
-    for (int l = 0; l < h; ++l) s[l] += s[l + h];
-  return s[0];
-}
-
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) inline double cpu_canonical_dot_avx2(const float* a, const float* b,
                                                                          int64_t d) {
@@ -63,7 +62,7 @@ __attribute__((target("avx2,fma"))) inline double cpu_canonical_dot_avx2(const f
                                _mm256_cvtps_pd(_mm_loadu_ps(b + e0 + 4 * q)), acc[q]);
   alignas(32) double s[kCanonicalLanes];
   for (int q = 0; q < 4; ++q) _mm256_store_pd(s + 4 * q, acc[q]);
-  return cpu_canonical_finish(s, a, b, e0, d);
+  return canonical_finish(s, a, b, e0, d);
 }
 #endif
 
@@ -72,12 +71,7 @@ inline double cpu_canonical_dot(const float* a, const float* b, int64_t d) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2) return cpu_canonical_dot_avx2(a, b, d);
 #endif
-  double s[kCanonicalLanes] = {};
-  int64_t e0 = 0;
-  for (; e0 + kCanonicalLanes <= d; e0 += kCanonicalLanes)
-    for (int l = 0; l < kCanonicalLanes; ++l)
-      s[l] += static_cast<double>(a[e0 + l]) * static_cast<double>(b[e0 + l]);
-  return cpu_canonical_finish(s, a, b, e0, d);
+  return canonical_dot(a, b, d);
 }
 #endif
 
