@@ -14,7 +14,7 @@ import nformer_kernels as nk
 from nformer_reid.config import ARCHS, KnnOptions, TrainConfig
 from nformer_reid.utils.checks import as_int
 from nformer_reid.utils.deps import import_torchvision
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 from nformer_reid.utils.io import load_torch
 
 torchvision = import_torchvision()
@@ -208,7 +208,7 @@ def load_official_checkpoint(path_or_state, num_landmarks: int = TrainConfig.nfo
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         if not where:
             raise
-        raise ReIDInputError(f"{where}{' '.join(str(exc).split())[:300]}") from exc
+        raise ReIDInputError(f"{where}{one_line(exc)[:300]}") from exc
     model = ReIDModel(num_classes, arch=arch, feat_dim=feat_dim, stem_relu=False, nformer_depth=depth,
                       nformer_heads=num_heads, nformer_landmarks=num_landmarks, nformer_topk=topk,
                       nformer_ffn_dim=state["nformer.h.0.mlp.c_fc.w"].shape[1], verbose=False)

@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 
 Item = Tuple[str, int, int]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -261,7 +261,7 @@ class CUHK03(ReIDDataset):
             split = loadmat(os.path.join(base, split_name))
         except Exception as exc:  # noqa: BLE001  (a damaged file raises zlib, struct, MatReadError, ...)
             raise DatasetLayoutError(f"{self.name}: {os.path.join(base, split_name)} is not a readable .mat file: "
-                                     f"{' '.join(str(exc).split())[:160]}") from None
+                                     f"{one_line(exc)[:160]}") from None
         missing = [k for k in ("train_idx", "query_idx", "gallery_idx", "labels", "filelist") if k not in split]
         if missing:
             raise DatasetLayoutError(f"{self.name}: {split_name} lacks {missing}; is it the new-protocol config?")

@@ -76,7 +76,7 @@ def _to_tensor(value, label: str) -> torch.Tensor:
             value = np.asarray(value)
         except (TypeError, ValueError) as exc:  # ragged or mixed lists
             raise TypeError(f"{label} is not a numeric array (a {type(value).__name__} that numpy cannot turn into "
-                            f"one array: {' '.join(str(exc).split())[:100]})") from None
+                            f"one array: {one_line(exc)[:100]})") from None
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{label} must be a tensor, a numpy array or a list of numbers, got {type(value).__name__}")
     if value.dtype.kind not in "biufc":
@@ -182,7 +182,7 @@ def _check_npy_header(fh, available: int, where: str) -> None:
         shape, _, dtype = header(fh)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise ReIDInputError(f"{where}: not a readable .npy array: not a NumPy file "
-                             f"({' '.join(str(exc).split())[:120]})") from None
+                             f"({one_line(exc)[:120]})") from None
     if dtype.hasobject:
         return  # refused by np.load(allow_pickle=False) with its own reason
     need = int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -209,7 +209,7 @@ def _check_numpy_file(path: str, what: str) -> None:
                     with archive.open(info) as fh:
                         _check_npy_header(fh, info.file_size, f"{what} {path}, member {info.filename}")
     except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-        raise ReIDInputError(f"{what} {path}: not a readable .npz archive: {' '.join(str(exc).split())[:160]}") \
+        raise ReIDInputError(f"{what} {path}: not a readable .npz archive: {one_line(exc)[:160]}") \
             from None
 
 
@@ -366,7 +366,7 @@ def _npy_map(path: str, what: str) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise ReIDInputError(f"{what} {path}: not a readable .npy array (truncated, or not written by numpy.save): "
-                             f"{' '.join(str(exc).split())[:200] or type(exc).__name__}") from exc
+                             f"{one_line(exc)[:200]}") from exc
     if array.ndim != 2:
         raise ReIDInputError(f"{what} {path}: feats must be a 2-D float array (N, d), got {array.shape} {array.dtype}")
     return array

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from nformer_reid.config import DataOptions, TrainConfig
 from nformer_reid.utils.checks import as_float, as_int
 from nformer_reid.utils.deps import import_torchvision
+from nformer_reid.utils.errors import one_line
 
 T = import_torchvision().transforms
 
@@ -141,7 +142,7 @@ class RandomIdentitySampler(Sampler):
             version, internal, gauss = state["rng"]
             self.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a RandomIdentitySampler state: {' '.join(str(exc).split())[:120]}") from None
+            raise ValueError(f"not a RandomIdentitySampler state: {one_line(exc)[:120]}") from None
 
 
 def build_train_loader(items, size=DataOptions.size, batch_size: int = TrainConfig.batch_size,

@@ -14,7 +14,7 @@ from nformer_reid.engine.device import autocast, describe_device, grad_scaler, r
 from nformer_reid.losses import ReIDLoss
 from nformer_reid.solver import make_optimizer, optimizer_step, warmup_multistep
 from nformer_reid.utils.checks import as_float, as_int
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def _restore_progress(state: dict, path: str, sampler) -> None:
             torch.set_rng_state(extra["torch_rng"])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ReIDInputError(f"checkpoint {path}: key 'extra' holds no usable RNG state: "
-                             f"{' '.join(str(exc).split())[:160]}") from exc
+                             f"{one_line(exc)[:160]}") from exc
 
 
 def _pk_sampler(train_loader):

@@ -19,7 +19,7 @@ import torch
 import nformer_kernels as nk
 from nformer_reid.config import KnnOptions
 from nformer_reid.utils.checks import as_int
-from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged
+from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged, one_line
 from nformer_reid.utils.io import load_torch, save_torch
 
 KINDS = ("ReIDModel", "NFormer")
@@ -141,7 +141,7 @@ def load_checkpoint(path: str, model=None, optimizer=None, criterion=None, cente
                 obj.load_state_dict(state[key])
             except (ValueError, KeyError, RuntimeError, TypeError) as exc:
                 raise ReIDInputError(f"checkpoint {path}: key {key!r} does not fit this run's {key}: "
-                                     f"{' '.join(str(exc).split())[:160]}") from exc
+                                     f"{one_line(exc)[:160]}") from exc
     return state
 
 
@@ -166,6 +166,6 @@ def load_model(path: str, kind: str = "ReIDModel", what: str = "checkpoint",
         if isinstance(exc, ReIDInputError):
             raise
         raise ReIDInputError(f"{what} {path}: key 'config' does not describe a {kind}: "
-                             f"{' '.join(str(exc).split())[:160]}") from exc
+                             f"{one_line(exc)[:160]}") from exc
     load_weights(model, state, path, what)
     return model

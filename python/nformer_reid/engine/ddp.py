@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nformer_reid.utils.checks import as_device
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # a collective nobody joins fails after this, never hangs
@@ -136,7 +136,7 @@ def init_distributed(device=None, expected_world_size: Optional[int] = None,
     except dist.DistError as exc:  # the others never joined within `timeout`
         raise ReIDInputError(f"the {world} processes of WORLD_SIZE={world} did not all join "
                              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-                             f"{timeout.total_seconds():g} s ({' '.join(str(exc).split())[:200]})") from None
+                             f"{timeout.total_seconds():g} s ({one_line(exc)[:200]})") from None
     return device
 
 

@@ -17,7 +17,7 @@ from nformer_reid.losses import ReIDLoss
 from nformer_reid.neighborhood import NeighborhoodSampler
 from nformer_reid.solver import make_optimizer, optimizer_step
 from nformer_reid.utils.checks import as_float, as_int, as_tensor
-from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged
+from nformer_reid.utils.errors import ReIDInputError, TrainingDiverged, one_line
 from nformer_reid.utils.logging import progress
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _restore_rng(state: dict, path: str, generator: torch.Generator, fallback_se
             torch.set_rng_state(extra["torch_rng"])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ReIDInputError(f"checkpoint {path}: key 'extra' holds no usable RNG state: "
-                             f"{' '.join(str(exc).split())[:160]}") from exc
+                             f"{one_line(exc)[:160]}") from exc
 
 
 def _shared_landmarks(nformer, n: int, device) -> List[torch.Tensor]:
@@ -171,7 +171,7 @@ def _train_steps(net, nformer, sampler, criterion, optimizer, center_optimizer, 
             if step == start:
                 raise
             raise TrainingDiverged(f"stage 2 step {step + 1}: the NFormer's weights grew out of range (lr "
-                                   f"{optimizer.param_groups[0]['lr']:g}): {' '.join(str(exc).split())}; training "
+                                   f"{optimizer.param_groups[0]['lr']:g}): {one_line(exc)}; training "
                                    "stopped, no weights from this step on are saved") from exc
         where = f"stage 2 step {step + 1}"
         if distributed:

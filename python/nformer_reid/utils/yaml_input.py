@@ -5,7 +5,7 @@ import reprlib
 
 import yaml
 
-from nformer_reid.utils.errors import ReIDInputError
+from nformer_reid.utils.errors import ReIDInputError, one_line
 
 MAX_DEPTH = 64  # nesting levels of lists / mappings: options hold scalars and short lists
 _SHORT = reprlib.Repr()
@@ -48,5 +48,5 @@ def load(stream, where: str, what: str = "not valid YAML"):
     try:
         return yaml.load(stream, Loader=_StrictLoader)
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        reason = " ".join(str(exc).split()) if not isinstance(exc, RecursionError) else "nested too deeply"
+        reason = one_line(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         raise ReIDInputError(f"{where}: {what}: {reason[:200]}") from None
