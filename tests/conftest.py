@@ -34,6 +34,12 @@ from nformer_kernels import triton as nf_triton  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# What a bare CUDA machine may lack (it has torch and pytest, maybe triton): a test module whose
+# import needs one of these is skipped, naming it, instead of failing the whole collection (the GPU
+# selection `pytest tests -m gpu` must collect on such a machine).
+OPTIONAL_PACKAGES = frozenset({"hypothesis", "numpy", "scipy", "matplotlib", "torchvision", "faiss", "tqdm", "yaml",
+                               "triton", "PIL", "pandas"})
+
 EMULATION_TIMEOUT_S = 600  # a divergent warp collective deadlocks the emulation: fail instead of hanging
 
 
@@ -92,6 +98,32 @@ def fast_and(*slow_ids):
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*ids): run the test (or parameter) on these backend cases only")
     config.addinivalue_line("markers", "fast_only: a parameter too large for the interpreted/emulated cases")
+
+
+def missing_optional_package(exc):
+    """The optional package whose absence raised exc (or caused it), else None."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in OPTIONAL_PACKAGES:
+            return exc.name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _OptionalDepsModule(pytest.Module):
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except self.CollectError as err:
+            name = missing_optional_package(err)
+            if name is None:
+                raise
+            pytest.skip(f"needs {name}, which is not installed", allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name != "__init__.py":
+        return _OptionalDepsModule.from_parent(parent, path=module_path)
+    return None
 
 
 def pytest_generate_tests(metafunc):

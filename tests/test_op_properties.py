@@ -184,3 +184,25 @@ def test_nformer_answers_or_refuses(backend, data, case):
         assert not finite or "too large" in str(exc)
         return
     assert finite and out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+@settings(settings.get_profile(PROFILE), max_examples=25)
+@given(n=st.integers(1, 70), d=st.integers(1, 40), k_frac=st.floats(0, 1), copies=st.integers(1, 4),
+       scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e20]), noise=st.sampled_from([0.0, 1e-7, 1e-3]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+def test_knn_backends_agree_bit_for_bit(n, d, k_frac, copies, scale, noise, dtype, seed):
+    """Random shapes, scales, duplicate copies and noise: reference, torch and cpu (exact and
+    certified) return one tensor (the canonical top-k, docs/design.md)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn((max(1, n // copies), d), generator=g)
+    x = base.repeat(-(-n // base.shape[0]), 1)[:n]  # n rows: each base row `copies` times (a few once more)
+    x = ((x + noise * torch.randn(x.shape, generator=g)) * scale).to(dtype)
+    if not torch.isfinite(x).all():
+        return
+    k = max(1, min(n, round(k_frac * n)))
+    with nk.use_backend("reference"):
+        want = nk.knn(x, k, precision="exact")
+    for name in [b for b in ("torch", "cpu") if b in nk.available_backends("cpu")]:
+        with nk.use_backend(name):
+            for precision in ("exact", "certified"):
+                assert torch.equal(nk.knn(x, k, precision=precision), want), (name, precision)

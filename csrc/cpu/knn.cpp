@@ -53,9 +53,11 @@ constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();  // a cano
 // known to rank below m others (m = k-1: every neighbour but self), sorted by BLAS score f. An
 // entry whose f is more than 2*beta below the m-th largest f ranks below m entries canonically, so
 // it is dropped; entries closer than that are kept unordered, and their canonical scores c are
-// computed only when the list is finalised or overflows its slack. Near-duplicate groups that
-// pass through a list on their way out (common in Re-ID galleries) so cost no canonical score.
+// computed when the list is finalised. Near-duplicate groups that pass through a list on their way
+// out (common in Re-ID galleries) so cost no canonical score, and a row's group mates are ordered
+// at the end, next to the rows that share them, while their key rows are in cache.
 struct RunningTopk {
+  using Entry = std::pair<float, int32_t>;
   const float* x;         // (N, d) the keys (and, through query(), the query rows)
   const int64_t* q_rows;  // query row r is key row q_rows[r] (nullptr: r itself)
   int64_t d;
@@ -65,10 +67,12 @@ struct RunningTopk {
   float* gate;            // (R) m-th largest f - 2*beta, rounded down (-inf until m entries)
   float* tail_min;        // (R) smallest f of the tail (+inf when empty): most gate moves skip it
   const double* beta2;    // (R) 2*beta
+  std::vector<Entry>* spill;  // (R) tail entries moved out of a full list, unpruned (mostly empty)
   int32_t* known_ids;     // (R, m) entries whose c a cut computed, and their c: computed once
   double* known_c;
   int* known_n;           // (R)
   int m, cap;
+  size_t spill_max;       // a spill this long is pruned, and cut if still half full: bounded memory
 
   const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
 
@@ -79,46 +83,48 @@ struct RunningTopk {
     return nformer::cpu_canonical_dot(query(r), x + int64_t(j) * d, d);
   }
 
-  // Row r's entries in canonical order, as slots. Two entries compare by f where they are more
-  // than 2*beta apart (the canonical order agrees there), else by (c, index), c computed once per
-  // entry. Binary insertion: in bounds whatever the comparator, one comparison per entry when f
-  // already has the order.
-  void canonical_order(int64_t r, std::vector<int>& order, std::vector<double>& c) {
+  // Row r's held entries (list and spill, those not more than 2*beta below the m-th), sorted by f.
+  void gather(int64_t r, std::vector<Entry>& all) const {
     const int64_t o = r * cap;
-    const double b2 = beta2[r];
-    const int n = size[r];
-    c.assign(n, kUnknown);
-    auto before = [&](int a, int b) {
-      const double diff = double(f[o + a]) - double(f[o + b]);
-      if (diff > b2) return true;
-      if (diff < -b2) return false;
-      for (int e : {a, b})
-        if (std::isnan(c[e])) c[e] = score(r, ids[o + e]);
-      return nformer::ranks_before(c[a], ids[o + a], c[b], ids[o + b]);
-    };
-    order.clear();
-    for (int e = 0; e < n; ++e) {
-      int lo = 0, hi = static_cast<int>(order.size());
-      if (hi > 0 && !before(e, order[hi - 1])) lo = hi;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (before(e, order[mid])) hi = mid;
-        else lo = mid + 1;
-      }
-      order.insert(order.begin() + lo, e);
-    }
+    all.clear();
+    for (int e = 0; e < size[r]; ++e) all.emplace_back(f[o + e], ids[o + e]);
+    const double g = double(f[o + m - 1]) - beta2[r];
+    for (const Entry& en : spill[r])
+      if (double(en.first) >= g) all.push_back(en);
+    std::sort(all.begin() + m, all.end(), [](const Entry& a, const Entry& b) { return a.first > b.first; });
   }
 
-  // Sorts row r's tail by f, so the whole list is sorted.
-  void sort_tail(int64_t r) {
-    const int n = size[r];
-    if (n <= m + 1) return;
-    thread_local std::vector<std::pair<float, int32_t>> tail;
-    const int64_t o = r * cap;
-    tail.clear();
-    for (int e = m; e < n; ++e) tail.emplace_back(f[o + e], ids[o + e]);
-    std::sort(tail.begin(), tail.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
-    for (int e = m; e < n; ++e) f[o + e] = tail[e - m].first, ids[o + e] = tail[e - m].second;
+  // The positions of all's canonical top m (all sorted by f), in canonical order. Two entries
+  // more than 2*beta apart in f are in c's order, so c is computed only for entries within 2*beta
+  // of a neighbour in f (every pair closer than that then has both), and those compare by
+  // (c, index), the rest by f: the canonical order itself, whichever pairs the sort compares.
+  void top_m(int64_t r, const std::vector<Entry>& all, std::vector<int>& order, std::vector<double>& c) {
+    const double b2 = beta2[r];
+    const int n = static_cast<int>(all.size());
+    c.assign(n, kUnknown);
+    thread_local std::vector<int> need;
+    need.clear();
+    for (int e = 0; e < n; ++e)
+      if ((e > 0 && double(all[e - 1].first) - double(all[e].first) <= b2) ||
+          (e + 1 < n && double(all[e].first) - double(all[e + 1].first) <= b2))
+        need.push_back(e);
+    // Key rows of a cut mid-scan are rarely in cache: fetch the rows two entries ahead.
+    constexpr size_t kAhead = 2;
+    for (size_t i = 0; i < need.size(); ++i) {
+      if (i + kAhead < need.size()) {
+        const char* row = reinterpret_cast<const char*>(x + int64_t(all[need[i + kAhead]].second) * d);
+        for (int64_t b = 0; b < d * int64_t(sizeof(float)); b += 64) __builtin_prefetch(row + b);
+      }
+      c[need[i]] = score(r, all[need[i]].second);
+    }
+    order.resize(n);
+    for (int e = 0; e < n; ++e) order[e] = e;
+    auto before = [&](int a, int b) {
+      if (!std::isnan(c[a]) && !std::isnan(c[b])) return nformer::ranks_before(c[a], all[a].second, c[b], all[b].second);
+      return all[a].first > all[b].first;
+    };
+    std::partial_sort(order.begin(), order.begin() + m, order.end(), before);
+    order.resize(m);
   }
 
   void set_gate(int64_t r, double g) {
@@ -127,34 +133,42 @@ struct RunningTopk {
     gate[r] = gf;
   }
 
-  // The list is full of entries within 2*beta of its m-th: keep its canonical top m, by f.
-  void shrink(int64_t r) {
+  // The list's tail is full. Moves it to the spill; a long spill is first pruned by the gate, and if
+  // it stays long (a group of near-ties larger than the spill) the list is cut to its canonical top
+  // m: nothing ranked below m others can rank higher later.
+  void spill_tail(int64_t r) {
+    const int64_t o = r * cap;
+    std::vector<Entry>& sp = spill[r];
+    for (int e = m; e < cap; ++e) sp.emplace_back(f[o + e], ids[o + e]);
+    size[r] = m;
+    tail_min[r] = std::numeric_limits<float>::infinity();
+    if (sp.size() < spill_max) return;
+    const double g = double(f[o + m - 1]) - beta2[r];
+    sp.erase(std::remove_if(sp.begin(), sp.end(), [&](const Entry& en) { return double(en.first) < g; }), sp.end());
+    if (sp.size() >= spill_max / 2) cut(r);
+  }
+
+  void cut(int64_t r) {
+    thread_local std::vector<Entry> all;
     thread_local std::vector<int> order;
-    thread_local std::vector<float> fs;
-    thread_local std::vector<int32_t> is;
     thread_local std::vector<double> c;
-    sort_tail(r);
-    canonical_order(r, order, c);
-    order.resize(m);
+    gather(r, all);
+    top_m(r, all, order, c);
     const int64_t o = r * cap;
     int known = 0;
     for (int e : order)
-      if (!std::isnan(c[e])) known_ids[r * m + known] = ids[o + e], known_c[r * m + known++] = c[e];
+      if (!std::isnan(c[e])) known_ids[r * m + known] = all[e].second, known_c[r * m + known++] = c[e];
     known_n[r] = known;
-    std::sort(order.begin(), order.end(), [&](int a, int b) { return f[o + a] > f[o + b]; });
-    fs.resize(m), is.resize(m);
-    for (int e = 0; e < m; ++e) fs[e] = f[o + order[e]], is[e] = ids[o + order[e]];
-    std::copy(fs.begin(), fs.end(), f + o);
-    std::copy(is.begin(), is.end(), ids + o);
-    size[r] = m;
-    tail_min[r] = std::numeric_limits<float>::infinity();
+    std::sort(order.begin(), order.end());  // all is sorted by f
+    for (int e = 0; e < m; ++e) f[o + e] = all[order[e]].first, ids[o + e] = all[order[e]].second;
+    spill[r].clear();
     set_gate(r, double(f[o + m - 1]) - beta2[r]);
   }
 
   // Slots [0, m) hold the m largest f, sorted; the tail [m, n) the rest, unsorted, each within
   // 2*beta of the m-th, so an offer shifts at most m entries. The caller has checked fn >= gate[r].
   inline __attribute__((always_inline)) void offer(int64_t r, float fn, int32_t idn) {
-    if (size[r] == cap) shrink(r);
+    if (size[r] == cap) spill_tail(r);
     int n = size[r];
     const int64_t o = r * cap;
     float* fr = f + o;
@@ -204,11 +218,12 @@ struct RunningTopk {
   // Writes row r's canonical top m to out[1..m]; false if it holds fewer (NaN scores).
   bool finish(int64_t r, int64_t* out) {
     if (size[r] < m) return false;
+    thread_local std::vector<Entry> all;
     thread_local std::vector<int> order;
     thread_local std::vector<double> c;
-    sort_tail(r);
-    canonical_order(r, order, c);
-    for (int e = 0; e < m; ++e) out[1 + e] = ids[r * cap + order[e]];
+    gather(r, all);
+    top_m(r, all, order, c);
+    for (int e = 0; e < m; ++e) out[1 + e] = all[order[e]].second;
     return true;
   }
 };
@@ -281,8 +296,10 @@ int64_t tile_size(int64_t n, int64_t threads) {
 }
 
 // Per-row state of the running lists of R query rows, and 2*beta from the norms of the queries and
-// of all keys. Each list has kSlack slots beyond m for entries within 2*beta of its m-th.
+// of all keys. Each list has kSlack slots beyond m for entries within 2*beta of its m-th; a full
+// tail moves to the row's spill, which holds up to kSpillLists times a list before it is cut.
 constexpr int kSlack = 32;
+constexpr int kSpillLists = 2;
 
 struct ListState {
   int m, cap;
@@ -291,6 +308,7 @@ struct ListState {
   std::vector<int32_t> ids, known_ids;
   std::vector<double> known_c;
   std::vector<int> size, known_n;
+  std::vector<std::vector<RunningTopk::Entry>> spill;
   ListState(const float* x, int64_t n, int64_t d, const int64_t* q_rows, int64_t R, int m)
       : m(m),
         cap(m + kSlack),
@@ -302,7 +320,8 @@ struct ListState {
         known_ids(R * m),
         known_c(R * m),
         size(R, 0),
-        known_n(R, 0) {
+        known_n(R, 0),
+        spill(R) {
     std::vector<double> norms(n);
     double top = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -312,8 +331,10 @@ struct ListState {
     for (int64_t r = 0; r < R; ++r) beta2[r] = nformer::fp32_score_bound2(d, norms[q_rows ? q_rows[r] : r], top);
   }
   RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d) {
-    return RunningTopk{x, q_rows, d, f.data(), ids.data(), size.data(), gate.data(), tail_min.data(), beta2.data(),
-                       known_ids.data(), known_c.data(), known_n.data(), m, cap};
+    return RunningTopk{x,           q_rows,      d,           f.data(),      ids.data(),
+                       size.data(), gate.data(), tail_min.data(), beta2.data(), spill.data(),
+                       known_ids.data(), known_c.data(), known_n.data(), m, cap,
+                       size_t(kSpillLists) * cap};
   }
 };
 
@@ -344,7 +365,9 @@ void finish_lists(RunningTopk& topk, int64_t rows, int64_t k, int64_t* out, int 
   std::vector<std::pair<int32_t, int64_t>> by_key(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* ir = topk.ids + r * topk.cap;
-    by_key[r] = {topk.size[r] ? *std::min_element(ir, ir + topk.size[r]) : 0, r};
+    int32_t key = topk.size[r] ? *std::min_element(ir, ir + topk.size[r]) : 0;
+    for (const auto& en : topk.spill[r]) key = std::min(key, en.second);
+    by_key[r] = {key, r};
   }
   std::sort(by_key.begin(), by_key.end());
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 64) reduction(&& : filled)
