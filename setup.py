@@ -56,17 +56,19 @@ def _default_archs():
 
 def extensions():
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # setuptools rebuilds only when a source or one of these is newer than the built extension.
+    headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs (C++20 since 2.14)
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda, why_not = _want_cuda()
     if not with_cuda:
         print(f"nformer_kernels: building the CPU extension only ({why_not}).")
-        return [CppExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
+        return [CppExtension("nformer_kernels._C", sources, include_dirs=include_dirs, depends=headers,
                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     _default_archs()
     print(f"nformer_kernels: building CPU + CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}.")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    return [CUDAExtension("nformer_kernels._C", sources, include_dirs=include_dirs,
+    return [CUDAExtension("nformer_kernels._C", sources, include_dirs=include_dirs, depends=headers,
                           define_macros=[("NFORMER_WITH_CUDA", None)],
                           # No --use_fast_math: its flush-to-zero and approximate division would void the
                           # knn kernels' error bounds (docs/design.md); the attention's exp is __expf itself.

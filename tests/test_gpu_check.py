@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh: its control flow on the CPU (--dry-run), its refusal without a GPU, and
-`nformer-bench report` of its folder."""
+"""scripts/gpu_check.sh: its control flow on the CPU (--dry-run, on a simulated bare machine: the
+optional packages hidden), its refusal without a GPU, and `nformer-bench report` of its folder."""
 import json
 import os
 import subprocess
@@ -14,10 +14,21 @@ from nformer_bench import check, report
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png",
          "nformer-memory.png"}
+PLOTS = {"nformer-latency.png", "nformer-memory.png"}
+# What a bare CUDA machine may lack. numpy stays: the Triton interpreter of the dry run needs it
+# (test_environment_without_numpy covers the rest).
+BARE = "hypothesis,torchvision,matplotlib,faiss,scipy,tqdm,yaml"
 
 
-def _script(*args, timeout):
-    env = {**os.environ, "PYTHON": sys.executable}
+def bare_machine_env(hidden=BARE):
+    """os.environ with the packages `hidden` unimportable (tests/bare_machine/sitecustomize.py)."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests" / "bare_machine"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "NFORMER_HIDE_PACKAGES": hidden,
+            "PYTEST_ADDOPTS": (os.environ.get("PYTEST_ADDOPTS", "") + " -p no:hypothesispytest").strip()}
+
+
+def _script(*args, timeout, env=None):
+    env = {**(env or os.environ), "PYTHON": sys.executable}
     start = time.monotonic()
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -32,7 +43,7 @@ def _files(folder):
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
     (out / "gpu_check.md").write_text("a previous run\n")  # replaced, not appended to
-    proc, seconds = _script("--dry-run", str(out), timeout=300)
+    proc, seconds = _script("--dry-run", str(out), timeout=300, env=bare_machine_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "gpu_check.json").read_text()), seconds
 
@@ -41,8 +52,9 @@ def dry_run(tmp_path_factory):
 def test_dry_run_runs_every_stage_in_order_and_leaves_a_compact_folder(dry_run):
     out, result, seconds = dry_run
     assert seconds < 120
-    assert _files(out) == FILES  # flat, at most 8 files
-    assert all((out / name).stat().st_size > 0 for name in FILES)
+    assert _files(out) == FILES - PLOTS  # flat, at most 8 files; no matplotlib here, so no plots
+    assert all((out / name).stat().st_size > 0 for name in FILES - PLOTS)
+    assert result["meta"]["plots"] == "skipped: matplotlib is not installed"
     assert [s["name"] for s in result["stages"]] == list(check.STAGES)
     assert [s["status"] for s in result["stages"]] == ["ok"] * len(check.STAGES), result["stages"]
     meta = result["meta"]
@@ -70,6 +82,8 @@ def test_dry_run_results(dry_run):
     assert agree["max_abs_diff"] <= 1e-4 * max(1.0, agree["max_abs_ref"])
     tests = result["tests"]
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0
+    assert tests["gpu_selected"] >= 100  # `pytest tests -m gpu`, collected without hypothesis & co.
+    assert result["build"]["ninja"] in (True, False) and result["build"]["versions"]["numpy"]
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -94,7 +108,7 @@ def test_report_turns_the_folder_into_the_readme_gpu_table(dry_run, tmp_path):
     assert f"| `cpu` backend | ok ({len(check.SMOKE_CASES)} cases) |" in table
     assert "dense official NFormer" in table and "chunked torch.mm + topk" in table
     assert f"{os.path.relpath(out, tmp_path)}/gpu_check.md" in table
-    assert _files(out) == FILES  # report reads the folder, adds nothing to it
+    assert _files(out) == FILES - PLOTS  # report reads the folder, adds nothing to it
 
 
 def test_without_a_gpu_it_stops_after_the_build_stage(tmp_path):
@@ -106,13 +120,15 @@ def test_without_a_gpu_it_stops_after_the_build_stage(tmp_path):
     assert build["status"] == "failed: no CUDA device visible to torch"
     assert [s["name"] for s in rest] == list(check.STAGES[1:])
     assert all(s["status"].startswith("skipped (no CUDA device") for s in rest)
-    assert _files(tmp_path) == FILES
+    assert _files(tmp_path) == FILES - ({"nformer-latency.png", "nformer-memory.png"} if not _importable("matplotlib")
+                                        else set())
     assert 'skipped message="skipped (no CUDA device' in (tmp_path / "gpu_tests.xml").read_text()
 
 
 def test_script_without_arguments_prints_its_usage():
     proc, _ = _script(timeout=30)
-    assert proc.returncode == 2 and "gpu_check.sh OUT_DIR [--budget-s 480] [--dry-run]" in proc.stdout
+    assert proc.returncode == 2 and "gpu_check.sh OUT_DIR [--budget-s S] [--stages ...] [--dry-run]" in proc.stdout
+    assert "NFORMER_GIT_COMMIT=$(git rev-parse HEAD)" in proc.stdout
 
 
 def test_a_stage_past_its_limit_is_interrupted(tmp_path):
@@ -123,3 +139,90 @@ def test_a_stage_past_its_limit_is_interrupted(tmp_path):
     assert runner._stream([sys.executable, "-c", "import sys; sys.exit(3)"], 10.0) == "failed (exit 3)"
     runner._log.close()
     assert "started" in (tmp_path / "gpu_check.log").read_text()
+
+
+def _importable(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_results_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "gpu_check.json"
+    path.write_text("old")
+    check.write_atomic(path, "new")
+    assert path.read_text() == "new" and _files(tmp_path) == {"gpu_check.json"}
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        check.write_atomic(path, "partial")
+    assert path.read_text() == "new" and _files(tmp_path) == {"gpu_check.json"}  # no temporary left
+
+
+def test_a_gpu_selection_that_does_not_collect_fails_the_stage(tmp_path, monkeypatch):
+    (tmp_path / "test_broken.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x(:\n    pass\n")
+    runner = check.Check(tmp_path / "out", budget_s=None, dry_run=True)
+    monkeypatch.setattr(check, "TEST_ARGS", {False: [str(tmp_path), "-m", "gpu"], True: []})
+    assert runner._gpu_selection(120).startswith("failed: collecting the GPU test selection: failed (exit")
+    (tmp_path / "test_broken.py").write_text("def test_not_gpu():\n    pass\n")
+    assert runner._gpu_selection(120) == "failed: the GPU test selection is empty"
+    (tmp_path / "test_broken.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n")
+    assert runner._gpu_selection(120) == 1
+    runner._log.close()
+
+
+def test_no_budget_means_stage_caps_and_stages_can_be_chosen(tmp_path):
+    runner = check.Check(tmp_path, budget_s=None, dry_run=True, stages=["knn"])
+    assert runner.left() == float("inf") and runner.stage_limit("tests") == check.STAGE_CAP_S["tests"]
+    assert runner.result["meta"]["command"] == f"nformer-bench check {tmp_path} --dry-run --stages knn"
+    for name in ("attention", "nformer", "tests", "tune"):
+        runner._stage(name)
+    assert {s["status"] for s in runner.result["stages"]} == {"skipped (not selected)"}
+    runner._log.close()
+    budgeted = check.Check(tmp_path, budget_s=100, dry_run=True)
+    assert budgeted.stage_limit("knn") == pytest.approx(20, abs=0.5) and budgeted.stage_limit("tests") <= 100
+    budgeted._log.close()
+    parser = check.argparse.ArgumentParser()
+    check.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(tmp_path), "--stages", "knn,build"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(tmp_path), "--budget-s", "0"])
+
+
+def test_environment_without_numpy_records_none():
+    code = ("import json, torch; from nformer_bench.environment import environment; "
+            "print(json.dumps(environment(torch.device('cpu'))['versions']))")
+    env = {**bare_machine_env("numpy"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "tests" / "bare_machine"), str(ROOT), str(ROOT / "python")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    versions = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert versions["numpy"] is None and versions["torch"]
+
+
+def test_the_extension_rebuilds_when_a_header_changes():
+    """setup.py lists csrc's headers as the extension's dependencies (setuptools compares their times)."""
+    code = ("import json, setuptools, sys; seen = {}; setuptools.setup = lambda **kw: seen.update(kw); "
+            "sys.argv = ['setup.py', '--name']; exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
+            "{'__file__': 'setup.py', '__name__': '__main__'}); "
+            "print(json.dumps([sorted(e.depends) for e in seen['ext_modules']]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NFORMER_BUILD_CUDA": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (depends,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    headers = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")}
+    assert "csrc/common/canonical.h" in headers and set(depends) == headers
+
+
+def test_plots_are_drawn_where_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (the bare-machine dry run skips them)")
+    runner = check.Check(tmp_path, budget_s=None, dry_run=True)
+    runner.result["nformer"]["rows"] = [{"method": "nformer", "backend": "cpu", "n": n, "status": "ok",
+                                         "latency_ms": n / 10, "peak_mem_bytes": n * 1e3} for n in (100, 200)]
+    runner._plots()
+    runner._log.close()
+    assert PLOTS <= _files(tmp_path) and "plots" not in runner.result["meta"]

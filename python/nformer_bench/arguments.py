@@ -41,6 +41,17 @@ def nonnegative_int(text: str) -> int:
     return _int(text, 0, ">= 0")
 
 
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def int_list(text: str) -> list:
     """Comma-separated integers >= 1 ("1e6" style accepted), at least one."""
     try:

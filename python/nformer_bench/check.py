@@ -1,12 +1,15 @@
-"""nformer-bench check: validate nformer_kernels on a CUDA machine in one run, inside a time budget.
+"""nformer-bench check: validate nformer_kernels on a CUDA machine in one run, optionally inside a time budget.
 
-  nformer-bench check OUT_DIR [--budget-s 480] [--dry-run]        (scripts/gpu_check.sh wraps it)
+  nformer-bench check OUT_DIR [--budget-s S] [--dry-run]        (scripts/gpu_check.sh wraps it)
 
-Stages, in this order; results are written into OUT_DIR as they come, and a stage that would
-start after the budget is spent is recorded as skipped:
+Stages, in this order; results are written into OUT_DIR as they come (gpu_check.json replaced
+atomically after every stage). Without --budget-s every stage runs to its end, within a cap that
+only stops a hung stage (STAGE_CAP_S); with it, the measurement stages get a share of the budget
+and a stage that would start after the budget is spent is recorded as skipped:
 
-  build      environment (nvidia-smi, versions, commit), then the extension compiled in place for
-             the visible GPU's arch only (in a source checkout; an installed package is used as is)
+  build      environment (nvidia-smi, versions, commit, ninja), then the extension compiled in place
+             for the visible GPU's arch only (in a source checkout; an installed package is used
+             as is); without ninja, setup.py compiles the sources in parallel itself
   smoke      every backend on the GPU against the `reference` backend, a few seconds each: knn
              index tensors identical (fp32, bf16, near-duplicates exact, certified margin 0 = every
              row rescanned by knn_rows), reciprocal_mask, neighbor_attention forward + backward, the NFormer eval
@@ -15,12 +18,15 @@ start after the budget is spent is recorded as skipped:
   attention  neighbor_attention forward + backward at N=1,000,000, d=256: achieved GB/s
   nformer    NFormer eval at N=19,281 / 93,820 / 1,000,000 (Market-1501, MSMT17, 1M) vs the dense
              official computation and a dense SDPA transformer, where they fit
-  tests      python -m pytest tests -m gpu (JUnit XML)
+  tests      python -m pytest tests -m gpu (JUnit XML); the dry run collects that selection
+             (`tests.gpu_selected`) and runs a few CPU tests
   tune       the Triton launch-configuration grids (nformer-bench tune), with the time left
 
 Measurements use the backends whose smoke check passed. Each stage runs in a process of its own
-(a GPU fault ends that stage, not the run) and the measurement stages within a share of the
-budget, so the test suite keeps time. The result is a compact, flat folder: gpu_check.log,
+(a GPU fault ends that stage, not the run); with a budget, the measurement stages run within a
+share of it, so the test suite keeps time. Nothing needs more than torch (and triton for its
+backend): numpy, matplotlib (the plots are skipped with a note), hypothesis, scipy, torchvision
+and faiss are optional (test modules that need them are skipped). The result is a compact, flat folder: gpu_check.log,
 gpu_tests.xml, gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png;
 `nformer-bench report OUT_DIR` turns it into the README's GPU table.
 
@@ -32,7 +38,9 @@ Exit status 1 when a stage or a test failed, else 0.
 import argparse
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,12 +52,16 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from nformer_bench import RESULT_MARK
+from nformer_bench.arguments import positive_float
 
 LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
     "gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png", "nformer-memory.png")
 STAGES = ("build", "smoke", "knn", "attention", "nformer", "tests", "tune")
-# Budget shares of the measurement stages; the build, tests and tune stages get the time left.
+# With --budget-s: the measurement stages' shares of it; the build, tests and tune stages get the time left.
 SHARE = {"smoke": 0.12, "knn": 0.2, "attention": 0.06, "nformer": 0.2}
+# Without: each stage's cap, which only ends a hung stage (a compile without ninja, the whole GPU suite).
+STAGE_CAP_S = {"build": 1800, "smoke": 900, "knn": 1200, "attention": 900, "nformer": 2400, "tests": 3600,
+               "tune": 3600}
 MIN_STAGE_S = 5.0  # a stage with less time left than this is skipped
 INTERRUPT_GRACE_S = 20.0  # after SIGINT at a stage's limit (pytest writes its JUnit XML), then SIGKILL
 
@@ -81,12 +93,27 @@ TEST_ARGS = {False: ["tests", "-m", "gpu"],
 
 def add_arguments(p):
     p.add_argument("out", type=Path, help="output folder (created; check files already in it are replaced)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="total wall-clock budget of all stages")
+    p.add_argument("--budget-s", type=positive_float, default=None,
+                   help="total wall-clock budget of all stages (default: none, every stage runs to its end)")
     p.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes (no GPU needed)")
+    p.add_argument("--stages", type=stage_list, default=None,
+                   help="comma-separated measurement stages to run (of " + ",".join(MEASURED) + "; default: "
+                        "all); build and smoke always run: nothing is measured before it is checked")
+
+
+MEASURED = STAGES[2:]
+
+
+def stage_list(text):
+    names = [tok.strip() for tok in text.split(",") if tok.strip()]
+    unknown = [name for name in names if name not in MEASURED]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected stages among {','.join(MEASURED)}, got {text!r}")
+    return names
 
 
 def run(args):
-    return Check(args.out, args.budget_s, args.dry_run).run()
+    return Check(args.out, args.budget_s, args.dry_run, args.stages).run()
 
 
 def _source_root():
@@ -111,11 +138,24 @@ def _child_env(extra=None):
     return env
 
 
+def write_atomic(path, text):
+    """text into path via a temporary file beside it and a rename: a reader, or a run killed
+    meanwhile, sees the previous file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Check:
     """One validation run: stages in order, each recorded in result and saved as it goes."""
 
-    def __init__(self, out, budget_s, dry_run):
+    def __init__(self, out, budget_s, dry_run, stages=None):
         self.out, self.budget_s, self.dry_run = Path(out), budget_s, dry_run
+        self.selected = set(STAGES[:2]) | set(stages or MEASURED)
         self.out.mkdir(parents=True, exist_ok=True)
         for name in FILES:  # a rerun into the same folder replaces the previous run
             (self.out / name).unlink(missing_ok=True)
@@ -127,8 +167,10 @@ class Check:
         self.abort = None  # why the remaining stages cannot run
         self.result = {"meta": {"budget_s": budget_s, "dry_run": dry_run, "device": self.device,
                                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "command": f"nformer-bench check {out} --budget-s {budget_s:g}"
-                                           + (" --dry-run" if dry_run else ""),
+                                "command": f"nformer-bench check {out}"
+                                           + (f" --budget-s {budget_s:g}" if budget_s is not None else "")
+                                           + (" --dry-run" if dry_run else "")
+                                           + (f" --stages {','.join(stages)}" if stages else ""),
                                 "complete": False},
                        "stages": [], "build": {}, "smoke": [], "knn": [], "attention": [],
                        "nformer": {"meta": {}, "agreement": [], "rows": []}, "tests": {}, "tune": []}
@@ -136,7 +178,15 @@ class Check:
 
     # ------------------------------------------------------------------ bookkeeping
     def left(self):
+        if self.budget_s is None:
+            return math.inf
         return self.budget_s - (time.monotonic() - self.t0)
+
+    def stage_limit(self, name):
+        """Seconds stage `name` may run: its share of the budget (or the time left), else its cap."""
+        if self.budget_s is None:
+            return float(STAGE_CAP_S[name])
+        return min(self.left(), SHARE[name] * self.budget_s) if name in SHARE else self.left()
 
     def log(self, text):
         self._log.write(text + "\n")
@@ -145,8 +195,8 @@ class Check:
     def save(self):
         from nformer_bench import report
 
-        (self.out / JSON).write_text(json.dumps(self.result, indent=1) + "\n")
-        (self.out / MD).write_text(report.check_markdown(self.result))
+        write_atomic(self.out / JSON, json.dumps(self.result, indent=1) + "\n")
+        write_atomic(self.out / MD, report.check_markdown(self.result))
 
     def _plots(self):
         from nformer_bench import report
@@ -154,19 +204,26 @@ class Check:
         nf = self.result["nformer"]
         meta = {"device_name": nf["meta"].get("device_name") or self.result["meta"].get("device_name", self.device),
                 "dtype": nf["meta"].get("dtype", "float32")}
-        report.plot_run({"meta": meta, "rows": nf["rows"]}, self.out / LATENCY_PNG, self.out / MEMORY_PNG)
+        try:
+            report.plot_run({"meta": meta, "rows": nf["rows"]}, self.out / LATENCY_PNG, self.out / MEMORY_PNG)
+        except ImportError as exc:  # a bare machine: the numbers are in the JSON and the summary
+            self.result["meta"]["plots"] = f"skipped: {exc.name or exc} is not installed"
+            self.log(f"plots {self.result['meta']['plots']}")
 
     def run(self):
         mode = "dry run on the CPU" if self.dry_run else "CUDA"
-        self.log(f"nformer-bench check ({mode}), budget {self.budget_s:g} s, output {self.out}")
+        budget = f"budget {self.budget_s:g} s" if self.budget_s is not None else "no budget"
+        self.log(f"nformer-bench check ({mode}), {budget}, output {self.out}")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # e.g. `timeout`: still save what ran
         try:
             for name in STAGES:
                 self._stage(name)
         finally:
+            self.save()  # the results first: the plots come after, from them
             self._plots()
             if self.result["tests"].get("status") is None:  # the tests stage never ran
-                self._junit_placeholder("the run ended before the tests stage")
+                self._junit_placeholder("the tests stage was not selected" if "tests" not in self.selected
+                                        else "the run ended before the tests stage")
             # complete: every stage ran to its end (none cut short or skipped for lack of time)
             self.result["meta"]["complete"] = len(self.result["stages"]) == len(STAGES) and not any(
                 s["status"].startswith(("timeout", "skipped (budget")) for s in self.result["stages"])
@@ -180,15 +237,18 @@ class Check:
         return 1 if failed else 0
 
     def _stage(self, name):
-        limit = self.left() if name not in SHARE else min(self.left(), SHARE[name] * self.budget_s)
+        limit = self.stage_limit(name)
         record = {"name": name, "status": "", "seconds": 0.0, "limit_s": round(limit, 1)}
         self.result["stages"].append(record)
-        if self.abort:
+        if name not in self.selected:
+            record["status"] = "skipped (not selected)"
+        elif self.abort:
             record["status"] = f"skipped ({self.abort})"
         elif limit < MIN_STAGE_S:
             record["status"] = f"skipped (budget spent: {max(self.left(), 0):.0f} s left)"
         else:
-            self.log(f"\n=== {name} (up to {limit:.0f} s, {self.left():.0f} s of the budget left)")
+            left = f", {self.left():.0f} s of the budget left" if self.budget_s is not None else ""
+            self.log(f"\n=== {name} (up to {limit:.0f} s{left})")
             start = time.monotonic()
             try:
                 record["status"] = getattr(self, "_" + name)(limit)
@@ -196,14 +256,15 @@ class Check:
                 record["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
             record["seconds"] = round(time.monotonic() - start, 1)
         self.log(f"--- {name}: {record['status']} ({record['seconds']:.0f} s)")
-        if name == "tests" and record["status"].startswith("skipped"):
+        if name == "tests" and record["status"].startswith("skipped") and name in self.selected:
             self._junit_placeholder(record["status"])
         self.save()
 
     # ------------------------------------------------------------------ processes
-    def _stream(self, cmd, limit_s, on_item=None, env=None):
-        """Run cmd with its output in the log; result lines go to on_item. At limit_s the process group
-        gets SIGINT, then SIGKILL. Returns "ok", "timeout (> N s)" or "failed (exit N)"."""
+    def _stream(self, cmd, limit_s, on_item=None, env=None, lines=None):
+        """Run cmd with its output in the log (and in `lines` when given); result lines go to on_item.
+        At limit_s the process group gets SIGINT, then SIGKILL. Returns "ok", "timeout (> N s)" or
+        "failed (exit N)"."""
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env=env or _child_env(), cwd=self.root or Path.cwd(), start_new_session=True)
         timed_out = threading.Event()
@@ -223,6 +284,7 @@ class Check:
                 signal_group(signal.SIGKILL)
 
         timer = threading.Timer(limit_s, stop)
+        timer.daemon = True
         timer.start()
         try:
             for line in proc.stdout:
@@ -232,6 +294,8 @@ class Check:
                         self.save()
                 else:
                     self.log(line.rstrip("\n"))
+                    if lines is not None:
+                        lines.append(line.rstrip("\n"))
             returncode = proc.wait()
         finally:
             timer.cancel()
@@ -271,8 +335,12 @@ class Check:
             if not os.environ.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
                 extra["CUDA_HOME"] = "/usr/local/cuda"
             self.log(f"compiling the extension for sm_{arch.replace('.', '')} only: setup.py build_ext --inplace")
-            site = Path(sysconfig.get_paths()["purelib"])
-            headers = [str(p) for p in sorted(site.glob("nvidia/cu*/include"))]  # pip CUDA headers (cusparse.h, ...)
+            if not build.get("ninja"):
+                self.log("ninja is not installed: the sources compile one after another (minutes; "
+                         "`pip install ninja` makes it parallel)")
+            # pip's CUDA headers (cusparse.h, ...) sit beside torch, in whichever site folder holds it.
+            sites = dict.fromkeys(Path(p) for p in (build.get("torch_site"), sysconfig.get_paths()["purelib"]) if p)
+            headers = [str(p) for site in sites for p in sorted(site.glob("nvidia/cu*/include"))]
             if headers:
                 extra["CPATH"] = os.pathsep.join(filter(None, [*headers, os.environ.get("CPATH")]))
             t = time.monotonic()
@@ -281,6 +349,9 @@ class Check:
             build["compile"] = f"{status} ({time.monotonic() - t:.0f} s, TORCH_CUDA_ARCH_LIST={arch})"
             # On a failed compile the later stages still check what runs (the triton backend needs no build).
             compile_failed = status != "ok" and f"failed: compile {status}"
+            if status.startswith("timeout"):
+                compile_failed = (f"failed: the compile did not finish in {limit:.0f} s (the build stage's cap): "
+                                  "build first (python setup.py build_ext --inplace), or give a larger --budget-s")
         status = self._worker("extension", max(min(deadline - time.monotonic(), 120), MIN_STAGE_S),
                               lambda item: build.update(item))
         meta.update({key: build.get(key) for key in ("device_name", "device_slug", "git_commit", "git_dirty")
@@ -352,6 +423,13 @@ class Check:
         if self.root is None or not (self.root / "tests").is_dir():
             tests["status"] = "skipped (no tests folder: not a source checkout)"
             return tests["status"]
+        deadline = time.monotonic() + limit
+        selected = self._gpu_selection(min(limit / 2, 300))
+        if isinstance(selected, str):
+            tests["status"] = selected
+            return selected
+        tests["gpu_selected"] = selected
+        limit = deadline - time.monotonic()
         junit = self.out / JUNIT
         cmd = [sys.executable, "-m", "pytest", *TEST_ARGS[self.dry_run], "-q", "-rfE", "-p", "no:cacheprovider",
                f"--junitxml={junit}"]
@@ -367,6 +445,17 @@ class Check:
             return f"failed: {tests.get('failures', 0)} failed, {tests.get('errors', 0)} errors"
         # pytest exits 5 when nothing was collected (e.g. no GPU test selected): not a failure of the code
         return "ok" if status in ("ok", "failed (exit 5)") else status
+
+    def _gpu_selection(self, limit):
+        """The number of tests `pytest tests -m gpu` selects (collected here, on any machine), or a
+        failed status: a collection error or an empty selection is never "0 tests, ok"."""
+        lines = []
+        cmd = [sys.executable, "-m", "pytest", *TEST_ARGS[False], "--collect-only", "-qq", "-p", "no:cacheprovider"]
+        status = self._stream(cmd, limit, lines=lines)
+        if status not in ("ok", "failed (exit 5)"):  # pytest exits 5 when it selected nothing
+            return f"failed: collecting the GPU test selection: {status}"
+        count = sum(int(m.group(1)) for m in map(re.compile(r"^\S+\.py: (\d+)$").match, lines) if m)
+        return count or "failed: the GPU test selection is empty"
 
     def _tune(self, limit):
         extra = {"TRITON_INTERPRET": "1"} if self.dry_run else None
@@ -423,7 +512,10 @@ def _probe(cfg, emit):
             versions[mod] = __import__(mod).__version__
         except ImportError:
             versions[mod] = None
-    info = {"versions": versions, "capability": None, "device_name": None}
+    from torch.utils.cpp_extension import is_ninja_available
+
+    info = {"versions": versions, "capability": None, "device_name": None, "ninja": is_ninja_available(),
+            "torch_site": str(Path(torch.__file__).resolve().parent.parent)}
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         info.update(capability=f"{major}.{minor}", device_name=torch.cuda.get_device_name())

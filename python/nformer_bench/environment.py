@@ -44,7 +44,6 @@ def _git(*cmd):
 
 
 def environment(device):
-    import numpy
     import torch
 
     import nformer_kernels as nk
@@ -55,9 +54,9 @@ def environment(device):
     else:
         name = f"{_cpu_name()} ({os.cpu_count()} cores)"
         slug = f"cpu-{_slug(_cpu_name())}-{os.cpu_count()}c"
-    versions = {"torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+    versions = {"torch": torch.__version__, "python": platform.python_version(),
                 "nformer_kernels": nk.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "faiss"):
+    for mod in ("numpy", "triton", "faiss"):  # optional: None where not installed
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:

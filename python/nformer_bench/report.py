@@ -265,8 +265,10 @@ def _check_header(result):
     return [f"Device: **{meta.get('device_name') or meta['device']}**{mode}, commit {commit}, {meta['started']}; "
             f"torch {v.get('torch')}, CUDA {v.get('cuda')}, triton {v.get('triton')}, python {v.get('python')}.",
             f"Build: {build.get('compile', 'not run')}; backends: {', '.join(build.get('backends') or []) or '—'} "
-            f"(automatic: {build.get('automatic_backend', '—')}). Budget {meta['budget_s']:g} s, "
-            f"wall {meta.get('wall_s', 0):.0f} s{'' if meta.get('complete') else ', not every stage ran to its end'}.",
+            f"(automatic: {build.get('automatic_backend', '—')}). "
+            + (f"Budget {meta['budget_s']:g} s, " if meta.get("budget_s") is not None else "No budget, ")
+            + f"wall {meta.get('wall_s', 0):.0f} s{'' if meta.get('complete') else ', not every stage ran to its end'}"
+            + (f"; plots {meta['plots']}" if meta.get("plots") else "") + ".",
             f"Command: `{meta['command']}`"]
 
 
