@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nformer_bench import check, report
+from nformer_bench import check, check_stages, report
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png",
@@ -66,7 +66,7 @@ def test_dry_run_runs_every_stage_in_order_and_leaves_a_compact_folder(dry_run):
 def test_dry_run_results(dry_run):
     _, result, _ = dry_run
     smoke = {(c["backend"], c["case"]): c for c in result["smoke"]}
-    assert {case for _, case in smoke} == set(check.SMOKE_CASES)
+    assert {case for _, case in smoke} == set(check_stages.SMOKE_CASES)
     assert all(c["ok"] and c["max_err"] <= c["tol"] for c in smoke.values())
     assert "reference" not in {b for b, _ in smoke}  # the oracle is not checked against itself
     knn = {(r["method"], r["dtype"]): r for r in result["knn"]}
@@ -105,7 +105,7 @@ def test_report_turns_the_folder_into_the_readme_gpu_table(dry_run, tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and f"{report.BEGIN}\nsweep\n{report.END}" in text
     table = text[text.index(report.GPU_BEGIN):text.index(report.GPU_END)]
-    assert f"| `cpu` backend | ok ({len(check.SMOKE_CASES)} cases) |" in table
+    assert f"| `cpu` backend | ok ({len(check_stages.SMOKE_CASES)} cases) |" in table
     assert "dense official NFormer" in table and "chunked torch.mm + topk" in table
     assert f"{os.path.relpath(out, tmp_path)}/gpu_check.md" in table
     assert _files(out) == FILES - PLOTS  # report reads the folder, adds nothing to it

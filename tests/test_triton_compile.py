@@ -43,6 +43,23 @@ def test_launchers_only_pick_listed_variants():
         sparse_attention.choose_variants(torch.float32, sparse_attention.MAX_K + 1)
 
 
+def test_launch_grids_past_cuda_limits_are_refused():
+    """Every launcher goes through Variant.launch, which checks CUDA's grid limits (the interpreter
+    has none; on a GPU the driver's error names nothing): B > 65,535 is a ValueError naming B."""
+    from nformer_kernels import triton as nf_triton
+    from nformer_kernels.backends import kernel
+    from nformer_kernels.triton.variants import check_grid
+
+    check_grid("k", (2**31 - 1, 65535))
+    with pytest.raises(ValueError, match="grid axis 0"):
+        check_grid("k", (2**31, 1))
+    if not nf_triton.interpreted and not torch.cuda.is_available():
+        pytest.skip("the triton kernels run neither interpreted nor compiled here")
+    x = torch.randn(65536, 2, 4, device="cpu" if nf_triton.interpreted else "cuda")
+    with pytest.raises(ValueError, match="the batch B is too large for the triton kernel"):
+        kernel("triton", "knn")(x, 2)
+
+
 @pytest.mark.slow
 def test_every_variant_compiles_for_sm86_and_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0",

@@ -39,8 +39,23 @@ class Variant:
         return f"{self.kernel.__name__}[{ptrs}|{consts}|w{self.num_warps}s{self.num_stages}]"
 
     def launch(self, grid, *args):
+        check_grid(self.kernel.__name__, grid)
         return self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps,
                                  num_stages=self.num_stages)
+
+
+# CUDA's grid limits per axis: a launch past them fails with an unspecific driver error (and the
+# interpreter has none), so every launcher is checked here, as csrc/cuda's launchers check theirs.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(kernel: str, grid) -> None:
+    """ValueError when grid exceeds CUDA's limits (axis 1 is the batch B in every launcher)."""
+    for axis, (extent, most) in enumerate(zip(grid, GRID_LIMITS)):
+        if extent > most:
+            what = "the batch B" if axis == 1 else f"grid axis {axis}"
+            raise ValueError(f"{what} is too large for the triton kernel {kernel}: {extent} > {most} "
+                             f"(CUDA's grid limit); split the batch")
 
 
 def next_pow2(n: int) -> int:

@@ -18,17 +18,18 @@ and a stage that would start after the budget is spent is recorded as skipped:
   attention  neighbor_attention forward + backward at N=1,000,000, d=256: achieved GB/s
   nformer    NFormer eval at N=19,281 / 93,820 / 1,000,000 (Market-1501, MSMT17, 1M) vs the dense
              official computation and a dense SDPA transformer, where they fit
-  tests      python -m pytest tests -m gpu (JUnit XML); the dry run collects that selection
-             (`tests.gpu_selected`) and runs a few CPU tests
+  tests      python -m pytest tests -m gpu (JUnit XML), its selection collected first
+             (`tests.gpu_selected`); the dry run collects it and runs a few CPU tests
   tune       the Triton launch-configuration grids (nformer-bench tune), with the time left
 
 Measurements use the backends whose smoke check passed. Each stage runs in a process of its own
 (a GPU fault ends that stage, not the run); with a budget, the measurement stages run within a
 share of it, so the test suite keeps time. Nothing needs more than torch (and triton for its
 backend): numpy, matplotlib (the plots are skipped with a note), hypothesis, scipy, torchvision
-and faiss are optional (test modules that need them are skipped). The result is a compact, flat folder: gpu_check.log,
-gpu_tests.xml, gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png;
-`nformer-bench report OUT_DIR` turns it into the README's GPU table.
+and faiss are optional (test modules that need them are skipped). The stages' child-process side
+is check_stages.py. The result is a compact, flat folder: gpu_check.log, gpu_tests.xml,
+gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png; `nformer-bench report
+OUT_DIR` turns it into the README's GPU table.
 
 --dry-run runs every stage on the CPU at tiny sizes and leaves the same files, in about a minute:
 the build stage only checks that the extension is built, the tests stage runs a few CPU tests and
@@ -53,6 +54,8 @@ from pathlib import Path
 
 from nformer_bench import RESULT_MARK
 from nformer_bench.arguments import positive_float
+from nformer_bench.check_stages import SMOKE_CASES
+from nformer_bench.environment import source_root
 
 LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
     "gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png", "nformer-memory.png")
@@ -116,15 +119,6 @@ def run(args):
     return Check(args.out, args.budget_s, args.dry_run, args.stages).run()
 
 
-def _source_root():
-    """The checkout holding nformer_kernels (setup.py, tests/), or None for an installed package."""
-    spec = importlib.util.find_spec("nformer_kernels")
-    if spec is None or not spec.origin:
-        return None
-    root = Path(spec.origin).resolve().parent.parent
-    return root if (root / "setup.py").exists() else None
-
-
 def _child_env(extra=None):
     """This process's environment, with nformer_bench and nformer_kernels importable as they are here.
     TRITON_INTERPRET is dropped unless extra sets it: only the dry run's tuning interprets Triton."""
@@ -160,7 +154,7 @@ class Check:
         for name in FILES:  # a rerun into the same folder replaces the previous run
             (self.out / name).unlink(missing_ok=True)
         self.t0 = time.monotonic()
-        self.root = _source_root()
+        self.root = source_root()
         self.device = "cpu" if dry_run else "cuda"
         self.sizes = SIZES[dry_run]
         self.passed = []  # backends whose smoke check passed
@@ -488,283 +482,3 @@ def _junit_counts(path):
                         for s in suites for case in s.iter("testcase")
                         if case.find("failure") is not None or case.find("error") is not None][:30]
     return counts
-
-
-# ============================================================================== stage workers (child processes)
-def stage_worker(cfg):
-    """Runs one stage in this (child) process, printing a RESULT_MARK line per result."""
-    def emit(item):
-        print(RESULT_MARK + json.dumps(item), flush=True)
-
-    {"probe": _probe, "extension": _extension, "smoke": _smoke, "knn": _knn, "attention": _attention,
-     "nformer": _nformer, "tune": _tune}[cfg["stage"]](cfg, emit)
-
-
-def _probe(cfg, emit):
-    """Software and device, without importing nformer_kernels (whose extension may be rebuilt next)."""
-    import platform
-
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for mod in ("triton", "numpy"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except ImportError:
-            versions[mod] = None
-    from torch.utils.cpp_extension import is_ninja_available
-
-    info = {"versions": versions, "capability": None, "device_name": None, "ninja": is_ninja_available(),
-            "torch_site": str(Path(torch.__file__).resolve().parent.parent)}
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        info.update(capability=f"{major}.{minor}", device_name=torch.cuda.get_device_name())
-    root = _source_root()
-    commit = None
-    if root is not None:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-        commit = proc.stdout.strip() if proc.returncode == 0 else None
-    info["git_commit"] = commit or os.environ.get("NFORMER_GIT_COMMIT")
-    print(f"torch {versions['torch']} (CUDA {versions['cuda']}), triton {versions['triton']}, python "
-          f"{versions['python']}; device: {info['device_name'] or 'no CUDA device'} "
-          f"(capability {info['capability']}); commit {info['git_commit']}")
-    emit(info)
-
-
-def _extension(cfg, emit):
-    import torch
-
-    import nformer_kernels as nk
-    from nformer_bench.environment import environment
-
-    device = torch.device(cfg["device"])
-    env = environment(device)
-    info = {"extension": nk.extension_available(), "extension_cuda": nk.extension_has_cuda(),
-            "backends": nk.available_backends(device), "automatic_backend": nk.get_backend(device),
-            **{key: env[key] for key in ("device_name", "device_slug", "git_commit", "git_dirty")}}
-    print(f"nformer_kernels {nk.__version__}: extension {info['extension']}, CUDA kernels {info['extension_cuda']}; "
-          f"backends on {device.type}: {info['backends']} (automatic: {info['automatic_backend']})")
-    emit(info)
-
-
-# ------------------------------------------------------------------ smoke cases
-def _randn(*shape, seed, device):
-    """Seeded normal values, drawn in fp64 (no ties at fp32 precision)."""
-    import torch
-
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float().to(device)
-
-
-def _rel_err(got, want):
-    """max |got - want| / max(1, max |want|): the project's tolerance scale."""
-    return ((got.float() - want.float()).abs().max() / max(1.0, want.float().abs().max().item())).item()
-
-
-def _knn_case(dtype, kind="gaussian", precision="auto", margin=None):
-    """knn's index tensor against the reference's, entry for entry (the canonical top-k is the same
-    tensor on every backend): the number of entries that differ, tolerance 0."""
-    def case(backend, p, device):
-        import torch
-
-        import nformer_kernels as nk
-        from nformer_bench.certified import features
-
-        x = features(kind, p["n"], p["d"], device)[0].to(getattr(torch, dtype))
-        with nk.use_backend(backend):
-            idx = nk.knn(x, p["k"], precision=precision, margin=margin)
-        with nk.use_backend("reference"):
-            ref = nk.knn(x, p["k"])
-        if idx.shape != ref.shape:
-            raise AssertionError(f"shape {tuple(idx.shape)}, expected {tuple(ref.shape)}")
-        return (idx != ref).sum().item(), 0
-    return case
-
-
-def _reciprocal_case(backend, p, device):
-    import nformer_kernels as nk
-
-    with nk.use_backend("reference"):
-        idx = nk.knn(_randn(p["n"], p["d"], seed=1, device=device), p["k"])
-        ref = nk.reciprocal_mask(idx)
-    with nk.use_backend(backend):
-        keep = nk.reciprocal_mask(idx)
-    return (keep != ref).sum().item(), 0
-
-
-def _attention_inputs(p, device, dtype):
-    import torch
-
-    import nformer_kernels as nk
-
-    with nk.use_backend("reference"):
-        idx = nk.knn(_randn(p["n"], p["d"], seed=2, device=device), p["k"])
-        keep = nk.reciprocal_mask(idx)
-    q, k, v = (_randn(p["n"], p["d"], seed=s, device=device).to(dtype) for s in (3, 4, 5))
-    landmarks = torch.randperm(p["n"], generator=torch.Generator().manual_seed(6))[:p["landmarks"]].to(device)
-    return q, k, v, idx, keep, landmarks
-
-
-def _attention_train_case(backend, p, device):
-    import torch
-
-    import nformer_kernels as nk
-
-    q, k, v, idx, keep, landmarks = _attention_inputs(p, device, torch.float32)
-    grad_out = _randn(p["n"], p["d"], seed=7, device=device)
-
-    def forward_backward(name):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        with nk.use_backend(name):
-            out = nk.neighbor_attention(*leaves, idx, keep, landmarks, p["heads"])
-            grads = torch.autograd.grad(out, leaves, grad_out)
-        return [out.detach(), *grads]
-
-    return max(_rel_err(a, b) for a, b in zip(forward_backward(backend), forward_backward("reference"))), 1e-4
-
-
-def _attention_half_case(backend, p, device):
-    import torch
-
-    import nformer_kernels as nk
-
-    inputs = _attention_inputs(p, device, torch.bfloat16)
-    with torch.no_grad():
-        with nk.use_backend(backend):
-            out = nk.neighbor_attention(*inputs, p["heads"])
-        with nk.use_backend("reference"):
-            ref = nk.neighbor_attention(*inputs, p["heads"])
-    return _rel_err(out, ref), 1.6e-2
-
-
-def _nformer_case(backend, p, device):
-    import torch
-
-    import nformer_kernels as nk
-    from nformer_bench.baselines import DenseOfficialNFormer, random_official_state_dict
-
-    n, d, k = p["nformer_n"], p["nformer_d"], p["k"]
-    sd = random_official_state_dict(dim=d, depth=2, classes=None, prefix="", std=0.1)
-    dense = DenseOfficialNFormer.from_official(sd, heads=2, topk=k).to(device).eval()
-    fused = nk.NFormer.from_official(sd, topk=k).to(device).eval()
-    x = _randn(1, n, d, seed=8, device=device)
-    gen = torch.Generator().manual_seed(9)
-    landmarks = torch.stack([torch.randperm(n, generator=gen)[:5] for _ in range(2)]).to(device)
-    with torch.no_grad():
-        ref = dense(x, landmarks=landmarks)
-        with nk.use_backend(backend):
-            out = fused(x, landmarks=landmarks)
-    return _rel_err(out, ref), 1e-4
-
-
-# Tolerances: docs/design.md, "Numerics" (knn: none, the index tensor is the reference's; the rest:
-# max |error| / max(1, max |ref|) in the output dtype).
-SMOKE_CASES = {"knn fp32": _knn_case("float32"), "knn bf16": _knn_case("bfloat16"),
-               "knn fp32 exact, near-duplicates": _knn_case("float32", "near-duplicates", "exact"),
-               "knn certified margin 0 (knn_rows rescan)": _knn_case("float32", "near-duplicates", "certified", 0),
-               "reciprocal_mask": _reciprocal_case, "neighbor_attention fp32 fwd+bwd": _attention_train_case,
-               "neighbor_attention bf16 fwd": _attention_half_case,
-               "NFormer eval fp32 vs dense official": _nformer_case}
-
-
-def _smoke(cfg, emit):
-    """cfg["backend"]'s smoke cases against the reference backend, stopping at the first failure."""
-    import traceback
-
-    import torch
-
-    device, backend = torch.device(cfg["device"]), cfg["backend"]
-    print(f"{backend} on {device.type} tensors, checked against the reference backend")
-    for name, case in SMOKE_CASES.items():
-        start = time.monotonic()
-        row = {"backend": backend, "case": name, "ok": False, "max_err": None, "tol": None, "error": None}
-        try:
-            row["max_err"], row["tol"] = case(backend, cfg, device)
-            row["ok"] = row["max_err"] <= row["tol"]
-        except Exception as exc:  # noqa: BLE001 - the failing case is the result
-            traceback.print_exc(file=sys.stdout)
-            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        row["seconds"] = round(time.monotonic() - start, 2)
-        print(f"{backend:>10} {name:<38} {'ok' if row['ok'] else 'FAILED'}  err {row['max_err']} "
-              f"tol {row['tol']} {row['error'] or ''} ({row['seconds']} s)", flush=True)
-        emit(row)
-        if not row["ok"]:
-            break  # fail fast: the rest of this backend's cases would only repeat it
-
-
-# ------------------------------------------------------------------ measurements
-def _knn(cfg, emit):
-    from nformer_bench.knn import compare
-
-    for dtype in cfg["dtypes"]:
-        methods = ["knn", "knn-torch"] if cfg["backends"] else ["knn-torch"]
-        for row in compare(cfg["n"], cfg["d"], cfg["k"], cfg["device"], dtype, methods, cfg["backends"],
-                           repeats=cfg["repeats"], repeat_budget_s=cfg["repeat_budget_s"], isolated=False):
-            print(f"knn {dtype} {row['method']} ({row['backend']}): {row['status']} "
-                  f"{row.get('latency_ms')} ms, recall {row.get('recall')}", flush=True)
-            emit(row)
-
-
-def _attention(cfg, emit):
-    import torch
-
-    import nformer_kernels as nk
-    from nformer_bench import runner
-
-    device = torch.device(cfg["device"])
-    n, d, k = cfg["n"], cfg["d"], cfg["k"]
-    params = {"d": d, "heads": cfg["heads"], "landmarks": cfg["landmarks"], "k": k, "ffn": 1, "depth": 1}
-    # One neighbour list for every configuration: the bf16 knn of the features (seconds at N=1M).
-    with nk.use_backend(cfg["backends"][0]), torch.inference_mode():
-        idx = nk.knn(runner.synthetic_features(n, d, device, torch.bfloat16)[0], k)
-        keep = nk.reciprocal_mask(idx)
-    for dtype in cfg["dtypes"]:
-        for backend in cfg["backends"]:
-            mcfg = {"method": "attention", "backend": backend, "n": n, "device": str(device), "dtype": dtype,
-                    "warmup": 1, "repeats": cfg["repeats"], "repeat_budget_s": cfg["repeat_budget_s"],
-                    "threads": None, "params": params}
-            row = {"method": "attention", "backend": backend, "n": n, "dtype": dtype, **params,
-                   **runner.launch("measure", mcfg, None, isolated=False, neighbours=(idx, keep))}
-            print(f"attention {dtype} ({backend}): {row['status']} {row.get('latency_ms')} ms, "
-                  f"{row.get('gbytes_per_s')} GB/s", flush=True)
-            emit(row)
-
-
-def _nformer(cfg, emit):
-    import argparse
-
-    from nformer_bench import report, sweep
-
-    methods = (["nformer"] if cfg["backends"] else []) + ["dense-official", "dense-transformer"]
-    margin = 0.1 * cfg["limit_s"]  # the last configuration started must end before the stage's limit
-    argv = ["run", "--device", cfg["device"], "--dtype", "float32", "--methods", ",".join(methods),
-            "--n-list", ",".join(map(str, cfg["n_list"])), "--d", str(cfg["d"]), "--ffn", str(cfg["ffn"]),
-            "--repeats", str(cfg["repeats"]), "--warmup", "1",
-            "--repeat-budget-s", str(cfg["repeat_budget_s"]), "--timeout-s", str(cfg["limit_s"] - margin),
-            "--time-budget-s", str(cfg["limit_s"] - margin), "--isolation", "none", "--check-n", str(cfg["check_n"])]
-    if cfg["backends"]:
-        argv += ["--backends", ",".join(cfg["backends"])]
-    parser = argparse.ArgumentParser(prog="nformer-bench run")  # `nformer-bench run`'s options, as it parses them
-    sweep.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
-    args.argv = argv
-    runs = sweep.Sweep(args)
-    emit({"kind": "meta", **runs.meta()})
-    for kind, item in runs:
-        print(report.row_line(item) if kind == "rows" else f"agreement: {item}", flush=True)
-        emit({"kind": kind, **item})
-
-
-def _tune(cfg, emit):
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("triton is not importable: no tuning")
-        return
-    from nformer_bench import tune
-
-    for kernel, dtype, most in cfg["specs"]:
-        args = argparse.Namespace(kernel=kernel, n=cfg["n"], d=cfg["d"], k=cfg["k"], heads=2, landmarks=5,
-                                  dtype=dtype, repeats=cfg["repeats"], max_configs=most)
-        for row in tune.rows(args):
-            print(f"tune {kernel} {dtype} {row['variant']}: {row['ms']} ms {row['error'] or ''}", flush=True)
-            emit({"kernel": kernel, "dtype": dtype, **row})

@@ -127,7 +127,9 @@ def _worker(kind, cfg):
     from nformer_bench import runner
 
     if kind == "check":  # a stage of `check`: it prints its own result lines
-        check.stage_worker(cfg)
+        from nformer_bench.check_stages import stage_worker
+
+        stage_worker(cfg)
         return
     result = runner.measure(cfg) if kind == "measure" else runner.agreement(cfg)
     print(RESULT_MARK + json.dumps(result), flush=True)

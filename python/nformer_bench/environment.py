@@ -1,10 +1,21 @@
-"""Where a benchmark ran: device name and slug, library versions, git commit, memory available."""
+"""Where a benchmark ran: device name and slug, library versions, git commit, memory available, the
+source checkout."""
+import importlib.util
 import os
 import platform
 import re
 import subprocess
 from pathlib import Path
 
+
+
+def source_root():
+    """The checkout holding nformer_kernels (setup.py, tests/), or None for an installed package."""
+    spec = importlib.util.find_spec("nformer_kernels")
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).resolve().parent.parent
+    return root if (root / "setup.py").exists() else None
 
 
 def _slug(text):
