@@ -22,7 +22,7 @@ the work on the block in hand), twice:
 
 The counts are integers, so the order in which blocks arrive does not matter, and a distance is a
 function of its two rows alone: the features are quantised once onto evaluate_features' integer
-grid (its _Grid: one common scale from the largest |feature| of all ranks, or unit rows), where
+grid (its Grid: one common scale from the largest |feature| of all ranks, or unit rows), where
 every dot product is an exact float64 integer whatever the block. The rows travel as the grid's
 int32 integers (4 bytes per feature, whatever the input dtype). Per-query AP / INP and the
 first-match ranks are local; one all_reduce of a float64 vector (each rank's per-query values in
@@ -40,10 +40,10 @@ from typing import Optional
 import torch
 
 from nformer_kernels import distributed as nkd
-from nformer_reid.metrics import (NO_MATCH_MESSAGE, _as_bool, _as_ids, _check_metric, _count_before_matches, _Grid,
-                                  _Matches, _peak, _row_key, _same_pid_entries, _segment_cumsum, _small_gallery,
-                                  evaluate_features)
-from nformer_reid.utils.checks import as_features, as_int
+from nformer_reid.metrics import (NO_MATCH_MESSAGE, Grid, Matches, as_ids, check_metric, count_before_matches,
+                                  evaluate_features, peak_abs, row_key, same_pid_entries, segment_cumsum,
+                                  small_gallery)
+from nformer_reid.utils.checks import as_bool, as_features, as_int
 
 __all__ = ["evaluate_features_distributed"]
 
@@ -59,12 +59,12 @@ def _same_on_every_rank(metas, key, what, error=ValueError):
     return values[0]
 
 
-def _transport_dtype(grid: _Grid) -> torch.dtype:
+def _transport_dtype(grid: Grid) -> torch.dtype:
     """int32 holds the grid's integers exactly (|x| <= 2**grid.bits); float64 if it ever could not."""
     return torch.int32 if grid.bits <= 30 else torch.float64
 
 
-def _quantised(grid: _Grid, x: torch.Tensor, device) -> torch.Tensor:
+def _quantised(grid: Grid, x: torch.Tensor, device) -> torch.Tensor:
     """The grid rows of x (integers, in the transport dtype) on device, a chunk of rows at a time."""
     out = torch.empty(x.shape, dtype=_transport_dtype(grid), device=device)
     for s in range(0, x.shape[0], _QUANTISE_ROWS):
@@ -73,7 +73,7 @@ def _quantised(grid: _Grid, x: torch.Tensor, device) -> torch.Tensor:
 
 
 def _grid_rows(rows: torch.Tensor):
-    """(float64 rows, exact squared norms) of transported grid rows, as _Grid.rows gives them: the
+    """(float64 rows, exact squared norms) of transported grid rows, as Grid.rows gives them: the
     norms are sums of integers below 2**53, exact in any order."""
     g = rows.double()
     return g, (g * g).sum(1)
@@ -123,9 +123,9 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
     inputs = {}
 
     def check():
-        normalize_ = _check_metric(metric, normalize)
+        normalize_ = check_metric(metric, normalize)
         max_rank_ = as_int(max_rank, "max_rank", minimum=1)
-        return_mINP_ = _as_bool(return_mINP, "return_mINP")
+        return_mINP_ = as_bool(return_mINP, "return_mINP")
         qf, gf = as_features(qf_shard, "qf_shard"), as_features(gf_shard, "gf_shard")
         if qf.shape[1] != gf.shape[1]:
             raise ValueError(f"qf_shard and gf_shard must be (q_local, d) and (g_local, d), got {tuple(qf.shape)} "
@@ -135,7 +135,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
         device = qf.device
         chunks = [None if c is None else as_int(c, name, minimum=1)
                   for c, name in ((query_chunk, "query_chunk"), (gallery_chunk, "gallery_chunk"))]
-        ids = {name: _as_ids(arr, name, n, device) for name, arr, n in (
+        ids = {name: as_ids(arr, name, n, device) for name, arr, n in (
             ("q_pids", q_pids, qf.shape[0]), ("g_pids", g_pids, gf.shape[0]), ("q_camids", q_camids, qf.shape[0]),
             ("g_camids", g_camids, gf.shape[0]))}
         unit = normalize_ or metric == "cosine"
@@ -143,7 +143,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
         return gf.shape[0], device, {
             "d": qf.shape[1], "metric": metric, "normalize": normalize_, "max_rank": max_rank_,
             "return_mINP": return_mINP_, "queries": qf.shape[0],
-            "peak": 0.0 if unit else max(_peak(qf), _peak(gf))}
+            "peak": 0.0 if unit else max(peak_abs(qf), peak_abs(gf))}
 
     world, metas = nkd.gather_checked(check, group)
     for key, what in (("d", "the feature dim (qf_shard.shape[1])"), ("metric", "metric"),
@@ -162,7 +162,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
         raise ValueError(f"qf_shard and gf_shard must be non-empty on some rank, got {num_q} query and {num_g} "
                          f"gallery rows over {world.size} ranks")
     device, nq = world.device, qf.shape[0]
-    grid = _Grid(meta["d"], metric, normalize_, max(m["peak"] for m in metas))  # as _grid_for on all rows
+    grid = Grid(meta["d"], metric, normalize_, max(m["peak"] for m in metas))  # as _grid_for on all rows
     q_rows = _quantised(grid, qf, device)  # made float64 a chunk at a time
     q_sq = torch.cat([_grid_rows(q_rows[s:s + _QUANTISE_ROWS])[1] for s in range(0, nq, _QUANTISE_ROWS)]
                      + [q_rows.new_empty(0, dtype=torch.float64)])
@@ -175,7 +175,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
         if err is not None or nq == 0 or rows_b.shape[0] == 0:
             continue
         try:
-            r, c, is_match, dropped = _same_pid_entries(ids["q_pids"], ids["q_camids"], pids_b, cams_b)
+            r, c, is_match, dropped = same_pid_entries(ids["q_pids"], ids["q_camids"], pids_b, cams_b)
             dist = torch.empty(r.numel(), dtype=torch.float32, device=device)
             for s in range(0, r.numel(), _PAIR_ROWS):
                 rr, cc = r[s:s + _PAIR_ROWS], c[s:s + _PAIR_ROWS]
@@ -183,7 +183,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
             pieces.append((r, c + offsets[owner], is_match, dropped, dist))
         except (TypeError, ValueError) as exc:  # agreed on below, once every rank has passed its blocks on
             err = exc
-    if pieces:  # in (query, global gallery index) order, as _same_pid_entries lists all of them at once
+    if pieces:  # in (query, global gallery index) order, as same_pid_entries lists all of them at once
         s_row, s_col, s_match, s_drop, s_dist = (torch.cat(t) for t in zip(*pieces))
         order = torch.argsort(s_row * num_g + s_col)
         s_row, s_col, s_match, s_drop, s_dist = (t[order] for t in (s_row, s_col, s_match, s_drop, s_dist))
@@ -204,9 +204,9 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
     if valid_local:
         with warnings.catch_warnings():  # the skipped queries are counted over all ranks above
             warnings.simplefilter("ignore", RuntimeWarning)
-            matches = _Matches(s_row, s_col, s_match, s_drop, s_dist, nq, torch.float32, _CALLER)
+            matches = Matches(s_row, s_col, s_match, s_drop, s_dist, nq, torch.float32, _CALLER)
         m_row, m_col, m_dist = matches.row, matches.col, matches.dist
-        m_keys = _row_key(m_row, m_dist)  # sorted: (query, distance, gallery index) order
+        m_keys = row_key(m_row, m_dist)  # sorted: (query, distance, gallery index) order
         # Runs of matches at one (query, distance), gallery index ascending: tie_keys orders (run
         # start, global gallery index), so an entry tied with a run finds its place by index.
         new_run = torch.ones_like(m_keys, dtype=torch.bool)
@@ -236,12 +236,12 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
                     ge = min(gs + gallery_chunk, rows_b.shape[0])
                     block = grid.block(q, q_sq[qs:qe], rows_b[gs:ge].double(), b_sq[gs:ge])
                     if matches is not None:
-                        _count_before_matches(block, far[qs:qe], qs, offsets[owner] + gs, m_keys, tie_keys, num_g,
+                        count_before_matches(block, far[qs:qe], qs, offsets[owner] + gs, m_keys, tie_keys, num_g,
                                               m_end, hist)
         except (TypeError, ValueError) as exc:
             err = exc
     _agree(err, world.rows, device, {}, group)
-    max_rank_ = _small_gallery(max_rank_, num_g, _CALLER)
+    max_rank_ = small_gallery(max_rank_, num_g, _CALLER)
 
     # Per-query AP (and INP) in their global slots, the CMC's first-match counts after them: one
     # all_reduce in which every slot gets one rank's value plus zeros (exact).
@@ -249,7 +249,7 @@ def evaluate_features_distributed(qf_shard, gf_shard, q_pids, g_pids, q_camids, 
     inp_len = num_valid if with_mINP else 0
     sums = torch.zeros(num_q + inp_len + max_rank_, dtype=torch.float64, device=device)
     if matches is not None:
-        before = _segment_cumsum(hist, matches.start, m_row)
+        before = segment_cumsum(hist, matches.start, m_row)
         rank = (before + 1 - matches.drops_before).double()  # 1-based rank within the kept list
         ap = torch.zeros(nq, dtype=torch.float64, device=device).index_add_(0, m_row, matches.kth.double() / rank)
         sums[q_off:q_off + nq] = ap / matches.num_pos.clamp(min=1)

@@ -20,6 +20,10 @@ before it by binary search among the query's sorted match keys. Its distances ar
 compute_distance_matrix: both quantise the features onto an integer grid fine enough for float32
 results, so every dot product is an exact float64 integer whatever the block shape, the BLAS
 library or the device.
+
+nformer_reid.distributed evaluates the same way over ranks and shares the building blocks by their
+public names here: Grid (the integer grid), Matches (same-pid pairs), row_key, as_ids,
+check_metric, count_before_matches, peak_abs, same_pid_entries, segment_cumsum, small_gallery.
 """
 import math
 import warnings
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from nformer_reid.plotting import plot_cmc  # noqa: F401  (public name of this module)
-from nformer_reid.utils.checks import as_device, as_int, as_tensor, ldexp
+from nformer_reid.utils.checks import as_bool, as_device, as_int, as_tensor, ldexp
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 
@@ -42,7 +46,7 @@ def _default_device(x):
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _row_key(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def row_key(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """int64 keys ordered like (row, value) for int64 rows >= 0 and float32 values (-0.0 == +0.0)."""
     bits = (values + 0.0).view(torch.int32).to(torch.int64)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # sign-magnitude -> ordered
@@ -50,10 +54,10 @@ def _row_key(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def _row_keys(rows_a, values_a, rows_b, values_b):
-    """_row_key of two lists at once, for float32 values or (any other dtype) their dense ranks
+    """row_key of two lists at once, for float32 values or (any other dtype) their dense ranks
     among both lists: equal values get equal keys, order is exact in the values' own dtype."""
     if values_a.dtype == torch.float32:
-        return _row_key(rows_a, values_a), _row_key(rows_b, values_b)
+        return row_key(rows_a, values_a), row_key(rows_b, values_b)
     both = torch.cat([values_a, values_b])
     if both.is_floating_point():
         both = both + 0.0  # -0.0 == +0.0
@@ -69,7 +73,7 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype.is_floating_point else torch.int64
 
 
-def _as_ids(arr, name: str, expected: Optional[int], device, distmat: bool = False) -> torch.Tensor:
+def as_ids(arr, name: str, expected: Optional[int], device, distmat: bool = False) -> torch.Tensor:
     t = as_tensor(arr, name).reshape(-1)
     if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must hold integers, got {t.dtype}")
@@ -79,13 +83,7 @@ def _as_ids(arr, name: str, expected: Optional[int], device, distmat: bool = Fal
     return t.to(device=device, dtype=torch.int64)
 
 
-def _as_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _same_pid_entries(q_pids, q_cams, g_pids, g_cams):
+def same_pid_entries(q_pids, q_cams, g_pids, g_cams):
     """Sparse (query, gallery) pairs with the same pid, grouped by query, gallery index ascending.
 
     Returns rows, cols, is_match (other camera), dropped (same camera: removed from the ranking).
@@ -105,37 +103,37 @@ def _same_pid_entries(q_pids, q_cams, g_pids, g_cams):
 def count_valid_queries(q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike) -> int:
     """How many queries have a valid match in the gallery (the same pid in another camera; any
     integer ids): the queries evaluate_rank scores (it raises ValueError when there are none)."""
-    q_p, g_p = _as_ids(q_pids, "q_pids", None, "cpu"), _as_ids(g_pids, "g_pids", None, "cpu")
-    q_c, g_c = _as_ids(q_camids, "q_camids", q_p.numel(), "cpu"), _as_ids(g_camids, "g_camids", g_p.numel(), "cpu")
+    q_p, g_p = as_ids(q_pids, "q_pids", None, "cpu"), as_ids(g_pids, "g_pids", None, "cpu")
+    q_c, g_c = as_ids(q_camids, "q_camids", q_p.numel(), "cpu"), as_ids(g_camids, "g_camids", g_p.numel(), "cpu")
     if q_p.numel() == 0 or g_p.numel() == 0:
         return 0
-    rows, _, is_match, _ = _same_pid_entries(q_p, q_c, g_p, g_c)
+    rows, _, is_match, _ = same_pid_entries(q_p, q_c, g_p, g_c)
     return int(torch.unique(rows[is_match]).numel())
 
 
-def _segment_cumsum(flags: torch.Tensor, seg_start: torch.Tensor, seg_id: torch.Tensor) -> torch.Tensor:
+def segment_cumsum(flags: torch.Tensor, seg_start: torch.Tensor, seg_id: torch.Tensor) -> torch.Tensor:
     """Inclusive running count of flags within segments of a grouped 1-D list."""
     total = torch.cumsum(flags, 0)
     before = torch.cat([total.new_zeros(1), total])[seg_start]
     return total - before[seg_id]
 
 
-class _Matches:
+class Matches:
     """The true matches of every query, sorted by (query, distance, gallery index), with what the
     ranking needs of the same-identity entries: kth (1-based order of the match among its query's
     matches) and drops_before (same-camera entries of the query's pid ranked before it)."""
 
     def __init__(self, s_row, s_col, s_match, s_drop, s_dist, num_q: int, work: torch.dtype, caller: str):
         if work == torch.float32:
-            order = torch.sort(_row_key(s_row, s_dist), stable=True).indices
+            order = torch.sort(row_key(s_row, s_dist), stable=True).indices
         else:  # by distance, then (stable) by query
             order = torch.sort(s_dist, stable=True).indices
             order = order[torch.sort(s_row[order], stable=True).indices]
         s_row, s_col, s_match, s_drop, s_dist = (t[order] for t in (s_row, s_col, s_match, s_drop, s_dist))
         s_count = torch.bincount(s_row, minlength=num_q)
         s_start = torch.cumsum(s_count, 0) - s_count
-        kth = _segment_cumsum(s_match, s_start, s_row)
-        drops_before = _segment_cumsum(s_drop, s_start, s_row)
+        kth = segment_cumsum(s_match, s_start, s_row)
+        drops_before = segment_cumsum(s_drop, s_start, s_row)
         keep = s_match.nonzero().squeeze(1)
         self.row, self.col, self.dist, self.kth, self.drops_before = (
             t[keep] for t in (s_row, s_col, s_dist, kth, drops_before))
@@ -157,7 +155,7 @@ class _Matches:
         return int(self.start[start]), int(self.start[stop - 1] + self.num_pos[stop - 1])
 
 
-def _small_gallery(max_rank: int, num_g: int, caller: str) -> int:
+def small_gallery(max_rank: int, num_g: int, caller: str) -> int:
     if num_g < max_rank:  # torchreid prints the same note and cuts max_rank
         warnings.warn(f"{caller}: number of gallery samples is quite small, got {num_g}: CMC cut to {num_g} ranks",
                       RuntimeWarning, stacklevel=3)
@@ -165,7 +163,7 @@ def _small_gallery(max_rank: int, num_g: int, caller: str) -> int:
     return max_rank
 
 
-def _scores(matches: _Matches, before: torch.Tensor, num_g: int, max_rank: int, cmc: Optional[torch.Tensor],
+def _scores(matches: Matches, before: torch.Tensor, num_g: int, max_rank: int, cmc: Optional[torch.Tensor],
             return_mINP: bool):
     """cmc, mAP (and mINP) from before[j] = gallery entries (any identity) ranked before match j."""
     rank = (before + 1 - matches.drops_before).double()  # 1-based rank within the kept list
@@ -186,7 +184,7 @@ def _scores(matches: _Matches, before: torch.Tensor, num_g: int, max_rank: int, 
     return cmc, mAP, float(inp.sum() / matches.num_valid)
 
 
-def _cuhk03_cmc(dist, ids, work, device, matches: _Matches, g_match_cols, max_rank: int, seed: int,
+def _cuhk03_cmc(dist, ids, work, device, matches: Matches, g_match_cols, max_rank: int, seed: int,
                 num_repeats: int) -> torch.Tensor:
     """Single-shot CMC: per query and repeat, one random kept gallery entry per gallery pid.
     g_match_cols: each query's match columns in gallery-index order (grouped like matches.start)."""
@@ -268,25 +266,25 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
     if num_q == 0 or num_g == 0:
         raise ValueError(f"distmat must be non-empty, got shape {tuple(dist.shape)}")
     max_rank = as_int(max_rank, "max_rank", minimum=1)
-    use_metric_cuhk03 = _as_bool(use_metric_cuhk03, "use_metric_cuhk03")
-    return_mINP = _as_bool(return_mINP, "return_mINP")
+    use_metric_cuhk03 = as_bool(use_metric_cuhk03, "use_metric_cuhk03")
+    return_mINP = as_bool(return_mINP, "return_mINP")
     if chunk_size is not None:
         chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     seed = as_int(seed, "seed", minimum=0)
     num_repeats = as_int(num_repeats, "num_repeats", minimum=1)
-    ids = {name: _as_ids(arr, name, n, device, distmat=True) for name, arr, n in (
+    ids = {name: as_ids(arr, name, n, device, distmat=True) for name, arr, n in (
         ("q_pids", q_pids, num_q), ("g_pids", g_pids, num_g), ("q_camids", q_camids, num_q),
         ("g_camids", g_camids, num_g))}
     work = _working_dtype(dist.dtype)
 
     # Same-identity entries, sorted by (query, distance, gallery index): k-th match and drops before it.
-    s_row, s_col, s_match, s_drop = _same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
+    s_row, s_col, s_match, s_drop = same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
                                                       ids["g_camids"])
     s_dist = dist[s_row.to(dist.device), s_col.to(dist.device)].to(device=device, dtype=work)
     if s_dist.is_floating_point() and not bool(torch.isfinite(s_dist).all()):
         raise ValueError("distmat contains NaN or Inf")
     g_match_cols = s_col[s_match]  # grouped by query, gallery index ascending (CUHK03 sampling)
-    matches = _Matches(s_row, s_col, s_match, s_drop, s_dist, num_q, work, "evaluate_rank")
+    matches = Matches(s_row, s_col, s_match, s_drop, s_dist, num_q, work, "evaluate_rank")
     if chunk_size is None:  # ~16M distances per chunk
         chunk_size = max(1, (1 << 24) // num_g)
 
@@ -315,7 +313,7 @@ def evaluate_rank(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_ca
             less[j] += int((row[: int(m_col[lo + j])] == m_dist[lo + j]).sum())
         before[lo:hi] = less
 
-    max_rank = _small_gallery(max_rank, num_g, "evaluate_rank")
+    max_rank = small_gallery(max_rank, num_g, "evaluate_rank")
     cmc = None
     if use_metric_cuhk03:
         cmc = _cuhk03_cmc(dist, ids, work, device, matches, g_match_cols, max_rank, seed, num_repeats)
@@ -332,7 +330,7 @@ def _scale(x: torch.Tensor, exponent: int) -> torch.Tensor:
     return x * 2.0 ** exponent if abs(exponent) <= 1000 else ldexp(x, exponent)
 
 
-class _Grid:
+class Grid:
     """Distances on an integer grid: rows are quantised to integers of at most `bits` bits (exact
     in float64), so a dot product of two rows, by BLAS or elementwise, is an exact float64 integer
     in any summation order (d * 4**bits * 4 < 2**53), and one distance is a function of its two
@@ -397,17 +395,17 @@ class _Grid:
         return self._to_float32((q_sq + g_sq) - 2 * dot)
 
 
-def _check_metric(metric, normalize):
+def check_metric(metric, normalize):
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    return _as_bool(normalize, "normalize")
+    return as_bool(normalize, "normalize")
 
 
 def _row_chunk(x: torch.Tensor) -> int:
     return max(1, (1 << 22) // max(1, x.shape[1]))  # ~4M elements per temporary
 
 
-def _peak(x: torch.Tensor) -> float:
+def peak_abs(x: torch.Tensor) -> float:
     """max |x| without a full-size temporary."""
     peak, step = 0.0, _row_chunk(x)
     for s in range(0, x.shape[0], step):
@@ -439,9 +437,9 @@ def _check_features(qf, gf):
     return qf, gf
 
 
-def _grid_for(qf, gf, metric, normalize) -> _Grid:
+def _grid_for(qf, gf, metric, normalize) -> Grid:
     unit = normalize or metric == "cosine"
-    return _Grid(qf.shape[1], metric, normalize, 0.0 if unit else max(_peak(qf), _peak(gf)))
+    return Grid(qf.shape[1], metric, normalize, 0.0 if unit else max(peak_abs(qf), peak_abs(gf)))
 
 
 def compute_distance_matrix(qf: ArrayLike, gf: ArrayLike, metric: str = "euclidean",
@@ -461,7 +459,7 @@ def compute_distance_matrix(qf: ArrayLike, gf: ArrayLike, metric: str = "euclide
     Results are >= 0 ("euclidean") and within [0, 2] ("cosine"); Q or G may be 0. chunk_size:
     query rows per pass (a positive int).
     """
-    normalize = _check_metric(metric, normalize)
+    normalize = check_metric(metric, normalize)
     chunk_size = as_int(chunk_size, "chunk_size", minimum=1)
     qf, gf = _check_features(qf, gf)
     if qf.device != gf.device:
@@ -477,7 +475,7 @@ def compute_distance_matrix(qf: ArrayLike, gf: ArrayLike, metric: str = "euclide
     return out
 
 
-def _count_before_matches(block, far, first_row, first_col, m_keys, tie_keys, num_g, m_end, hist) -> None:
+def count_before_matches(block, far, first_row, first_col, m_keys, tie_keys, num_g, m_end, hist) -> None:
     """Adds to hist[j] the entries of one distance block (global query rows from first_row, gallery
     columns from first_col) whose first following match, in (query, distance, gallery index)
     order, is match j: only entries no farther than their query's farthest match (`far`) count."""
@@ -486,7 +484,7 @@ def _count_before_matches(block, far, first_row, first_col, m_keys, tie_keys, nu
         return
     width = block.shape[1]
     rows = flat // width + first_row
-    keys = _row_key(rows, block.view(-1)[flat])
+    keys = row_key(rows, block.view(-1)[flat])
     pos = torch.searchsorted(m_keys, keys)  # matches with a smaller (query, distance) key
     tied = torch.searchsorted(m_keys, keys, right=True) > pos
     if bool(tied.any()):  # equal distance: the entry precedes the tied matches of larger index
@@ -518,12 +516,12 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
     else on CUDA when available; the features are moved there chunk by chunk.
     Returns (cmc, mAP) or (cmc, mAP, mINP), as evaluate_rank.
     """
-    normalize = _check_metric(metric, normalize)
+    normalize = check_metric(metric, normalize)
     max_rank = as_int(max_rank, "max_rank", minimum=1)
-    if _as_bool(use_metric_cuhk03, "use_metric_cuhk03"):
+    if as_bool(use_metric_cuhk03, "use_metric_cuhk03"):
         raise ValueError("use_metric_cuhk03 is not supported by evaluate_features (CUHK03 is small): use "
                          "evaluate_rank(compute_distance_matrix(qf, gf, ...), ..., use_metric_cuhk03=True)")
-    return_mINP = _as_bool(return_mINP, "return_mINP")
+    return_mINP = as_bool(return_mINP, "return_mINP")
     device = as_device(device) if device is not None else _default_device(qf)
     qf, gf = _check_features(qf, gf)
     num_q, num_g = qf.shape[0], gf.shape[0]
@@ -533,13 +531,13 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
     if gallery_chunk is None:
         gallery_chunk = max(1, (1 << 21) // min(query_chunk, num_q))
     gallery_chunk = as_int(gallery_chunk, "gallery_chunk", minimum=1)
-    ids = {name: _as_ids(arr, name, n, device) for name, arr, n in (
+    ids = {name: as_ids(arr, name, n, device) for name, arr, n in (
         ("q_pids", q_pids, num_q), ("g_pids", g_pids, num_g), ("q_camids", q_camids, num_q),
         ("g_camids", g_camids, num_g))}
     grid = _grid_for(qf, gf, metric, normalize)
 
     # distances of the same-pid pairs, with the arithmetic of the blocks
-    s_row, s_col, s_match, s_drop = _same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
+    s_row, s_col, s_match, s_drop = same_pid_entries(ids["q_pids"], ids["q_camids"], ids["g_pids"],
                                                       ids["g_camids"])
     s_dist = torch.empty(s_row.numel(), dtype=torch.float32, device=device)
     s_end = torch.cumsum(torch.bincount(s_row, minlength=num_q), 0).tolist()  # pairs are grouped by query
@@ -556,9 +554,9 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
             cols, at = torch.unique(s_col[idx], return_inverse=True)
             g, g_sq = grid.rows(gf[cols.to(gf.device)].to(device))
             s_dist[idx] = grid.pairs(q[r], q_sq[r], g[at], g_sq[at])
-    matches = _Matches(s_row, s_col, s_match, s_drop, s_dist, num_q, torch.float32, "evaluate_features")
+    matches = Matches(s_row, s_col, s_match, s_drop, s_dist, num_q, torch.float32, "evaluate_features")
     m_row, m_col, m_dist = matches.row, matches.col, matches.dist
-    m_keys = _row_key(m_row, m_dist)  # sorted: matches are in (query, distance, gallery index) order
+    m_keys = row_key(m_row, m_dist)  # sorted: matches are in (query, distance, gallery index) order
     # Matches with equal (query, distance) form runs, gallery index ascending within: tie_keys orders
     # (run start, gallery index), so an entry tied with a run finds its place by gallery index.
     new_run = torch.ones_like(m_keys, dtype=torch.bool)
@@ -576,7 +574,7 @@ def evaluate_features(qf: ArrayLike, gf: ArrayLike, q_pids: ArrayLike, g_pids: A
         far = torch.where(has, matches.far[qs:qe], torch.full_like(matches.far[qs:qe], -math.inf))
         for gs in range(0, num_g, gallery_chunk):
             g, g_sq = grid.rows(gf[gs:gs + gallery_chunk].to(device))
-            _count_before_matches(grid.block(q, q_sq, g, g_sq), far, qs, gs, m_keys, tie_keys, num_g, m_end, hist)
-    before = _segment_cumsum(hist, matches.start, m_row)
-    max_rank = _small_gallery(max_rank, num_g, "evaluate_features")
+            count_before_matches(grid.block(q, q_sq, g, g_sq), far, qs, gs, m_keys, tie_keys, num_g, m_end, hist)
+    before = segment_cumsum(hist, matches.start, m_row)
+    max_rank = small_gallery(max_rank, num_g, "evaluate_features")
     return _scores(matches, before, num_g, max_rank, None, return_mINP)

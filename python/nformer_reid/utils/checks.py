@@ -145,3 +145,10 @@ def ldexp(x: torch.Tensor, exponent: int) -> torch.Tensor:
     """x * 2**exponent, in two factors so that neither over/underflows on its own."""
     half = int(exponent) // 2
     return x * 2.0 ** half * 2.0 ** (int(exponent) - half)
+
+
+def as_bool(value, name: str) -> bool:
+    """A Python or numpy bool (not an int: 0 and 1 are refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
