@@ -69,6 +69,9 @@ def test_dry_run_results(dry_run):
     assert {case for _, case in smoke} == set(check_stages.SMOKE_CASES)
     assert all(c["ok"] and c["max_err"] <= c["tol"] for c in smoke.values())
     assert "reference" not in {b for b, _ in smoke}  # the oracle is not checked against itself
+    if _importable("triton"):  # the GPU run's Triton code, interpreted: smoke-checked, not measured
+        assert {case for b, case in smoke if b == "triton"} == set(check_stages.SMOKE_CASES)
+    assert {r["backend"] for r in result["knn"] if r["method"] == "knn"} == {"cpu"}
     knn = {(r["method"], r["dtype"]): r for r in result["knn"]}
     assert set(knn) == {(m, dt) for m in ("knn", "knn-torch") for dt in ("bfloat16", "float32")}
     assert all(r["status"] == "ok" for r in knn.values())

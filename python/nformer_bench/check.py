@@ -32,8 +32,9 @@ gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png; `nform
 OUT_DIR` turns it into the README's GPU table.
 
 --dry-run runs every stage on the CPU at tiny sizes and leaves the same files, in about a minute:
-the build stage only checks that the extension is built, the tests stage runs a few CPU tests and
-tuning runs under TRITON_INTERPRET=1. It tests this command on a machine without a GPU.
+the build stage only checks that the extension is built, the smoke stage also checks the triton
+backend under TRITON_INTERPRET=1 (not measured), the tests stage collects the GPU selection and
+runs a few CPU tests, and tuning runs under TRITON_INTERPRET=1. It tests this command on a machine without a GPU.
 Exit status 1 when a stage or a test failed, else 0.
 """
 import argparse
@@ -361,17 +362,24 @@ class Check:
             return "failed: the extension has no CUDA kernels"
         return "ok"
 
+    def _interpreted(self):
+        """Backends the dry run smoke-checks under the Triton interpreter (the GPU run's code path,
+        at tiny sizes) but does not measure: triton, when it is installed."""
+        return ["triton"] if self.dry_run and self.result["build"].get("versions", {}).get("triton") else []
+
     def _smoke(self, limit):
         # A process per backend: a kernel fault that poisons the CUDA context fails that backend only.
         deadline = time.monotonic() + limit
         statuses = []
-        for backend in [b for b in self.result["build"].get("backends", []) if b != "reference"]:
+        backends = [b for b in self.result["build"].get("backends", []) if b != "reference"]
+        for backend in backends + [b for b in self._interpreted() if b not in backends]:
             left = deadline - time.monotonic()
             if left < MIN_STAGE_S:
                 statuses.append(f"timeout (no time left for {backend})")
                 break
-            statuses.append(self._worker("smoke", left, self.result["smoke"].append, backend=backend,
-                                         **self.sizes["smoke"]))
+            extra = {"TRITON_INTERPRET": "1"} if backend in self._interpreted() else None
+            statuses.append(self._worker("smoke", left, self.result["smoke"].append, extra_env=extra,
+                                         backend=backend, **self.sizes["smoke"]))
         status = next((st for st in statuses if st != "ok"), "ok")
         by_backend = {}
         for case in self.result["smoke"]:
@@ -388,7 +396,7 @@ class Check:
     def _kernel_backends(self):
         from nformer_bench.analytic import PLAIN_BACKENDS
 
-        return [b for b in self.passed if b not in PLAIN_BACKENDS]
+        return [b for b in self.passed if b not in PLAIN_BACKENDS and b not in self._interpreted()]
 
     def _knn(self, limit):
         return self._worker("knn", limit, self.result["knn"].append, backends=self._kernel_backends(),
