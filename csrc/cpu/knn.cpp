@@ -49,6 +49,11 @@ int thread_id() {
 constexpr int64_t kChunk = 32;
 constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();  // a canonical score not yet computed
 
+// Each list has kSlack slots beyond m for entries within 2*beta of its m-th; a full tail moves to
+// the row's spill, which holds up to kSpillLists times a list before it is cut (bounded memory).
+constexpr int kSlack = 32;
+constexpr int kSpillLists = 2;
+
 // Running candidate lists of a set of query rows: each holds every offered key that is not yet
 // known to rank below m others (m = k-1: every neighbour but self), sorted by BLAS score f. An
 // entry whose f is more than 2*beta below the m-th largest f ranks below m entries canonically, so
@@ -72,9 +77,11 @@ struct RunningTopk {
   double* known_c;
   int* known_n;           // (R)
   int m, cap;
-  size_t spill_max;       // a spill this long is pruned, and cut if still half full: bounded memory
 
   const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
+
+  // Row r's m-th largest f - 2*beta: an entry below it ranks below m others canonically.
+  double floor_of(int64_t r) const { return double(f[r * cap + m - 1]) - beta2[r]; }
 
   // c of row r and key j: from an earlier cut of the list if it computed it.
   double score(int64_t r, int32_t j) const {
@@ -88,21 +95,33 @@ struct RunningTopk {
     const int64_t o = r * cap;
     all.clear();
     for (int e = 0; e < size[r]; ++e) all.emplace_back(f[o + e], ids[o + e]);
-    const double g = double(f[o + m - 1]) - beta2[r];
+    const double g = floor_of(r);
     for (const Entry& en : spill[r])
       if (double(en.first) >= g) all.push_back(en);
     std::sort(all.begin() + m, all.end(), [](const Entry& a, const Entry& b) { return a.first > b.first; });
   }
 
-  // The positions of all's canonical top m (all sorted by f), in canonical order. Two entries
-  // more than 2*beta apart in f are in c's order, so c is computed only for entries within 2*beta
-  // of a neighbour in f (every pair closer than that then has both), and those compare by
-  // (c, index), the rest by f: the canonical order itself, whichever pairs the sort compares.
-  void top_m(int64_t r, const std::vector<Entry>& all, std::vector<int>& order, std::vector<double>& c) {
+  // A row's held entries (sorted by f), the positions of its canonical top m (in canonical order)
+  // and the c computed on the way (NaN elsewhere): one per thread, reused row after row.
+  struct Ranked {
+    std::vector<Entry> all;
+    std::vector<int> order, need;
+    std::vector<double> c;
+  };
+
+  // Ranks row r's held entries. Two entries more than 2*beta apart in f are in c's order, so c is
+  // computed only for entries within 2*beta of a neighbour in f (every pair closer than that then
+  // has both), and those compare by (c, index), the rest by f: the canonical order itself,
+  // whichever pairs the sort compares.
+  Ranked& rank(int64_t r) {
+    thread_local Ranked s;
+    gather(r, s.all);
+    const std::vector<Entry>& all = s.all;
+    std::vector<int>& need = s.need;
+    std::vector<double>& c = s.c;
     const double b2 = beta2[r];
     const int n = static_cast<int>(all.size());
     c.assign(n, kUnknown);
-    thread_local std::vector<int> need;
     need.clear();
     for (int e = 0; e < n; ++e)
       if ((e > 0 && double(all[e - 1].first) - double(all[e].first) <= b2) ||
@@ -117,6 +136,7 @@ struct RunningTopk {
       }
       c[need[i]] = score(r, all[need[i]].second);
     }
+    std::vector<int>& order = s.order;
     order.resize(n);
     for (int e = 0; e < n; ++e) order[e] = e;
     auto before = [&](int a, int b) {
@@ -125,6 +145,7 @@ struct RunningTopk {
     };
     std::partial_sort(order.begin(), order.begin() + m, order.end(), before);
     order.resize(m);
+    return s;
   }
 
   void set_gate(int64_t r, double g) {
@@ -142,18 +163,18 @@ struct RunningTopk {
     for (int e = m; e < cap; ++e) sp.emplace_back(f[o + e], ids[o + e]);
     size[r] = m;
     tail_min[r] = std::numeric_limits<float>::infinity();
-    if (sp.size() < spill_max) return;
-    const double g = double(f[o + m - 1]) - beta2[r];
+    const size_t most = size_t(kSpillLists) * cap;
+    if (sp.size() < most) return;
+    const double g = floor_of(r);
     sp.erase(std::remove_if(sp.begin(), sp.end(), [&](const Entry& en) { return double(en.first) < g; }), sp.end());
-    if (sp.size() >= spill_max / 2) cut(r);
+    if (sp.size() >= most / 2) cut(r);
   }
 
   void cut(int64_t r) {
-    thread_local std::vector<Entry> all;
-    thread_local std::vector<int> order;
-    thread_local std::vector<double> c;
-    gather(r, all);
-    top_m(r, all, order, c);
+    Ranked& s = rank(r);
+    const std::vector<Entry>& all = s.all;
+    std::vector<int>& order = s.order;
+    const std::vector<double>& c = s.c;
     const int64_t o = r * cap;
     int known = 0;
     for (int e : order)
@@ -162,7 +183,7 @@ struct RunningTopk {
     std::sort(order.begin(), order.end());  // all is sorted by f
     for (int e = 0; e < m; ++e) f[o + e] = all[order[e]].first, ids[o + e] = all[order[e]].second;
     spill[r].clear();
-    set_gate(r, double(f[o + m - 1]) - beta2[r]);
+    set_gate(r, floor_of(r));
   }
 
   // Slots [0, m) hold the m largest f, sorted; the tail [m, n) the rest, unsorted, each within
@@ -174,7 +195,7 @@ struct RunningTopk {
     float* fr = f + o;
     int32_t* ir = ids + o;
     if (n >= m && !(fn > fr[m - 1])) {  // into the tail
-      if (double(fn) >= double(fr[m - 1]) - beta2[r]) {
+      if (double(fn) >= floor_of(r)) {
         fr[n] = fn;
         ir[n] = idn;
         size[r] = n + 1;
@@ -196,7 +217,7 @@ struct RunningTopk {
     ir[p] = idn;
     ++n;
     if (n >= m) {  // drop what ranks below the m first; nothing below m-th f - 2*beta can enter
-      const double g = double(fr[m - 1]) - beta2[r];
+      const double g = floor_of(r);
       if (double(tail_min[r]) < g) {
         float low = std::numeric_limits<float>::infinity();
         for (int e = m; e < n;) {
@@ -218,12 +239,8 @@ struct RunningTopk {
   // Writes row r's canonical top m to out[1..m]; false if it holds fewer (NaN scores).
   bool finish(int64_t r, int64_t* out) {
     if (size[r] < m) return false;
-    thread_local std::vector<Entry> all;
-    thread_local std::vector<int> order;
-    thread_local std::vector<double> c;
-    gather(r, all);
-    top_m(r, all, order, c);
-    for (int e = 0; e < m; ++e) out[1 + e] = all[order[e]].second;
+    const Ranked& s = rank(r);
+    for (int e = 0; e < m; ++e) out[1 + e] = s.all[s.order[e]].second;
     return true;
   }
 };
@@ -296,10 +313,7 @@ int64_t tile_size(int64_t n, int64_t threads) {
 }
 
 // Per-row state of the running lists of R query rows, and 2*beta from the norms of the queries and
-// of all keys. Each list has kSlack slots beyond m for entries within 2*beta of its m-th; a full
-// tail moves to the row's spill, which holds up to kSpillLists times a list before it is cut.
-constexpr int kSlack = 32;
-constexpr int kSpillLists = 2;
+// of all keys.
 
 struct ListState {
   int m, cap;
@@ -333,8 +347,7 @@ struct ListState {
   RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d) {
     return RunningTopk{x,           q_rows,      d,           f.data(),      ids.data(),
                        size.data(), gate.data(), tail_min.data(), beta2.data(), spill.data(),
-                       known_ids.data(), known_c.data(), known_n.data(), m, cap,
-                       size_t(kSpillLists) * cap};
+                       known_ids.data(), known_c.data(), known_n.data(), m, cap};
   }
 };
 
