@@ -123,8 +123,7 @@ def test_without_a_gpu_it_stops_after_the_build_stage(tmp_path):
     assert build["status"] == "failed: no CUDA device visible to torch"
     assert [s["name"] for s in rest] == list(check.STAGES[1:])
     assert all(s["status"].startswith("skipped (no CUDA device") for s in rest)
-    assert _files(tmp_path) == FILES - ({"nformer-latency.png", "nformer-memory.png"} if not _importable("matplotlib")
-                                        else set())
+    assert _files(tmp_path) == FILES - (PLOTS if not _importable("matplotlib") else set())
     assert 'skipped message="skipped (no CUDA device' in (tmp_path / "gpu_tests.xml").read_text()
 
 

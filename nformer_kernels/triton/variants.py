@@ -53,9 +53,9 @@ def check_grid(kernel: str, grid) -> None:
     """ValueError when grid exceeds CUDA's limits (axis 1 is the batch B in every launcher)."""
     for axis, (extent, most) in enumerate(zip(grid, GRID_LIMITS)):
         if extent > most:
-            what = "the batch B" if axis == 1 else f"grid axis {axis}"
+            what, advice = ("the batch B", "; split the batch") if axis == 1 else (f"grid axis {axis}", "")
             raise ValueError(f"{what} is too large for the triton kernel {kernel}: {extent} > {most} "
-                             f"(CUDA's grid limit); split the batch")
+                             f"(CUDA's grid limit){advice}")
 
 
 def next_pow2(n: int) -> int:

@@ -9,7 +9,7 @@ and a stage that would start after the budget is spent is recorded as skipped:
 
   build      environment (nvidia-smi, versions, commit, ninja), then the extension compiled in place
              for the visible GPU's arch only (in a source checkout; an installed package is used
-             as is); without ninja, setup.py compiles the sources in parallel itself
+             as is); without ninja the sources compile one after another (slower, same result)
   smoke      every backend on the GPU against the `reference` backend, a few seconds each: knn
              index tensors identical (fp32, bf16, near-duplicates exact, certified margin 0 = every
              row rescanned by knn_rows), reciprocal_mask, neighbor_attention forward + backward, the NFormer eval
@@ -38,7 +38,6 @@ runs a few CPU tests, and tuning runs under TRITON_INTERPRET=1. It tests this co
 Exit status 1 when a stage or a test failed, else 0.
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -56,7 +55,7 @@ from pathlib import Path
 from nformer_bench import RESULT_MARK
 from nformer_bench.arguments import positive_float
 from nformer_bench.check_stages import SMOKE_CASES
-from nformer_bench.environment import source_root
+from nformer_bench.environment import package_dir, source_root
 
 LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
     "gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png", "nformer-memory.png")
@@ -122,12 +121,12 @@ def run(args):
 
 def _child_env(extra=None):
     """This process's environment, with nformer_bench and nformer_kernels importable as they are here.
-    TRITON_INTERPRET is dropped unless extra sets it: only the dry run's tuning interprets Triton."""
+    TRITON_INTERPRET is dropped unless extra sets it: only the dry run interprets Triton."""
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     roots = [str(Path(__file__).resolve().parent.parent)]
-    spec = importlib.util.find_spec("nformer_kernels")
-    if spec is not None and spec.origin:
-        roots.append(str(Path(spec.origin).resolve().parent.parent))
+    package = package_dir()
+    if package is not None:
+        roots.append(str(package.parent))
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [*roots, env.get("PYTHONPATH")])))
     env.update(extra or {})
     return env

@@ -3,14 +3,12 @@ the environment probe, the extension check, the smoke cases against the referenc
 measurements. Each prints a RESULT_MARK line per result; check.py orchestrates them."""
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from nformer_bench import RESULT_MARK
-from nformer_bench.environment import source_root
+from nformer_bench.environment import git_commit
 
 
 def stage_worker(cfg):
@@ -41,12 +39,7 @@ def _probe(cfg, emit):
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         info.update(capability=f"{major}.{minor}", device_name=torch.cuda.get_device_name())
-    root = source_root()
-    commit = None
-    if root is not None:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-        commit = proc.stdout.strip() if proc.returncode == 0 else None
-    info["git_commit"] = commit or os.environ.get("NFORMER_GIT_COMMIT")
+    info["git_commit"] = git_commit()
     print(f"torch {versions['torch']} (CUDA {versions['cuda']}), triton {versions['triton']}, python "
           f"{versions['python']}; device: {info['device_name'] or 'no CUDA device'} "
           f"(capability {info['capability']}); commit {info['git_commit']}")

@@ -9,13 +9,18 @@ from pathlib import Path
 
 
 
+def package_dir():
+    """The folder of the nformer_kernels being measured, found without importing it (its extension
+    may be rebuilt next), or None."""
+    spec = importlib.util.find_spec("nformer_kernels")
+    return Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
+
+
 def source_root():
     """The checkout holding nformer_kernels (setup.py, tests/), or None for an installed package."""
-    spec = importlib.util.find_spec("nformer_kernels")
-    if spec is None or not spec.origin:
-        return None
-    root = Path(spec.origin).resolve().parent.parent
-    return root if (root / "setup.py").exists() else None
+    package = package_dir()
+    root = package.parent if package is not None else None
+    return root if root is not None and (root / "setup.py").exists() else None
 
 
 def _slug(text):
@@ -44,14 +49,20 @@ def mem_available_bytes():
 
 def _git(*cmd):
     """git in the checkout that holds the nformer_kernels being measured (None outside one)."""
-    import nformer_kernels
-
+    package = package_dir()
+    if package is None:
+        return None
     try:
-        out = subprocess.run(["git", *cmd], cwd=Path(nformer_kernels.__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *cmd], cwd=package, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_commit():
+    """HEAD of the checkout being measured; a source copy without .git (an exported tree) names its
+    commit in NFORMER_GIT_COMMIT; else None."""
+    return _git("rev-parse", "HEAD") or os.environ.get("NFORMER_GIT_COMMIT")
 
 
 def environment(device):
@@ -73,8 +84,7 @@ def environment(device):
         except ImportError:
             versions[mod] = None
     status = _git("status", "--porcelain", "--untracked-files=no")
-    # A source copy without .git (an exported tree) can name its commit in NFORMER_GIT_COMMIT.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("NFORMER_GIT_COMMIT")
+    commit = git_commit()
     return {"device": device.type, "device_name": name, "device_slug": slug, "versions": versions,
             "git_commit": commit, "git_dirty": bool(status) if status is not None else None,
             "torch_threads": torch.get_num_threads(),
