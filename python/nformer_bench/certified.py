@@ -142,14 +142,14 @@ def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0, marg
     import torch
 
     import nformer_kernels as nk
-    from nformer_bench.runner import _setup
+    from nformer_bench.runner import method_call
 
     on_gpu = device.type == "cuda"
     k = min(k, n)
     x = features(kind, n, d, device)
     warm = x[:, :min(n, WARMUP_ROWS)]
     stage1, stage2, fallback, backend = stage_pieces(x, k, margin)
-    baseline = _setup({"method": "knn-torch", "params": {"d": d, "k": k, "heads": 1, "landmarks": 1, "ffn": 1,
+    baseline = method_call({"method": "knn-torch", "params": {"d": d, "k": k, "heads": 1, "landmarks": 1, "ffn": 1,
                                                           "depth": 1}}, x)
 
     def exact(t):
@@ -194,7 +194,7 @@ def measure(kind, n, d, k, margin, device, repeats=3, repeat_budget_s=30.0, marg
 
 
 def markdown(result):
-    from nformer_bench.report import _fmt_ms
+    from nformer_bench.report import fmt_ms
 
     meta = result["meta"]
     commit = (meta["git_commit"] or "unknown")[:12] + (" (dirty)" if meta.get("git_dirty") else "")
@@ -210,11 +210,11 @@ def markdown(result):
         if r["status"] != "ok":
             lines.append(f"| {r['kind']} | {r['n']} | | | | | | | | | | | {r['status']} |")
             continue
-        lines.append(f"| {r['kind']} | {r['n']} | {r['backend']} | {_fmt_ms(r['exact_ms'])} | "
-                     f"{_fmt_ms(r['certified_ms'])} | {_fmt_ms(r['stage1_ms'])} | {_fmt_ms(r['stage2_ms'])} | "
-                     f"{_fmt_ms(r['fallback_ms'])} | {r['certified_fraction']:.4%} | {r['rows_recomputed']} | "
+        lines.append(f"| {r['kind']} | {r['n']} | {r['backend']} | {fmt_ms(r['exact_ms'])} | "
+                     f"{fmt_ms(r['certified_ms'])} | {fmt_ms(r['stage1_ms'])} | {fmt_ms(r['stage2_ms'])} | "
+                     f"{fmt_ms(r['fallback_ms'])} | {r['certified_fraction']:.4%} | {r['rows_recomputed']} | "
                      f"{r['rows_differing_from_exact']} ({r['differing_rows_certified_as_fp64']} / "
-                     f"{r['differing_rows_exact_as_fp64']}) | {_fmt_ms(r['torch_mm_topk_ms'])} | "
+                     f"{r['differing_rows_exact_as_fp64']}) | {fmt_ms(r['torch_mm_topk_ms'])} | "
                      f"{r['torch_mm_topk_recall']:.6f} |")
     lines += ["", "exact / certified: nk.knn(x, k, precision=...). Stage 1: fp16 rounding + the backend's knn "
               "kernel for K' candidates; stage 2: the score error bound + knn_rescore; fallback: the exact rescan of "
@@ -242,7 +242,7 @@ def run(args):
     import torch
 
     from nformer_bench.environment import environment
-    from nformer_bench.report import _fmt_ms
+    from nformer_bench.report import fmt_ms
     from nformer_kernels.ops.knn import DEFAULT_MARGIN
 
     t_start = time.monotonic()
@@ -297,9 +297,9 @@ def run(args):
                 if row["status"] != "ok":
                     print(f"{kind:<10}{n:>9}  {row['status']}", flush=True)
                     continue
-                print(f"{kind:<10}{n:>9}" + "".join(f"{_fmt_ms(row[key]):>11}" for key in (
+                print(f"{kind:<10}{n:>9}" + "".join(f"{fmt_ms(row[key]):>11}" for key in (
                     "exact_ms", "certified_ms", "stage1_ms", "stage2_ms", "fallback_ms")) +
-                      f"{row['certified_fraction']:>11.4%}{_fmt_ms(row['torch_mm_topk_ms']):>11}", flush=True)
+                      f"{row['certified_fraction']:>11.4%}{fmt_ms(row['torch_mm_topk_ms']):>11}", flush=True)
     result["meta"].update(complete=True, wall_s=time.monotonic() - t_start, loadavg_end=os.getloadavg())
     save()
     stem.with_suffix(".md").write_text(markdown(result))

@@ -53,11 +53,11 @@ def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None
     import torch
 
     from nformer_bench.runner import kernel_backends, launch
-    from nformer_bench.sweep import _configs
+    from nformer_bench.sweep import method_backends
 
     device = torch.device(device)
     isolated = device.type == "cpu" if isolated is None else isolated
-    pairs = _configs(list(methods), device, kernel_backends(device) if backends is None else backends)
+    pairs = method_backends(list(methods), device, kernel_backends(device) if backends is None else backends)
     truth = truth_label = None
     with tempfile.TemporaryDirectory() as tmp:
         for method, backend in pairs:
@@ -81,7 +81,7 @@ def run(args):
     """`nformer-bench knn`: the comparison, printed as a table; returns the rows."""
     import torch
 
-    from nformer_bench.report import _fmt_mb, _fmt_ms
+    from nformer_bench.report import fmt_mb, fmt_ms
 
     device = arguments.device(args.device).type
     if args.k > args.n:
@@ -103,6 +103,6 @@ def run(args):
         if row["status"] != "ok":
             print(f"{label:<22}{row['status']}")
             continue
-        print(f"{label:<22}{_fmt_ms(row['latency_ms']):>12}{_fmt_ms(row['cpu_time_ms']):>12}"
-              f"{_fmt_mb(row['peak_mem_bytes']):>10}{row['recall']:>10.6f}", flush=True)
+        print(f"{label:<22}{fmt_ms(row['latency_ms']):>12}{fmt_ms(row['cpu_time_ms']):>12}"
+              f"{fmt_mb(row['peak_mem_bytes']):>10}{row['recall']:>10.6f}", flush=True)
     return rows

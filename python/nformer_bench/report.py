@@ -13,7 +13,7 @@ HEADLINE_N = 19281  # Market-1501 query + gallery
 PAPER_ROW = {"nformer": "nformer", "dense-official": "nformer", "dense-transformer": "transformer"}
 
 
-def _fmt_ms(ms):
+def fmt_ms(ms):
     return "—" if ms is None else (f"{ms / 1e3:.2f} s" if ms >= 1e3 else f"{ms:.3g} ms")
 
 
@@ -21,7 +21,7 @@ def _fmt_gbs(value):
     return "" if value is None else f"{value:.3g}"
 
 
-def _fmt_mb(nbytes):
+def fmt_mb(nbytes):
     if nbytes is None:
         return "—"
     return "<1 MB" if nbytes < 2**20 else f"{nbytes / 2**20:.0f} MB"
@@ -36,9 +36,9 @@ def row_line(row):
     head = f"{_label(row):32s} N={row['n']:>8d}: "
     if row["status"] != "ok":
         return head + row["status"]
-    cpu = f", CPU {_fmt_ms(row['cpu_time_ms'])}" if row.get("cpu_time_ms") is not None else ""
-    return (head + f"{_fmt_ms(row['latency_ms'])} (IQR {_fmt_ms(row['latency_iqr_ms'])}{cpu}), "
-            f"{row['gflops']:.3g} GFLOP, {row['tflops_per_s']:.3g} TFLOP/s, peak {_fmt_mb(row['peak_mem_bytes'])}")
+    cpu = f", CPU {fmt_ms(row['cpu_time_ms'])}" if row.get("cpu_time_ms") is not None else ""
+    return (head + f"{fmt_ms(row['latency_ms'])} (IQR {fmt_ms(row['latency_iqr_ms'])}{cpu}), "
+            f"{row['gflops']:.3g} GFLOP, {row['tflops_per_s']:.3g} TFLOP/s, peak {fmt_mb(row['peak_mem_bytes'])}")
 
 
 def _meta_lines(meta):
@@ -64,7 +64,7 @@ def headline(result, n_target=HEADLINE_N):
         if n is None:
             continue
         ours = ok[method, backend, n]
-        parts = [f"At N={n}: nformer ({backend}) {_fmt_ms(ours['latency_ms'])}, peak {_fmt_mb(ours['peak_mem_bytes'])}"]
+        parts = [f"At N={n}: nformer ({backend}) {fmt_ms(ours['latency_ms'])}, peak {fmt_mb(ours['peak_mem_bytes'])}"]
         for dense in ("dense-official", "dense-transformer"):
             other = ok.get((dense, "torch", n))
             if other is None:
@@ -75,7 +75,7 @@ def headline(result, n_target=HEADLINE_N):
             mem = ""
             if other["peak_mem_bytes"] and ours["peak_mem_bytes"]:
                 mem = f", {other['peak_mem_bytes'] / ours['peak_mem_bytes']:.0f}x its peak memory"
-            parts.append(f"{dense} {_fmt_ms(other['latency_ms'])}, peak {_fmt_mb(other['peak_mem_bytes'])} "
+            parts.append(f"{dense} {fmt_ms(other['latency_ms'])}, peak {fmt_mb(other['peak_mem_bytes'])} "
                          f"({other['latency_ms'] / ours['latency_ms']:.1f}x nformer's latency{mem})")
         lines.append("; ".join(parts) + ".")
     return lines
@@ -108,10 +108,10 @@ def run_markdown(result, json_path=None):
         ref = PAPER_ROW.get(r["method"])
         paper_txt = f" ({paper[ref]})" if ref else ""
         if r["status"] == "ok":
-            lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | {_fmt_ms(r['latency_ms'])} | "
-                         f"{_fmt_ms(r['latency_iqr_ms'])} | {_fmt_ms(r.get('cpu_time_ms'))} | {r['gflops']:.3g} | "
+            lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | {fmt_ms(r['latency_ms'])} | "
+                         f"{fmt_ms(r['latency_iqr_ms'])} | {fmt_ms(r.get('cpu_time_ms'))} | {r['gflops']:.3g} | "
                          f"{r['tflops_per_s']:.3g} | {r['gflops_per_img']:.3g}{paper_txt} | "
-                         f"{_fmt_gbs(r.get('gbytes_per_s'))} | {_fmt_mb(r['peak_mem_bytes'])} | ok |")
+                         f"{_fmt_gbs(r.get('gbytes_per_s'))} | {fmt_mb(r['peak_mem_bytes'])} | ok |")
         else:
             lines.append(f"| {r['method']} | {r['backend']} | {r['n']} | | | | | | | | | {r['status']} |")
     mem_kind = {r.get("mem_kind") for r in result["rows"] if r.get("mem_kind")}
@@ -277,8 +277,8 @@ def _knn_rows(result):
     for r in result["knn"]:
         ok = r["status"] == "ok"
         recall = f"{r['recall']:.6f}" if r.get("recall") is not None else "—"
-        lines.append(f"| {r['dtype']} | {_label(r)} | {r['n']} | {_fmt_ms(r.get('latency_ms')) if ok else ''} | "
-                     f"{recall if ok else ''} | {_fmt_mb(r.get('peak_mem_bytes')) if ok else ''} | {r['status']} |")
+        lines.append(f"| {r['dtype']} | {_label(r)} | {r['n']} | {fmt_ms(r.get('latency_ms')) if ok else ''} | "
+                     f"{recall if ok else ''} | {fmt_mb(r.get('peak_mem_bytes')) if ok else ''} | {r['status']} |")
     return lines
 
 
@@ -287,9 +287,9 @@ def _attention_rows(result):
              "|---|---|---:|---:|---:|---:|---|"]
     for r in result["attention"]:
         ok = r["status"] == "ok"
-        lines.append(f"| {r['dtype']} | {r['backend']} | {r['n']} | {_fmt_ms(r.get('latency_ms')) if ok else ''} | "
+        lines.append(f"| {r['dtype']} | {r['backend']} | {r['n']} | {fmt_ms(r.get('latency_ms')) if ok else ''} | "
                      f"{_fmt_gbs(r.get('gbytes_per_s')) if ok else ''} | "
-                     f"{_fmt_mb(r.get('peak_mem_bytes')) if ok else ''} | {r['status']} |")
+                     f"{fmt_mb(r.get('peak_mem_bytes')) if ok else ''} | {r['status']} |")
     return lines
 
 
@@ -305,7 +305,7 @@ def _latency_memory_grid(rows):
             if r is None:
                 row.append("")
             elif r["status"] == "ok":
-                row.append(f"{_fmt_ms(r['latency_ms'])} / {_fmt_mb(r['peak_mem_bytes'])}")
+                row.append(f"{fmt_ms(r['latency_ms'])} / {fmt_mb(r['peak_mem_bytes'])}")
             else:
                 row.append(r["status"].split(" (")[0])
         lines.append(f"| {n} | " + " | ".join(row) + " |")
@@ -391,14 +391,14 @@ def check_readme(result, rel_folder):
             return ""
         if r["status"] != "ok":
             return r["status"].split(" (")[0]
-        return _fmt_ms(r["latency_ms"]) + (f" (recall {r['recall']:.4f})" if r.get("recall") is not None else "")
+        return fmt_ms(r["latency_ms"]) + (f" (recall {r['recall']:.4f})" if r.get("recall") is not None else "")
 
     def nformer_cell(r):
         if r is None:
             return ""
         if r["status"] != "ok":
             return r["status"].split(" (")[0]
-        return f"{_fmt_ms(r['latency_ms'])} / {_fmt_mb(r['peak_mem_bytes'])}"
+        return f"{fmt_ms(r['latency_ms'])} / {fmt_mb(r['peak_mem_bytes'])}"
 
     header = (["implementation", "smoke check"] + [f"knn {dt}" for dt in knn_dtypes]
               + [f"attention fwd+bwd {dt}" for dt in attention_dtypes] + [f"NFormer N={n:,}" for n in ns])
@@ -413,7 +413,7 @@ def check_readme(result, rel_folder):
         cells += [knn_cell(knn.get(("knn", backend, dt))) for dt in knn_dtypes]
         for dt in attention_dtypes:
             r = attention.get((backend, dt))
-            cells.append("" if r is None else (f"{_fmt_ms(r['latency_ms'])}, {_fmt_gbs(r['gbytes_per_s'])} GB/s"
+            cells.append("" if r is None else (f"{fmt_ms(r['latency_ms'])}, {_fmt_gbs(r['gbytes_per_s'])} GB/s"
                                                if r["status"] == "ok" else r["status"].split(" (")[0]))
         cells += [nformer_cell(nformer.get(("nformer", backend, n))) for n in ns]
         lines.append("| " + " | ".join(cells) + " |")

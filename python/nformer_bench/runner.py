@@ -49,7 +49,7 @@ def explicit_landmarks(n, depth, num_landmarks, seed=0):
     return torch.stack([torch.randperm(n, generator=gen)[:num_landmarks] for _ in range(depth)])
 
 
-def _setup(cfg, x, neighbours=None):
+def method_call(cfg, x, neighbours=None):
     """A zero-argument callable running the method once on x (inputs and weights prepared here)."""
     method, p = cfg["method"], cfg["params"]
     d, heads, l, k, f, depth = p["d"], p["heads"], p["landmarks"], p["k"], p["ffn"], p["depth"]
@@ -165,8 +165,8 @@ def measure(cfg, isolated=True, neighbours=None):
     try:
         with nk.use_backend(backend), torch.inference_mode():
             x = synthetic_features(cfg["n"], cfg["params"]["d"], device, dtype)
-            fn = _setup(cfg, x, neighbours)
-            warm = _setup(cfg, x[:, :cfg["warmup_n"]]) if cfg.get("warmup_n") else fn
+            fn = method_call(cfg, x, neighbours)
+            warm = method_call(cfg, x[:, :cfg["warmup_n"]]) if cfg.get("warmup_n") else fn
             if cfg.get("save_output"):
                 timed = fn
 

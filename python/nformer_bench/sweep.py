@@ -74,7 +74,7 @@ def _importable(name):
         return False
 
 
-def _configs(methods, device, backends):
+def method_backends(methods, device, backends):
     """(method, backend) pairs in the order they are run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -117,7 +117,7 @@ class Sweep:
                        "landmarks": args.landmarks, "depth": args.depth}
         self.elem_size = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
         self.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        self.pairs = _configs(self.methods, device, self.backends)
+        self.pairs = method_backends(self.methods, device, self.backends)
 
     def meta(self):
         from nformer_bench.analytic import PAPER_GFLOPS_PER_IMG

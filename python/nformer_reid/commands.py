@@ -933,7 +933,7 @@ def rank_loss_is_one_error(ranks: "_Ranks"):
     except RuntimeError as exc:
         if not is_transport_failure(exc):
             raise
-        raise RankLost(f"rank {ranks.rank} of {ranks.size}: {_LOST_RANK}: {one_line(exc)[:160]}") from None
+        raise RankLost(_lost_rank(ranks, _LOST_RANK, exc)) from None
 
 
 def _file_fingerprint(path: str) -> str:
@@ -986,6 +986,11 @@ def _check_same_launch(cfg, ranks: "_Ranks") -> None:
 _LOST_RANK = "another rank stopped answering (it failed or was stopped: its own output says why)"
 
 
+def _lost_rank(ranks: _Ranks, what: str, exc: BaseException) -> str:
+    """The one line a rank prints when a collective failed because its peers are gone: who, what, why."""
+    return f"rank {ranks.rank} of {ranks.size}: {what}: {one_line(exc)[:160]}"
+
+
 def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST_RANK):
     """Run step() on every rank and compare the outcomes before anything else is communicated
     (nformer_kernels.distributed.gather_checked): when it raised on any rank, every rank raises
@@ -1008,7 +1013,7 @@ def _agree_all(step, ranks: _Ranks, share=lambda result: None, lost: str = _LOST
     except RuntimeError as exc:  # the collective itself (DistError is one): the local check cannot raise
         if failure is not None:
             raise failure from None
-        raise ReIDInputError(f"rank {ranks.rank} of {ranks.size}: {lost}: {one_line(exc)[:160]}") from None
+        raise ReIDInputError(_lost_rank(ranks, lost, exc)) from None
     for r, (error, _) in enumerate(metas):
         if error is None:
             continue
