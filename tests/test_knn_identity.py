@@ -6,6 +6,8 @@ random rows, batches, k = N, in fp32/fp16/bf16/fp64. The expected tensor is the 
 the top-k of the canonical score (nformer_kernels.canonical), computed by plain PyTorch.
 A caller's TF32 / reduced-precision matmul settings never change the answer.
 """
+import math
+
 import pytest
 import torch
 
@@ -49,9 +51,9 @@ def test_identical_for_k_equal_to_n_and_margin_zero(backend, kind):
 
 @pytest.mark.parametrize("noise", [0.0, 1e-4], ids=["copies", "near-copies"])
 def test_groups_larger_than_a_list_holds(backend, noise):
-    """A group of near-ties far larger than k + the cpu list's 32 spare slots and its spill (2 lists):
-    the lists overflow, spill and are cut to their canonical top m mid-scan, on rows inside and
-    outside the group."""
+    """A group of near-ties far larger than k + the cpu list's 32 spare slots: the lists overflow and
+    are held by canonical score mid-scan (one c for both rows of a pair), on rows inside and outside
+    the group."""
     n, group, k = (70, 50, 3) if backend.slow else (700, 520, 20)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(n, 16, generator=g)
@@ -109,6 +111,50 @@ def test_canonical_score_is_the_documented_order():
         lanes = [lanes[i] + lanes[i + h] for i in range(h)]
         h //= 2
     assert canonical.canonical_scores(a, b).item() == lanes[0]
+
+
+def cancelling_rows(n, d, seed):
+    """Row 0 all ones; the others small multiples of 2**-14 with +2**40 and -2**40 at two random
+    places. 2**-14 is below half an ulp of 2**40, so a sum keeps or loses each small term depending
+    on the order of its additions: only the canonical order gives c's bits (and ranks)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (n, d), generator=g).float() * 2.0 ** -14
+    x[0] = 1.0
+    for j in range(1, n):
+        pos = torch.randperm(d, generator=g)[:2]
+        x[j, pos[0]], x[j, pos[1]] = 2.0 ** 40, -(2.0 ** 40)
+    return x
+
+
+def test_cancelling_rows_make_the_order_of_additions_matter():
+    x = cancelling_rows(40, 37, seed=0)
+    c = canonical.canonical_scores(x[0], x)[1:]
+    exact = torch.tensor([math.fsum(row) for row in x[1:].double().tolist()], dtype=torch.float64)
+    assert (c != exact).any() and len(set(c.tolist())) > 20
+
+
+@pytest.mark.backends("reference", "torch", "cpu", "triton-interpreted", "cuda-emulated", "cuda", "triton")
+def test_canonical_score_bits_decide_the_order(backend):
+    """Where a score's bits depend on the order of its additions, every kernel ranks by the canonical
+    bits: knn_rescore with 31 candidates a row (on the cpu, batches of 4, 2 and 1 keys), knn_rows and
+    knn, exact and certified (every pair a near-tie, so every pair is ranked by c: the cpu lists by
+    f and by c)."""
+    n, d, k = 40, 37, 10
+    x = cancelling_rows(n, d, seed=0)[None]
+    g = torch.Generator().manual_seed(1)
+    offsets = torch.stack([torch.randperm(n - 1, generator=g)[:30] + 1 for _ in range(n)])
+    rows = torch.arange(n)[:, None]
+    cand = torch.cat([rows, (rows + offsets) % n], dim=1)[None]  # self + 30 others
+    margin = torch.zeros(1, n, dtype=torch.float64)
+    got = backend.kernel("knn_rescore")(backend.tensor(x), backend.tensor(cand), 31, backend.tensor(margin))
+    want = reference.knn_rescore(x, cand, 31, margin)  # every candidate ranked
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+    q = torch.arange(0, n, 3)[None]
+    assert torch.equal(backend.kernel("knn_rows")(backend.tensor(x), backend.tensor(q), k).cpu(),
+                       reference.knn_rows(x, q, k))
+    want = expected(x[0], k, metric="dot")
+    for precision in ("exact", "certified"):
+        assert torch.equal(nk.knn(backend.tensor(x[0]), k, metric="dot", precision=precision).cpu(), want)
 
 
 @pytest.mark.backends("reference", "torch", "cpu", "triton-interpreted", "cuda", "triton")

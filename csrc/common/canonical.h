@@ -73,6 +73,78 @@ inline double cpu_canonical_dot(const float* a, const float* b, int64_t d) {
 #endif
   return canonical_dot(a, b, d);
 }
+
+#if defined(__x86_64__)
+// c(q, keys[t]) for four keys: lanes 0-15 of each are two 8-wide fp64 vectors (the lane layout of
+// cpu_canonical_dot_avx2), and the query is widened once for the four. Four keys give eight
+// independent addition chains, so the loop runs at the FMA/convert throughput instead of waiting
+// on one chain's latency.
+__attribute__((target("avx512f"))) inline void cpu_canonical_dots4_avx512(const float* q, const float* const* keys,
+                                                                        int64_t d, double* out) {
+  static_assert(kCanonicalLanes == 16, "two 8-wide vectors");
+  __m512d acc[4][2];
+  for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_pd();
+  int64_t e0 = 0;
+  for (; e0 + kCanonicalLanes <= d; e0 += kCanonicalLanes) {
+    const __m512d q0 = _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(q + e0)), q1 = _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(q + e0 + 8));
+    for (int t = 0; t < 4; ++t) {
+      acc[t][0] = _mm512_fmadd_pd(q0, _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(keys[t] + e0)), acc[t][0]);
+      acc[t][1] = _mm512_fmadd_pd(q1, _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(keys[t] + e0 + 8)), acc[t][1]);
+    }
+  }
+  alignas(64) double s[kCanonicalLanes];
+  for (int t = 0; t < 4; ++t) {
+    _mm512_store_pd(s, acc[t][0]);
+    _mm512_store_pd(s + 8, acc[t][1]);
+    out[t] = canonical_finish(s, q, keys[t], e0, d);
+  }
+}
+
+// The same for two keys with AVX2 (eight chains of 4-wide vectors).
+__attribute__((target("avx2,fma"))) inline void cpu_canonical_dots2_avx2(const float* q, const float* const* keys,
+                                                                       int64_t d, double* out) {
+  __m256d acc[2][4];
+  for (int t = 0; t < 2; ++t)
+    for (int v = 0; v < 4; ++v) acc[t][v] = _mm256_setzero_pd();
+  int64_t e0 = 0;
+  for (; e0 + kCanonicalLanes <= d; e0 += kCanonicalLanes)
+    for (int v = 0; v < 4; ++v) {
+      const __m256d qv = _mm256_cvtps_pd(_mm_loadu_ps(q + e0 + 4 * v));
+      for (int t = 0; t < 2; ++t)
+        acc[t][v] = _mm256_fmadd_pd(qv, _mm256_cvtps_pd(_mm_loadu_ps(keys[t] + e0 + 4 * v)), acc[t][v]);
+    }
+  alignas(32) double s[kCanonicalLanes];
+  for (int t = 0; t < 2; ++t) {
+    for (int v = 0; v < 4; ++v) _mm256_store_pd(s + 4 * v, acc[t][v]);
+    out[t] = canonical_finish(s, q, keys[t], e0, d);
+  }
+}
+#endif
+
+// out[t] = c(q, keys[t]) for t < n, bit for bit cpu_canonical_dot: one query against many keys is
+// the common case (a row's candidates), and batching the keys hides the additions' latency.
+// Key rows are usually scattered (and out of cache): the next batch's rows are fetched meanwhile.
+inline void cpu_canonical_dots(const float* q, const float* const* keys, int64_t n, int64_t d, double* out) {
+  auto fetch = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1 && t < n; ++t)
+      for (int64_t b = 0; b < d * int64_t(sizeof(float)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(keys[t]) + b);
+  };
+  int64_t t = 0;
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512) {
+    fetch(0, 4);
+    for (; t + 4 <= n; t += 4) fetch(t + 4, t + 8), cpu_canonical_dots4_avx512(q, keys + t, d, out + t);
+  }
+  if (avx2) {  // without AVX-512, or its remainder (so every path runs on an AVX-512 CPU too)
+    fetch(t, t + 2);
+    for (; t + 2 <= n; t += 2) fetch(t + 2, t + 4), cpu_canonical_dots2_avx2(q, keys + t, d, out + t);
+  }
+#endif
+  for (; t < n; ++t) out[t] = cpu_canonical_dot(q, keys[t], d);
+}
 #endif
 
 // Twice the bound on |fp32 stage score - canonical score| for rows of norms norm_i and max_norm

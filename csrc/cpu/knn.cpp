@@ -12,9 +12,10 @@
 // f is within beta of the canonical score c (common/canonical.h), beta from the row norms; so the
 // canonical order is the order by f where two scores are more than 2*beta apart and by (c, index)
 // where they are not (c computed on demand, once per entry). A row's list keeps every key that is
-// not more than 2*beta below its m-th largest f, and is put in that order once, at the end: the
-// result is the same on every CPU, BLAS, tile split and thread count. Every row keeps a gate, its
-// m-th f minus 2*beta: most candidates are rejected by one vectorised compare.
+// not more than 2*beta below its m-th largest f and is put in that order at the end, or, once it
+// overflows with near-ties, keeps its canonical top m by c (RunningTopk): the result is the same on
+// every CPU, BLAS, tile split and thread count. Every row keeps a gate below which no f can enter:
+// most candidates are rejected by one vectorised compare.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -27,6 +28,7 @@
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -49,18 +51,24 @@ int thread_id() {
 constexpr int64_t kChunk = 32;
 constexpr double kUnknown = std::numeric_limits<double>::quiet_NaN();  // a canonical score not yet computed
 
-// Each list has kSlack slots beyond m for entries within 2*beta of its m-th; a full tail moves to
-// the row's spill, which holds up to kSpillLists times a list before it is cut (bounded memory).
+// Each list has kSlack slots beyond m for entries within 2*beta of its m-th f.
 constexpr int kSlack = 32;
-constexpr int kSpillLists = 2;
 
-// Running candidate lists of a set of query rows: each holds every offered key that is not yet
-// known to rank below m others (m = k-1: every neighbour but self), sorted by BLAS score f. An
-// entry whose f is more than 2*beta below the m-th largest f ranks below m entries canonically, so
-// it is dropped; entries closer than that are kept unordered, and their canonical scores c are
-// computed when the list is finalised. Near-duplicate groups that pass through a list on their way
-// out (common in Re-ID galleries) so cost no canonical score, and a row's group mates are ordered
-// at the end, next to the rows that share them, while their key rows are in cache.
+// Running candidate lists of a set of query rows, in one of two forms.
+//
+// By f (every row starts so): the list holds every offered key not yet known to rank below m others
+// (m = k-1: every neighbour but self), slots [0, m) the m largest BLAS scores f, sorted, the tail the
+// rest. An entry more than 2*beta below the m-th f ranks below m entries canonically and is dropped;
+// entries closer than that are kept unordered and put in canonical order once, at the end, with c
+// computed only where two f are within 2*beta. Near-ties that pass through a list on their way out
+// so cost no canonical score.
+//
+// By c: a list whose tail fills holds more near-ties than slots (a near-duplicate group larger than
+// the list, common in Re-ID galleries). It is put in canonical order then, keeping its top m with
+// their c, and every later offer is scored at once: its c ranks it against the m-th c, and an f more
+// than beta below the m-th c cannot. In an off-diagonal tile a pair is offered to both its rows, so
+// one c serves both when both are in this form (c(a, b) == c(b, a)): a group of G rows costs about
+// G^2/2 canonical scores in all, not G^2 or more.
 struct RunningTopk {
   using Entry = std::pair<float, int32_t>;
   const float* x;         // (N, d) the keys (and, through query(), the query rows)
@@ -69,13 +77,13 @@ struct RunningTopk {
   float* f;               // (R, cap) BLAS scores, descending
   int32_t* ids;           // (R, cap) key rows (N < 2^31 is checked): a small list stays in cache
   int* size;              // (R) entries held
-  float* gate;            // (R) m-th largest f - 2*beta, rounded down (-inf until m entries)
+  float* gate;            // (R) below it an f cannot enter: m-th f - 2*beta, or m-th c - beta (by c),
+                          // rounded down (-inf until m entries)
   float* tail_min;        // (R) smallest f of the tail (+inf when empty): most gate moves skip it
   const double* beta2;    // (R) 2*beta
-  std::vector<Entry>* spill;  // (R) tail entries moved out of a full list, unpruned (mostly empty)
-  int32_t* known_ids;     // (R, m) entries whose c a cut computed, and their c: computed once
-  double* known_c;
-  int* known_n;           // (R)
+  bool* by_c;             // (R) the list is held by c
+  double* top_c;          // (R, m) a list held by c: its canonical top m, in order
+  int64_t* top_ids;
   int m, cap;
 
   const float* query(int64_t r) const { return x + (q_rows ? q_rows[r] : r) * d; }
@@ -83,68 +91,53 @@ struct RunningTopk {
   // Row r's m-th largest f - 2*beta: an entry below it ranks below m others canonically.
   double floor_of(int64_t r) const { return double(f[r * cap + m - 1]) - beta2[r]; }
 
-  // c of row r and key j: from an earlier cut of the list if it computed it.
-  double score(int64_t r, int32_t j) const {
-    for (int e = 0; e < known_n[r]; ++e)
-      if (known_ids[r * m + e] == j) return known_c[r * m + e];
-    return nformer::cpu_canonical_dot(query(r), x + int64_t(j) * d, d);
-  }
-
-  // Row r's held entries (list and spill, those not more than 2*beta below the m-th), sorted by f.
-  void gather(int64_t r, std::vector<Entry>& all) const {
-    const int64_t o = r * cap;
-    all.clear();
-    for (int e = 0; e < size[r]; ++e) all.emplace_back(f[o + e], ids[o + e]);
-    const double g = floor_of(r);
-    for (const Entry& en : spill[r])
-      if (double(en.first) >= g) all.push_back(en);
-    std::sort(all.begin() + m, all.end(), [](const Entry& a, const Entry& b) { return a.first > b.first; });
-  }
-
   // A row's held entries (sorted by f), the positions of its canonical top m (in canonical order)
-  // and the c computed on the way (NaN elsewhere): one per thread, reused row after row.
+  // and their c: one per thread, reused row after row.
   struct Ranked {
     std::vector<Entry> all;
     std::vector<int> order, need;
-    std::vector<double> c;
+    std::vector<double> c, need_c;
+    std::vector<const float*> keys;
   };
 
-  // Ranks row r's held entries. Two entries more than 2*beta apart in f are in c's order, so c is
-  // computed only for entries within 2*beta of a neighbour in f (every pair closer than that then
-  // has both), and those compare by (c, index), the rest by f: the canonical order itself,
-  // whichever pairs the sort compares.
-  Ranked& rank(int64_t r) {
+  // c for row r's entries at the given positions of s.all, in one batch.
+  void score(int64_t r, Ranked& s, const std::vector<int>& at) const {
+    s.keys.clear();
+    for (int e : at) s.keys.push_back(x + int64_t(s.all[e].second) * d);
+    s.need_c.resize(at.size());
+    nformer::cpu_canonical_dots(query(r), s.keys.data(), int64_t(at.size()), d, s.need_c.data());
+    for (size_t i = 0; i < at.size(); ++i) s.c[at[i]] = s.need_c[i];
+  }
+
+  // Ranks row r's list (held by f). Two entries more than 2*beta apart in f are in c's order, so
+  // unless `all_c` asks for every c, c is computed only for entries within 2*beta of a neighbour in
+  // f (every pair closer than that then has both), and those compare by (c, index), the rest by f:
+  // the canonical order itself, whichever pairs the sort compares.
+  Ranked& rank(int64_t r, bool all_c) const {
     thread_local Ranked s;
-    gather(r, s.all);
+    const int64_t o = r * cap;
+    const int n = size[r];
+    s.all.clear();
+    for (int e = 0; e < n; ++e) s.all.emplace_back(f[o + e], ids[o + e]);
+    std::sort(s.all.begin() + m, s.all.end(), [](const Entry& a, const Entry& b) { return a.first > b.first; });
     const std::vector<Entry>& all = s.all;
-    std::vector<int>& need = s.need;
-    std::vector<double>& c = s.c;
     const double b2 = beta2[r];
-    const int n = static_cast<int>(all.size());
-    c.assign(n, kUnknown);
-    need.clear();
+    s.c.assign(n, kUnknown);
+    s.need.clear();
     for (int e = 0; e < n; ++e)
-      if ((e > 0 && double(all[e - 1].first) - double(all[e].first) <= b2) ||
+      if (all_c || (e > 0 && double(all[e - 1].first) - double(all[e].first) <= b2) ||
           (e + 1 < n && double(all[e].first) - double(all[e + 1].first) <= b2))
-        need.push_back(e);
-    // Key rows of a cut mid-scan are rarely in cache: fetch the rows two entries ahead.
-    constexpr size_t kAhead = 2;
-    for (size_t i = 0; i < need.size(); ++i) {
-      if (i + kAhead < need.size()) {
-        const char* row = reinterpret_cast<const char*>(x + int64_t(all[need[i + kAhead]].second) * d);
-        for (int64_t b = 0; b < d * int64_t(sizeof(float)); b += 64) __builtin_prefetch(row + b);
-      }
-      c[need[i]] = score(r, all[need[i]].second);
-    }
-    std::vector<int>& order = s.order;
-    order.resize(n);
-    for (int e = 0; e < n; ++e) order[e] = e;
+        s.need.push_back(e);
+    score(r, s, s.need);
+    const std::vector<double>& c = s.c;
+    s.order.resize(n);
+    for (int e = 0; e < n; ++e) s.order[e] = e;
     auto before = [&](int a, int b) {
       if (!std::isnan(c[a]) && !std::isnan(c[b])) return nformer::ranks_before(c[a], all[a].second, c[b], all[b].second);
       return all[a].first > all[b].first;
     };
-    std::partial_sort(order.begin(), order.begin() + m, order.end(), before);
-    order.resize(m);
+    std::partial_sort(s.order.begin(), s.order.begin() + m, s.order.end(), before);
+    s.order.resize(m);
     return s;
   }
 
@@ -154,42 +147,39 @@ struct RunningTopk {
     gate[r] = gf;
   }
 
-  // The list's tail is full. Moves it to the spill; a long spill is first pruned by the gate, and if
-  // it stays long (a group of near-ties larger than the spill) the list is cut to its canonical top
-  // m: nothing ranked below m others can rank higher later.
-  void spill_tail(int64_t r) {
-    const int64_t o = r * cap;
-    std::vector<Entry>& sp = spill[r];
-    for (int e = m; e < cap; ++e) sp.emplace_back(f[o + e], ids[o + e]);
-    size[r] = m;
-    tail_min[r] = std::numeric_limits<float>::infinity();
-    const size_t most = size_t(kSpillLists) * cap;
-    if (sp.size() < most) return;
-    const double g = floor_of(r);
-    sp.erase(std::remove_if(sp.begin(), sp.end(), [&](const Entry& en) { return double(en.first) < g; }), sp.end());
-    if (sp.size() >= most / 2) cut(r);
+  // Row r's list (held by f, full) is put in canonical order and held by c from now on: nothing
+  // ranked below m others can rank higher later.
+  void hold_by_c(int64_t r) {
+    const Ranked& s = rank(r, true);
+    double* cr = top_c + r * m;
+    int64_t* ir = top_ids + r * m;
+    for (int e = 0; e < m; ++e) cr[e] = s.c[s.order[e]], ir[e] = s.all[s.order[e]].second;
+    by_c[r] = true;
+    set_gate(r, cr[m - 1] - beta2[r] / 2);
   }
 
-  void cut(int64_t r) {
-    Ranked& s = rank(r);
-    const std::vector<Entry>& all = s.all;
-    std::vector<int>& order = s.order;
-    const std::vector<double>& c = s.c;
-    const int64_t o = r * cap;
-    int known = 0;
-    for (int e : order)
-      if (!std::isnan(c[e])) known_ids[r * m + known] = all[e].second, known_c[r * m + known++] = c[e];
-    known_n[r] = known;
-    std::sort(order.begin(), order.end());  // all is sorted by f
-    for (int e = 0; e < m; ++e) f[o + e] = all[order[e]].first, ids[o + e] = all[order[e]].second;
-    spill[r].clear();
-    set_gate(r, floor_of(r));
+  // Offers key idn with BLAS score fn to row r; the caller has checked fn >= gate[r]. c is the
+  // pair's canonical score if already computed (NaN if not), computed here when a list held by c
+  // needs it and kept for the pair's other row.
+  inline __attribute__((always_inline)) void offer(int64_t r, float fn, int32_t idn, double& c) {
+    if (!by_c[r] && size[r] == cap) hold_by_c(r);
+    if (by_c[r])
+      offer_by_c(r, fn, idn, c);
+    else
+      offer_by_f(r, fn, idn);
+  }
+
+  void offer_by_c(int64_t r, float fn, int32_t idn, double& c) {
+    double* cr = top_c + r * m;
+    int64_t* ir = top_ids + r * m;
+    if (double(fn) + beta2[r] / 2 < cr[m - 1]) return;  // c <= f + beta < the m-th c
+    if (std::isnan(c)) c = nformer::cpu_canonical_dot(query(r), x + int64_t(idn) * d, d);
+    if (nformer::topk_insert(cr, ir, m, c, int64_t(idn))) set_gate(r, cr[m - 1] - beta2[r] / 2);
   }
 
   // Slots [0, m) hold the m largest f, sorted; the tail [m, n) the rest, unsorted, each within
-  // 2*beta of the m-th, so an offer shifts at most m entries. The caller has checked fn >= gate[r].
-  inline __attribute__((always_inline)) void offer(int64_t r, float fn, int32_t idn) {
-    if (size[r] == cap) spill_tail(r);
+  // 2*beta of the m-th, so an offer shifts at most m entries.
+  inline __attribute__((always_inline)) void offer_by_f(int64_t r, float fn, int32_t idn) {
     int n = size[r];
     const int64_t o = r * cap;
     float* fr = f + o;
@@ -237,9 +227,13 @@ struct RunningTopk {
   }
 
   // Writes row r's canonical top m to out[1..m]; false if it holds fewer (NaN scores).
-  bool finish(int64_t r, int64_t* out) {
+  bool finish(int64_t r, int64_t* out) const {
+    if (by_c[r]) {
+      std::copy(top_ids + r * m, top_ids + (r + 1) * m, out + 1);
+      return true;
+    }
     if (size[r] < m) return false;
-    const Ranked& s = rank(r);
+    const Ranked& s = rank(r, false);
     for (int e = 0; e < m; ++e) out[1 + e] = s.all[s.order[e]].second;
     return true;
   }
@@ -272,8 +266,9 @@ NF_CPU_CLONES void select_pair_tile(const float* S, int64_t ti, int64_t tj, int6
     const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        if (s[c] >= topk.gate[gi]) topk.offer(gi, s[c], j0 + c);
-        if (s[c] >= col_gate[c]) topk.offer(j0 + c, s[c], gi);
+        double pair_c = kUnknown;  // one canonical score for both rows
+        if (s[c] >= topk.gate[gi]) topk.offer(gi, s[c], j0 + c, pair_c);
+        if (s[c] >= col_gate[c]) topk.offer(j0 + c, s[c], gi, pair_c);
       }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
@@ -293,7 +288,8 @@ NF_CPU_CLONES void select_row_tile(const float* S, int64_t ti, int64_t tj, int64
     const float* s = S + a * tj;
     auto offer_range = [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        if (j0 + c != self && s[c] >= topk.gate[r]) topk.offer(r, s[c], j0 + c);
+        double unknown = kUnknown;
+        if (j0 + c != self && s[c] >= topk.gate[r]) topk.offer(r, s[c], j0 + c, unknown);
       }
     };
     for (int64_t c0 = 0; c0 < full; c0 += kChunk)
@@ -318,11 +314,11 @@ int64_t tile_size(int64_t n, int64_t threads) {
 struct ListState {
   int m, cap;
   std::vector<float> f, gate, tail_min;
-  std::vector<double> beta2;
-  std::vector<int32_t> ids, known_ids;
-  std::vector<double> known_c;
-  std::vector<int> size, known_n;
-  std::vector<std::vector<RunningTopk::Entry>> spill;
+  std::vector<double> beta2, top_c;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> top_ids;
+  std::vector<int> size;
+  std::unique_ptr<bool[]> by_c;
   ListState(const float* x, int64_t n, int64_t d, const int64_t* q_rows, int64_t R, int m)
       : m(m),
         cap(m + kSlack),
@@ -330,12 +326,11 @@ struct ListState {
         gate(R, -std::numeric_limits<float>::infinity()),
         tail_min(R, std::numeric_limits<float>::infinity()),
         beta2(R),
+        top_c(R * m),
         ids(R * cap),
-        known_ids(R * m),
-        known_c(R * m),
+        top_ids(R * m),
         size(R, 0),
-        known_n(R, 0),
-        spill(R) {
+        by_c(new bool[R]()) {
     std::vector<double> norms(n);
     double top = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -345,9 +340,9 @@ struct ListState {
     for (int64_t r = 0; r < R; ++r) beta2[r] = nformer::fp32_score_bound2(d, norms[q_rows ? q_rows[r] : r], top);
   }
   RunningTopk lists(const float* x, const int64_t* q_rows, int64_t d) {
-    return RunningTopk{x,           q_rows,      d,           f.data(),      ids.data(),
-                       size.data(), gate.data(), tail_min.data(), beta2.data(), spill.data(),
-                       known_ids.data(), known_c.data(), known_n.data(), m, cap};
+    return RunningTopk{x,           q_rows,      d,           f.data(),     ids.data(),  size.data(),
+                       gate.data(), tail_min.data(), beta2.data(), by_c.get(), top_c.data(), top_ids.data(),
+                       m,           cap};
   }
 };
 
@@ -378,9 +373,7 @@ void finish_lists(RunningTopk& topk, int64_t rows, int64_t k, int64_t* out, int 
   std::vector<std::pair<int32_t, int64_t>> by_key(rows);
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* ir = topk.ids + r * topk.cap;
-    int32_t key = topk.size[r] ? *std::min_element(ir, ir + topk.size[r]) : 0;
-    for (const auto& en : topk.spill[r]) key = std::min(key, en.second);
-    by_key[r] = {key, r};
+    by_key[r] = {topk.size[r] ? *std::min_element(ir, ir + topk.size[r]) : 0, r};
   }
   std::sort(by_key.begin(), by_key.end());
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 64) reduction(&& : filled)

@@ -29,10 +29,12 @@ void rescore(const at::Tensor& x, const at::Tensor& cand, int64_t k, const at::T
   at::parallel_for(0, b * n, grain, [&](int64_t begin, int64_t end) {
     std::vector<double> s(kc);
     std::vector<int> order(kc);
+    std::vector<const float*> keys(kc);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % n, row0 = row - i;
       const int64_t* c = cand_p + row * kc;
-      for (int64_t t = 0; t < kc; ++t) s[t] = nformer::cpu_canonical_dot(x_p + row * d, x_p + (row0 + c[t]) * d, d);
+      for (int64_t t = 0; t < kc; ++t) keys[t] = x_p + (row0 + c[t]) * d;
+      nformer::cpu_canonical_dots(x_p + row * d, keys.data(), kc, d, s.data());
       const double last = s[kc - 1];
       for (int64_t t = 0; t < kc; ++t)
         if (c[t] == i) s[t] = std::numeric_limits<double>::infinity();  // self first
