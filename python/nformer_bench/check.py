@@ -12,7 +12,8 @@ and a stage that would start after the budget is spent is recorded as skipped:
              as is); without ninja the sources compile one after another (slower, same result)
   smoke      every backend on the GPU against the `reference` backend, a few seconds each: knn
              index tensors identical (fp32, bf16, near-duplicates exact, certified margin 0 = every
-             row rescanned by knn_rows), reciprocal_mask, neighbor_attention forward + backward, the NFormer eval
+             row rescanned by knn_rows, a bf16 batch of one item per SM = the CUDA knn's 128-row
+             tiles the 1M measurement runs), reciprocal_mask, neighbor_attention forward + backward, the NFormer eval
              forward against the dense official model; a backend stops at its first failing case
   knn        N=1,000,000, d=256, k=20, bf16 then fp32: nk.knn per backend vs chunked torch.mm + topk
   attention  neighbor_attention forward + backward at N=1,000,000, d=256: achieved GB/s
@@ -56,6 +57,7 @@ from nformer_bench import RESULT_MARK
 from nformer_bench.arguments import positive_float
 from nformer_bench.check_stages import SMOKE_CASES
 from nformer_bench.environment import package_dir, source_root
+from nformer_reid.utils.io import atomic_write
 
 LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
     "gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png", "nformer-memory.png")
@@ -132,18 +134,6 @@ def _child_env(extra=None):
     return env
 
 
-def write_atomic(path, text):
-    """text into path via a temporary file beside it and a rename: a reader, or a run killed
-    meanwhile, sees the previous file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class Check:
     """One validation run: stages in order, each recorded in result and saved as it goes."""
 
@@ -189,8 +179,9 @@ class Check:
     def save(self):
         from nformer_bench import report
 
-        write_atomic(self.out / JSON, json.dumps(self.result, indent=1) + "\n")
-        write_atomic(self.out / MD, report.check_markdown(self.result))
+        for name, text in ((JSON, json.dumps(self.result, indent=1) + "\n"), (MD, report.check_markdown(self.result))):
+            with atomic_write(self.out / name, "w") as fh:  # a reader, or a kill meanwhile, sees old or new
+                fh.write(text)
 
     def _plots(self):
         from nformer_bench import report

@@ -95,6 +95,23 @@ def _knn_case(dtype, kind="gaussian", precision="auto", margin=None):
     return case
 
 
+def _knn_batch_case(backend, p, device):
+    """A bf16 batch of one 256-row item per SM: B * ceil(N / 128) >= SMs makes the CUDA knn take its
+    128-row tiles, the variant the 1M-row measurement runs (the other cases take the 64-row ones).
+    Entry for entry against the reference, tolerance 0."""
+    import torch
+
+    import nformer_kernels as nk
+
+    items = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    x = _randn(items, 256, 64, seed=10, device=device).to(torch.bfloat16)
+    with nk.use_backend(backend):
+        idx = nk.knn(x, p["k"])
+    with nk.use_backend("reference"):
+        ref = nk.knn(x, p["k"])
+    return (idx != ref).sum().item(), 0
+
+
 def _reciprocal_case(backend, p, device):
     import nformer_kernels as nk
 
@@ -176,6 +193,7 @@ def _nformer_case(backend, p, device):
 SMOKE_CASES = {"knn fp32": _knn_case("float32"), "knn bf16": _knn_case("bfloat16"),
                "knn fp32 exact, near-duplicates": _knn_case("float32", "near-duplicates", "exact"),
                "knn certified margin 0 (knn_rows rescan)": _knn_case("float32", "near-duplicates", "certified", 0),
+               "knn bf16, one item per SM (cuda: 128-row tiles)": _knn_batch_case,
                "reciprocal_mask": _reciprocal_case, "neighbor_attention fp32 fwd+bwd": _attention_train_case,
                "neighbor_attention bf16 fwd": _attention_half_case,
                "NFormer eval fp32 vs dense official": _nformer_case}
