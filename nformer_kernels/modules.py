@@ -83,7 +83,7 @@ class NFormerLayer(nn.Module):
             if topk is None:
                 raise ValueError("topk is required when idx is None (affinity neighbours)")
             idx = ops.landmark_affinity_knn(P, R, min(topk, n))
-            keep = ops.reciprocal_mask(idx)
+            keep = ops.reciprocal_mask(idx, check_inputs=False)  # built here: nothing to re-check
         attn = ops.sparse_attention(P, R, v, idx, keep, self.scale, check_inputs=check_inputs)
         return self._output(x, attn, chunk)
 
@@ -232,7 +232,7 @@ class NFormer(nn.Module):
         idx = keep = None
         if self.neighbor_source == "input":
             idx = ops.knn(x, k, query_mask=query_mask, precision=self.knn_precision)
-            keep = ops.reciprocal_mask(idx)
+            keep = ops.reciprocal_mask(idx, check_inputs=False)
         for i, block in enumerate(self.blocks):
             lm = None if landmarks is None else landmarks[i]
             # Neighbours and drawn landmarks are built (and checked) here; explicit landmarks are the user's.

@@ -159,6 +159,25 @@ def test_affinity_neighbours(backend):
     assert torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("source", ["input", "affinity"])
+def test_lists_the_model_builds_are_not_rechecked(source, monkeypatch):
+    """The neighbour lists and landmarks NFormer builds itself skip the O(N*k) value checks
+    (reciprocal_mask, sparse_attention); lists and landmarks a caller passes are checked."""
+    from nformer_kernels import _checks
+
+    seen, real = [], _checks.check_index
+    monkeypatch.setattr(_checks, "check_index", lambda *a, **kw: seen.append(kw.get("check_values", True)) or real(*a, **kw))
+    model = nk.NFormer(dim=32, depth=2, topk=6, neighbor_source=source).eval()
+    x = ties_free(40, 32)
+    with torch.no_grad():
+        model(x)
+    assert seen and not any(seen)
+    seen.clear()
+    with torch.no_grad():
+        model(x, landmarks=torch.stack([torch.arange(5), torch.arange(5, 10)]))
+    assert any(seen)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("batch", [None, 2])
 @pytest.mark.parametrize("source", ["input", "affinity"])

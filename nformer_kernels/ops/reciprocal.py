@@ -4,9 +4,10 @@ import torch
 from nformer_kernels import _checks, backends
 
 
-def reciprocal_mask(idx: torch.Tensor) -> torch.Tensor:
-    """keep[i,t] = i in idx[idx[i,t]] (bool, idx's shape). O(N*k^2)."""
-    idx, squeezed = _checks.check_index(idx)
+def reciprocal_mask(idx: torch.Tensor, *, check_inputs: bool = True) -> torch.Tensor:
+    """keep[i,t] = i in idx[idx[i,t]] (bool, idx's shape). O(N*k^2). check_inputs=False skips the
+    O(N*k log k) value checks (entries in range, no repeats) for lists the caller built with knn."""
+    idx, squeezed = _checks.check_index(idx, check_values=check_inputs)
     keep = backends.kernel(backends.resolve("reciprocal", idx.device), "reciprocal_mask")(idx)
     return keep[0] if squeezed else keep
 

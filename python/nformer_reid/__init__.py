@@ -19,19 +19,21 @@ that the CLI prints as one line (exit status 2). Every file is written atomicall
 import logging
 from typing import TYPE_CHECKING
 
-from nformer_kernels import __version__
 from nformer_reid.utils.errors import ReIDInputError
 from nformer_reid.utils.lazy import exports
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet unless the application configures logging
 
-# Imported on first use (nformer_reid.utils.lazy): `import nformer_reid.utils.io` stays light.
+# Imported on first use (nformer_reid.utils.lazy): `import nformer_reid.utils.io` stays light
+# (nformer_bench check imports it before it rebuilds, and so must not load, nformer_kernels).
 __getattr__ = exports(__name__, {
+    "__version__": "nformer_kernels",
     "compute_distance_matrix": "nformer_reid.metrics", "evaluate_features": "nformer_reid.metrics",
     "evaluate_rank": "nformer_reid.metrics", "plot_cmc": "nformer_reid.plotting",
     "re_ranking": "nformer_reid.rerank", "re_ranking_sparse": "nformer_reid.rerank",
     "re_ranking_sparse_chunks": "nformer_reid.rerank"})
 if TYPE_CHECKING:
+    from nformer_kernels import __version__
     from nformer_reid.metrics import compute_distance_matrix, evaluate_features, evaluate_rank
     from nformer_reid.plotting import plot_cmc
     from nformer_reid.rerank import re_ranking, re_ranking_sparse, re_ranking_sparse_chunks

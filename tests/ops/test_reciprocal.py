@@ -89,3 +89,14 @@ def test_reciprocal_mask(backend):
 def test_reciprocal_mask_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_reciprocal_mask_check_inputs_false_skips_only_the_value_checks():
+    """For lists built by knn (NFormer, re-ranking): the O(N*k log k) checks are skipped; the
+    shape and dtype checks are not."""
+    repeats = torch.tensor([[0, 1], [1, 1]])
+    assert nk.reciprocal_mask(repeats, check_inputs=False).shape == (2, 2)
+    with pytest.raises(ValueError, match="idx has 3"):
+        nk.reciprocal_mask(torch.zeros(2, 3, dtype=torch.long), check_inputs=False)
+    with pytest.raises(TypeError, match="int64"):
+        nk.reciprocal_mask(repeats.int(), check_inputs=False)
