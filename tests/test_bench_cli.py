@@ -133,8 +133,27 @@ def test_knn_command_compares_methods_with_recall(capsys):
                                                  "--repeats", "1"]))
     assert [(r["method"], r["status"]) for r in rows] == [("knn", "ok"), ("knn-torch", "ok")]
     assert rows[0]["recall"] == 1.0 and rows[1]["recall"] >= 0.999  # exact methods agree up to ties
-    assert all(r["mem_kind"] == "rss_growth" and r["recall_vs"] == f"knn ({backend})" for r in rows)
+    assert all(r["mem_kind"] == "rss_growth" and r["recall_vs"] == "fp64 brute force, 300 rows" for r in rows)
     assert "knn-torch (torch)" in capsys.readouterr().out
+
+
+def test_knn_recall_truth_is_an_fp64_brute_force_on_sampled_rows():
+    """The truth is plain PyTorch in fp64 over key chunks, never a kernel being measured: on a
+    sample of rows it is the dense fp64 top-k, self first, whatever the chunk."""
+    from nformer_bench import knn
+
+    rows = knn.sample_rows(500, count=40)
+    assert len(rows) == 40 and len(set(rows.tolist())) == 40 and torch.equal(knn.sample_rows(30, count=40), torch.arange(30))
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    xd = torch.nn.functional.normalize(x.double(), dim=1)
+    dense = (xd[rows] @ xd.T).index_put_((torch.arange(40), rows), torch.tensor(float("inf"), dtype=torch.float64))
+    want = dense.topk(7, dim=1).indices
+    for chunk in (64, 500, 4096):
+        assert torch.equal(knn.fp64_truth(x, rows, 7, chunk=chunk), want)
+    assert knn.recall(want.flip(1), want) == 1.0  # a set measure
+    other = want.clone()
+    other[0, -1] = next(j for j in range(500) if j not in want[0])
+    assert knn.recall(other, want) == 1.0 - 1.0 / want.numel()
 
 
 def test_certified_command_writes_stage_split_and_agreement(tmp_path, capsys):

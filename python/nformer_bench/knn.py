@@ -7,7 +7,8 @@ Every method gets the same seeded features (nformer_bench.runner.synthetic_featu
 warm-up call on the first 2,048 rows. On the CPU each method runs in a fresh process, so "peak" is
 its own RSS growth and "CPU" the process CPU time of the call (all threads: the work done, when
 other load inflates wall time); on CUDA all run in this process (peak: max_memory_allocated growth).
-Recall: |neighbour set ∩ the first method's set| / k, averaged over rows (exact methods agree up to ties).
+Recall: |neighbour set ∩ the truth's set| / k, averaged over SAMPLE_ROWS seeded rows; the truth is a
+plain-PyTorch fp64 brute force of those rows against all N (never one of the kernels measured).
 """
 import tempfile
 from pathlib import Path
@@ -37,6 +38,37 @@ def add_arguments(p):
     p.add_argument("--timeout-s", type=float, default=1800.0, help="per method, CPU (a child process)")
 
 
+SAMPLE_ROWS = 2000  # rows whose fp64 truth is computed: ~1e12 fp64 FLOP at N = 1M, d = 256
+
+
+def sample_rows(n, count=SAMPLE_ROWS, seed=0):
+    """`count` distinct rows of n (all of them when n <= count), seeded, sorted."""
+    import torch
+
+    if n <= count:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def fp64_truth(x, rows, k, chunk=65536):
+    """(len(rows), k) top-k by fp64 cosine of x[rows] against every row of x (N, d), self first: a
+    brute force over key chunks, O(len(rows) * chunk) memory."""
+    import torch
+
+    q = torch.nn.functional.normalize(x[rows].double(), dim=1)
+    best_s = torch.full((len(rows), 0), float("-inf"), dtype=torch.float64, device=x.device)
+    best_i = torch.zeros((len(rows), 0), dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        keys = torch.nn.functional.normalize(x[start:start + chunk].double(), dim=1)
+        s = q @ keys.T
+        ids = torch.arange(start, start + keys.shape[0], device=x.device)
+        s[rows.to(x.device)[:, None] == ids[None]] = float("inf")  # self first
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, ids.expand(len(rows), -1)], 1)
+        best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
+        best_i = i.gather(1, pos)
+    return best_i.cpu()
+
+
 def recall(found, truth, chunk=65536):
     """Mean over rows of |found[i] ∩ truth[i]| / k for (N,k) index tensors of distinct entries."""
     hits = 0
@@ -48,17 +80,20 @@ def recall(found, truth, chunk=65536):
 
 def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None, repeats=3,
             repeat_budget_s=30.0, timeout_s=1800.0, isolated=None):
-    """Yields one result row per (method, backend), with recall against the first method that ran.
-    isolated: a child process per method (default: on the CPU, where it makes peak RSS per method)."""
+    """Yields one result row per (method, backend), with recall against the fp64 truth of
+    SAMPLE_ROWS rows. isolated: a child process per method (default: on the CPU, where it makes
+    peak RSS per method)."""
     import torch
 
-    from nformer_bench.runner import kernel_backends, launch
+    from nformer_bench.runner import kernel_backends, launch, synthetic_features
     from nformer_bench.sweep import method_backends
 
     device = torch.device(device)
     isolated = device.type == "cpu" if isolated is None else isolated
     pairs = method_backends(list(methods), device, kernel_backends(device) if backends is None else backends)
-    truth = truth_label = None
+    rows = sample_rows(n)
+    truth = fp64_truth(synthetic_features(n, d, device, getattr(torch, dtype))[0], rows.to(device), min(k, n))
+    truth_label = f"fp64 brute force, {len(rows)} rows"
     with tempfile.TemporaryDirectory() as tmp:
         for method, backend in pairs:
             out_path = Path(tmp) / f"{method}-{backend}.pt"
@@ -69,10 +104,7 @@ def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None
             row = {"method": method, "backend": backend, "n": n, "d": d, "k": min(k, n), "dtype": dtype,
                    **launch("measure", cfg, timeout_s, isolated)}
             if row["status"] == "ok" and out_path.exists():
-                found = torch.load(out_path)
-                if truth is None:
-                    truth, truth_label = found, f"{method} ({backend})"
-                row["recall"], row["recall_vs"] = recall(found, truth), truth_label
+                row["recall"], row["recall_vs"] = recall(torch.load(out_path)[rows], truth), truth_label
                 out_path.unlink()
             yield row
 
