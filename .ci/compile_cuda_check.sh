@@ -15,7 +15,7 @@ from torch.utils.cpp_extension import load
 try:
     load(name="nformer_cuda_check", sources=["csrc/ops.cpp", *sorted(glob.glob("csrc/cuda/*.cu"))],
          extra_include_paths=["csrc"], extra_cflags=["-O3", "-DNFORMER_WITH_CUDA"],
-         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
+         extra_cuda_cflags=["-O3", "-lineinfo", "-Xptxas=-v"],  # setup.py's nvcc flags (no fast math) + the report
          build_directory=sys.argv[1], with_cuda=True, verbose=True)
 except (ImportError, OSError) as exc:  # built and linked; loading needs a GPU driver
     print(f"built; not loadable here: {exc}")

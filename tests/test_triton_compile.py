@@ -60,6 +60,16 @@ def test_launch_grids_past_cuda_limits_are_refused():
         kernel("triton", "knn")(x, 2)
 
 
+def test_ctas_per_sm_takes_the_tightest_limit():
+    from nformer_kernels.triton.aot import ctas_per_sm
+
+    assert ctas_per_sm("sm_90", 32, 0, 4) == 16  # warps: 64 / 4
+    assert ctas_per_sm("sm_90", 128, 8192, 8) == 2  # registers: 65536 / (128 * 32 * 8)
+    assert ctas_per_sm("sm_86", 40, 60 * 1024, 4) == 1  # shared memory: 100 KiB / 61 KiB
+    assert ctas_per_sm("sm_86", 33, 0, 2) == 16  # CTAs; 33 registers are allocated as 40 (per warp, units of 256)
+    assert ctas_per_sm("sm_86", 255, 0, 4) == 2
+
+
 @pytest.mark.slow
 def test_every_variant_compiles_for_sm86_and_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0",
@@ -74,6 +84,7 @@ def test_every_variant_compiles_for_sm86_and_sm90():
     failed = [f"{r['kernel']} {r['target']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n".join(failed)
     assert all(r["regs"] for r in rows), "ptxas -v log not captured"
+    assert all(r["ctas_per_sm"] >= 1 for r in rows), "a variant that cannot be resident"
     spilling = [f"{r['kernel']} {r['target']}: {r['spill_stores']} B" for r in rows
                 if r["spill_stores"] > MAX_SPILL_BYTES]
     assert not spilling, "\n".join(spilling)

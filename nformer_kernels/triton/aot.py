@@ -34,6 +34,21 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+# Per-SM limits of the targets (CUDA occupancy calculator): warps, CTAs, registers (allocated per
+# warp in units of 256), shared memory (each CTA also reserves 1 KiB).
+SM_LIMITS = {"sm_86": {"warps": 48, "ctas": 16, "regs": 65536, "smem": 100 * 1024},
+             "sm_90": {"warps": 64, "ctas": 32, "regs": 65536, "smem": 228 * 1024}}
+
+
+def ctas_per_sm(target: str, regs: int, shared: int, warps: int) -> int:
+    """Resident CTAs per SM of a kernel using `regs` registers a thread, `shared` bytes of shared
+    memory and `warps` warps a CTA on `target` ("sm_86" or "sm_90"): the least of the limits."""
+    lim = SM_LIMITS[target]
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    return min(lim["ctas"], lim["warps"] // warps, lim["regs"] // (regs_per_warp * warps),
+               lim["smem"] // (shared + 1024))
+
+
 def all_variants() -> list:
     return knn_variants() + rescore_variants() + rows_variants() + reciprocal_variants() + attention_variants()
 
@@ -79,7 +94,8 @@ def compile_all(targets=DEFAULT_TARGETS, variants=None, workers: int = 1) -> lis
         for variant in variants if variants is not None else all_variants():
             for target in targets:
                 row = {"kernel": variant.label, "target": f"sm_{target.arch}", "regs": None,
-                       "spill_stores": None, "spill_loads": None, "shared": None, "error": None}
+                       "spill_stores": None, "spill_loads": None, "shared": None, "warps": variant.num_warps,
+                       "ctas_per_sm": None, "error": None}
                 log = io.StringIO()
                 start = time.perf_counter()
                 try:
@@ -94,20 +110,23 @@ def compile_all(targets=DEFAULT_TARGETS, variants=None, workers: int = 1) -> lis
                     if spills:
                         row["spill_stores"], row["spill_loads"] = map(int, spills.groups())
                     row["shared"] = compiled.metadata.shared
+                    if row["regs"] is not None and row["target"] in SM_LIMITS:
+                        row["ctas_per_sm"] = ctas_per_sm(row["target"], row["regs"], row["shared"], variant.num_warps)
                 row["seconds"] = round(time.perf_counter() - start, 2)
                 rows.append(row)
     return rows
 
 
 def format_table(rows) -> str:
-    lines = [f"{'kernel variant':<100} {'target':<6} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'s':>5}"]
+    lines = [f"{'kernel variant':<100} {'target':<6} {'regs':>4} {'spill st/ld':>11} {'smem':>6} {'CTAs/SM':>7} "
+             f"{'s':>5}"]
     for r in rows:
         if r["error"]:
             lines.append(f"{r['kernel']:<100} {r['target']:<6} FAILED: {r['error'].splitlines()[0]}")
             continue
         spill = f"{r['spill_stores']}/{r['spill_loads']}"
         lines.append(f"{r['kernel']:<100} {r['target']:<6} {r['regs']!s:>4} {spill:>11} "
-                     f"{r['shared']!s:>6} {r['seconds']:>5}")
+                     f"{r['shared']!s:>6} {r.get('ctas_per_sm')!s:>7} {r['seconds']:>5}")
     return "\n".join(lines)
 
 
