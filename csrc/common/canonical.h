@@ -64,12 +64,17 @@ __attribute__((target("avx2,fma"))) inline double cpu_canonical_dot_avx2(const f
   for (int q = 0; q < 4; ++q) _mm256_store_pd(s + 4 * q, acc[q]);
   return canonical_finish(s, a, b, e0, d);
 }
+
+// Whether this CPU runs the AVX2/FMA paths (checked once).
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
 #endif
 
 inline double cpu_canonical_dot(const float* a, const float* b, int64_t d) {
 #if defined(__x86_64__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return cpu_canonical_dot_avx2(a, b, d);
+  if (cpu_has_avx2_fma()) return cpu_canonical_dot_avx2(a, b, d);
 #endif
   return canonical_dot(a, b, d);
 }
@@ -133,12 +138,11 @@ inline void cpu_canonical_dots(const float* q, const float* const* keys, int64_t
   int64_t t = 0;
 #if defined(__x86_64__)
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx512) {
     fetch(0, 4);
     for (; t + 4 <= n; t += 4) fetch(t + 4, t + 8), cpu_canonical_dots4_avx512(q, keys + t, d, out + t);
   }
-  if (avx2) {  // without AVX-512, or its remainder (so every path runs on an AVX-512 CPU too)
+  if (cpu_has_avx2_fma()) {  // without AVX-512, or its remainder (so every path runs on an AVX-512 CPU too)
     fetch(t, t + 2);
     for (; t + 2 <= n; t += 2) fetch(t + 2, t + 4), cpu_canonical_dots2_avx2(q, keys + t, d, out + t);
   }

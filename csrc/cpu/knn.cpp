@@ -100,13 +100,13 @@ struct RunningTopk {
     std::vector<const float*> keys;
   };
 
-  // c for row r's entries at the given positions of s.all, in one batch.
-  void score(int64_t r, Ranked& s, const std::vector<int>& at) const {
+  // c for row r's entries at the positions s.need of s.all, in one batch.
+  void score(int64_t r, Ranked& s) const {
     s.keys.clear();
-    for (int e : at) s.keys.push_back(x + int64_t(s.all[e].second) * d);
-    s.need_c.resize(at.size());
-    nformer::cpu_canonical_dots(query(r), s.keys.data(), int64_t(at.size()), d, s.need_c.data());
-    for (size_t i = 0; i < at.size(); ++i) s.c[at[i]] = s.need_c[i];
+    for (int e : s.need) s.keys.push_back(x + int64_t(s.all[e].second) * d);
+    s.need_c.resize(s.need.size());
+    nformer::cpu_canonical_dots(query(r), s.keys.data(), int64_t(s.need.size()), d, s.need_c.data());
+    for (size_t i = 0; i < s.need.size(); ++i) s.c[s.need[i]] = s.need_c[i];
   }
 
   // Ranks row r's list (held by f). Two entries more than 2*beta apart in f are in c's order, so
@@ -128,7 +128,7 @@ struct RunningTopk {
       if (all_c || (e > 0 && double(all[e - 1].first) - double(all[e].first) <= b2) ||
           (e + 1 < n && double(all[e].first) - double(all[e + 1].first) <= b2))
         s.need.push_back(e);
-    score(r, s, s.need);
+    score(r, s);
     const std::vector<double>& c = s.c;
     s.order.resize(n);
     for (int e = 0; e < n; ++e) s.order[e] = e;
@@ -155,8 +155,11 @@ struct RunningTopk {
     int64_t* ir = top_ids + r * m;
     for (int e = 0; e < m; ++e) cr[e] = s.c[s.order[e]], ir[e] = s.all[s.order[e]].second;
     by_c[r] = true;
-    set_gate(r, cr[m - 1] - beta2[r] / 2);
+    set_gate_by_c(r);
   }
+
+  // A list held by c: no f more than beta below its m-th c can rank before it.
+  void set_gate_by_c(int64_t r) { set_gate(r, top_c[r * m + m - 1] - beta2[r] / 2); }
 
   // Offers key idn with BLAS score fn to row r; the caller has checked fn >= gate[r]. c is the
   // pair's canonical score if already computed (NaN if not), computed here when a list held by c
@@ -174,7 +177,7 @@ struct RunningTopk {
     int64_t* ir = top_ids + r * m;
     if (double(fn) + beta2[r] / 2 < cr[m - 1]) return;  // c <= f + beta < the m-th c
     if (std::isnan(c)) c = nformer::cpu_canonical_dot(query(r), x + int64_t(idn) * d, d);
-    if (nformer::topk_insert(cr, ir, m, c, int64_t(idn))) set_gate(r, cr[m - 1] - beta2[r] / 2);
+    if (nformer::topk_insert(cr, ir, m, c, int64_t(idn))) set_gate_by_c(r);
   }
 
   // Slots [0, m) hold the m largest f, sorted; the tail [m, n) the rest, unsorted, each within

@@ -75,41 +75,40 @@ def _rel_err(got, want):
     return ((got.float() - want.float()).abs().max() / max(1.0, want.float().abs().max().item())).item()
 
 
+def _knn_mismatches(backend, x, k, precision="auto", margin=None):
+    """knn's index tensor on `backend` against the reference's, entry for entry (the canonical top-k
+    is the same tensor on every backend): the number of entries that differ, tolerance 0."""
+    import nformer_kernels as nk
+
+    with nk.use_backend(backend):
+        idx = nk.knn(x, k, precision=precision, margin=margin)
+    with nk.use_backend("reference"):
+        ref = nk.knn(x, k)
+    if idx.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(idx.shape)}, expected {tuple(ref.shape)}")
+    return (idx != ref).sum().item(), 0
+
+
 def _knn_case(dtype, kind="gaussian", precision="auto", margin=None):
-    """knn's index tensor against the reference's, entry for entry (the canonical top-k is the same
-    tensor on every backend): the number of entries that differ, tolerance 0."""
+    """knn of the benchmark's `kind` features in `dtype` (_knn_mismatches)."""
     def case(backend, p, device):
         import torch
 
-        import nformer_kernels as nk
         from nformer_bench.certified import features
 
         x = features(kind, p["n"], p["d"], device)[0].to(getattr(torch, dtype))
-        with nk.use_backend(backend):
-            idx = nk.knn(x, p["k"], precision=precision, margin=margin)
-        with nk.use_backend("reference"):
-            ref = nk.knn(x, p["k"])
-        if idx.shape != ref.shape:
-            raise AssertionError(f"shape {tuple(idx.shape)}, expected {tuple(ref.shape)}")
-        return (idx != ref).sum().item(), 0
+        return _knn_mismatches(backend, x, p["k"], precision, margin)
     return case
 
 
 def _knn_batch_case(backend, p, device):
     """A bf16 batch of one 256-row item per SM: B * ceil(N / 128) >= SMs makes the CUDA knn take its
     128-row tiles, the variant the 1M-row measurement runs (the other cases take the 64-row ones).
-    Entry for entry against the reference, tolerance 0."""
+    _knn_mismatches."""
     import torch
 
-    import nformer_kernels as nk
-
     items = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    x = _randn(items, 256, 64, seed=10, device=device).to(torch.bfloat16)
-    with nk.use_backend(backend):
-        idx = nk.knn(x, p["k"])
-    with nk.use_backend("reference"):
-        ref = nk.knn(x, p["k"])
-    return (idx != ref).sum().item(), 0
+    return _knn_mismatches(backend, _randn(items, 256, 64, seed=10, device=device).to(torch.bfloat16), p["k"])
 
 
 def _reciprocal_case(backend, p, device):

@@ -55,6 +55,7 @@ def fp64_truth(x, rows, k, chunk=65536):
     brute force over key chunks, O(len(rows) * chunk) memory."""
     import torch
 
+    rows = rows.to(x.device)
     q = torch.nn.functional.normalize(x[rows].double(), dim=1)
     best_s = torch.full((len(rows), 0), float("-inf"), dtype=torch.float64, device=x.device)
     best_i = torch.zeros((len(rows), 0), dtype=torch.int64, device=x.device)
@@ -62,7 +63,7 @@ def fp64_truth(x, rows, k, chunk=65536):
         keys = torch.nn.functional.normalize(x[start:start + chunk].double(), dim=1)
         s = q @ keys.T
         ids = torch.arange(start, start + keys.shape[0], device=x.device)
-        s[rows.to(x.device)[:, None] == ids[None]] = float("inf")  # self first
+        s[rows[:, None] == ids[None]] = float("inf")  # self first
         s, i = torch.cat([best_s, s], 1), torch.cat([best_i, ids.expand(len(rows), -1)], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)
         best_i = i.gather(1, pos)
@@ -92,7 +93,7 @@ def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None
     isolated = device.type == "cpu" if isolated is None else isolated
     pairs = method_backends(list(methods), device, kernel_backends(device) if backends is None else backends)
     rows = sample_rows(n)
-    truth = fp64_truth(synthetic_features(n, d, device, getattr(torch, dtype))[0], rows.to(device), min(k, n))
+    truth = fp64_truth(synthetic_features(n, d, device, getattr(torch, dtype))[0], rows, min(k, n))
     truth_label = f"fp64 brute force, {len(rows)} rows"
     with tempfile.TemporaryDirectory() as tmp:
         for method, backend in pairs:
