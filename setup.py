@@ -7,6 +7,7 @@ CUDA sources (csrc/cuda) are compiled when torch has CUDA and a toolkit is found
 overrides the target archs (default: the visible GPU's arch, else 8.0;8.6;8.9;9.0).
 """
 import glob
+import importlib.util
 import os
 import re
 import sys
@@ -52,6 +53,27 @@ def _default_archs():
         os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     else:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0"
+
+
+def _build_helpers():
+    """nformer_kernels/_build.py, loaded by path: the package itself cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location("nformer_kernels_build", os.path.join(ROOT, "nformer_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _BuildExtension(BuildExtension):
+    """torch's BuildExtension (ninja when installed); without ninja, which compiles one source after
+    another, the sources compile in MAX_JOBS (default: all cores) forked processes."""
+
+    def build_extensions(self):
+        if not self.use_ninja:  # torch turned it off: ninja is not installed
+            helpers = _build_helpers()
+            jobs = helpers.default_jobs()
+            print(f"nformer_kernels: ninja is not installed; compiling {jobs} sources at a time.")
+            helpers.parallel_compile(self.compiler, jobs)
+        super().build_extensions()
 
 
 def extensions():
@@ -114,6 +136,6 @@ setup(
                     "bench": ["faiss-cpu", "pytest-benchmark"],
                     "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "torchvision"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["nformer-reid=nformer_reid.cli:main", "nformer-bench=nformer_bench.cli:main"]},
 )

@@ -130,6 +130,13 @@ register_backend(Backend("reference", lambda device: "", _module_kernels(referen
 # The automatic choice per device type, first available wins. Triton leads on CUDA until the CUDA
 # kernels have been verified on a GPU (docs/design.md, "Backends").
 _AUTOMATIC = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "reference")}
+# Automatic choices of single kernels, before the per-device order: (device type, kernel, dtype) ->
+# backends, first available wins. Stage 1 of precision="exact" on CUDA scans fp32 rows on FMA units
+# (no tensor cores), where the CUDA kernel is expected ahead of Triton's "ieee" dot: per step of d it
+# issues 32 FMA per 12 shared-memory loads (a 4 x 8 register tile a thread) against Triton's ~2.4 FMA
+# per load, without spills (127 registers on sm_90, 2 CTAs/SM; Triton's: 128 with 4-12 B spilled;
+# bench/results/aot). Both run in the GPU check (`knn float32 exact`); a measurement may reorder it.
+_AUTOMATIC_KERNEL = {("cuda", "knn", torch.float32): ("cuda", "triton")}
 
 BACKENDS = tuple(_REGISTRY)
 _forced: Optional[str] = None
@@ -170,13 +177,17 @@ def backend_max_k(name: str, family: str) -> Optional[int]:
     return _REGISTRY[name].limits().get(family)
 
 
+def _forced_name() -> Optional[str]:
+    return _forced or os.environ.get("NFORMER_BACKEND") or None
+
+
 def get_backend(device) -> str:
     """The backend selected for tensors on `device` (set_backend / NFORMER_BACKEND, else automatic).
 
     A call the selected backend cannot take runs on the `torch` backend instead: `resolve` tells.
     """
     device = torch.device(device)
-    forced = _forced or os.environ.get("NFORMER_BACKEND") or None
+    forced = _forced_name()
     if forced is not None:
         if forced not in _REGISTRY:
             raise ValueError(f"NFORMER_BACKEND must be one of {_names()}, got {forced!r}")
@@ -190,15 +201,22 @@ def get_backend(device) -> str:
     return "reference"
 
 
-def resolve(op: str, device, k: Optional[int] = None, reason: str = "") -> str:
+def resolve(op: str, device, k: Optional[int] = None, reason: str = "", dtype: Optional[torch.dtype] = None) -> str:
     """The backend that runs this call of `op` ("knn" | "knn_rows" | "knn_rescore" | "reciprocal" |
-    "attention").
+    "attention") on tensors of `dtype` (when it matters).
 
-    The selected backend, unless it lacks the kernel, k exceeds its limit for the op family or the
+    The selected backend (or, when the selection is automatic, the kernel's own automatic choice, see
+    _AUTOMATIC_KERNEL), unless it lacks the kernel, k exceeds its limit for the op family or the
     caller gives a `reason` the kernels cannot take the call (then the `torch` backend, logged at
     debug level).
     """
     name = get_backend(device)
+    device = torch.device(device)
+    if _forced_name() is None:
+        for candidate in _AUTOMATIC_KERNEL.get((device.type, op, dtype), ()):
+            if not _REGISTRY[candidate].available(device):
+                name = candidate
+                break
     if name in (FALLBACK, "reference"):
         return name
     if not reason and op in _REGISTRY[name].missing:

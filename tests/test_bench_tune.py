@@ -27,3 +27,33 @@ def test_bench_tune_harness(tmp_path, kernel):
     assert all(r["match"] >= 0.95 for r in rows), rows  # same result as the launcher's choice
     assert len({(r["variant"]) for r in rows}) == 3
     assert "| variant |" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("kernel", ["knn", "attention"])
+def test_tune_grids_put_the_expected_winners_first(kernel):
+    """A short run (--max-configs 8) measures the launcher's choice, then the configurations expected
+    to gain most: Q-resident and 128-row knn tiles; wide-value-slice attention programs."""
+    import torch
+
+    from nformer_bench import tune
+    from nformer_kernels.triton import knn, sparse_attention
+
+    if kernel == "knn":
+        base = knn.choose_variant(torch.bfloat16, 20, d=256, capability=(8, 6))
+        grids = [{**tune.KNN_GRID, "Q_RESIDENT": (False,)}, {**tune.KNN_GRID_RESIDENT, "BLOCK_D": (256,)}]
+        order = tune.knn_gain_order
+    else:
+        base = sparse_attention.choose_variants(torch.bfloat16, 20)[0]
+        grids, order = [tune.ATTENTION_GRID], tune.attention_gain_order
+    grid = tune._grid_variants(base, grids, 0, order)
+    assert grid[0] == base and base not in grid[1:] and len({v.label for v in grid}) == len(grid)
+    keys = [order(v) for v in grid[1:]]
+    assert keys == sorted(keys)
+    first = grid[1:8]
+    if kernel == "knn":
+        assert all(v.constexprs["Q_RESIDENT"] for v in first)
+        assert first[0].constexprs["BLOCK_M"] == first[0].constexprs["BLOCK_N"] == 128
+        assert not grid[-1].constexprs["Q_RESIDENT"] and grid[-1].constexprs["BLOCK_M"] == 64
+    else:
+        assert all(v.constexprs["DV_BLOCK"] == max(tune.ATTENTION_GRID["DV_BLOCK"]) for v in first)
+    assert tune._grid_variants(base, grids, 8, order) == grid[:8]

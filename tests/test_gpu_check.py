@@ -72,10 +72,15 @@ def test_dry_run_results(dry_run):
     if _importable("triton"):  # the GPU run's Triton code, interpreted: smoke-checked, not measured
         assert {case for b, case in smoke if b == "triton"} == set(check_stages.SMOKE_CASES)
     assert {r["backend"] for r in result["knn"] if r["method"] == "knn"} == {"cpu"}
-    knn = {(r["method"], r["dtype"]): r for r in result["knn"]}
-    assert set(knn) == {(m, dt) for m in ("knn", "knn-torch") for dt in ("bfloat16", "float32")}
+    knn = {(r["method"], r["dtype"], r["precision"]): r for r in result["knn"]}
+    assert len(knn) == len(result["knn"])
+    # nk.knn at its default and, on fp32, at precision="exact" (the FMA stage 1 on a GPU); the torch
+    # baseline once per dtype
+    assert set(knn) == {("knn", "bfloat16", "auto"), ("knn", "float32", "auto"), ("knn", "float32", "exact"),
+                        ("knn-torch", "bfloat16", None), ("knn-torch", "float32", None)}
     assert all(r["status"] == "ok" for r in knn.values())
-    assert knn["knn", "float32"]["recall"] == 1.0 and knn["knn-torch", "float32"]["recall"] == 1.0
+    assert knn["knn", "float32", "exact"]["recall"] == knn["knn", "float32", "auto"]["recall"] == 1.0
+    assert knn["knn-torch", "float32", None]["recall"] == 1.0
     assert {r["dtype"] for r in result["attention"]} == {"bfloat16", "float32"}
     assert all(r["status"] == "ok" and r["gbytes_per_s"] > 0 for r in result["attention"])
     nformer = result["nformer"]
@@ -110,6 +115,7 @@ def test_report_turns_the_folder_into_the_readme_gpu_table(dry_run, tmp_path):
     table = text[text.index(report.GPU_BEGIN):text.index(report.GPU_END)]
     assert f"| `cpu` backend | ok ({len(check_stages.SMOKE_CASES)} cases) |" in table
     assert "dense official NFormer" in table and "chunked torch.mm + topk" in table
+    assert "| knn bfloat16 | knn float32 | knn float32 exact |" in table
     assert f"{os.path.relpath(out, tmp_path)}/gpu_check.md" in table
     assert _files(out) == FILES - PLOTS  # report reads the folder, adds nothing to it
 

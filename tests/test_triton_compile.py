@@ -28,7 +28,13 @@ def test_launchers_only_pick_listed_variants():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for k in range(1, knn.MAX_K + 1):
             for tf32 in (False, True):
-                assert knn.choose_variant(dtype, k, tf32) in listed, (dtype, k, tf32)
+                for d in (24, 256, 257, 2048):
+                    for capability in (None, (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+                        variant = knn.choose_variant(dtype, k, tf32, d, capability)
+                        assert variant in listed, (dtype, k, tf32, d, capability)
+                        # Q-resident only where the rows fit one BLOCK_D, on sm_90 and later
+                        resident = d <= knn.RESIDENT_D and capability is not None and capability >= (9, 0)
+                        assert variant.constexprs["Q_RESIDENT"] == (resident and dtype != torch.float32)
         for k in range(1, sparse_attention.MAX_K + 1):
             for variant in sparse_attention.choose_variants(dtype, k):
                 assert variant in listed, (dtype, k, variant.label)
@@ -80,7 +86,9 @@ def test_every_variant_compiles_for_sm86_and_sm90():
     rows = json.loads(child.stdout.strip().splitlines()[-1])
     print(f"\ntriton {triton.__version__}\n" + format_table(rows))
     assert [(r["kernel"], r["target"]) for r in rows] == [(v.label, t) for v in all_variants()
-                                                          for t in ("sm_86", "sm_90")]
+                                                          for t in ("sm_86", "sm_90")
+                                                          if int(t[3:]) >= v.min_arch]
+    assert {r["target"] for r in rows if "Q_RESIDENT=True" in r["kernel"]} == {"sm_90"}  # Hopper tiles
     failed = [f"{r['kernel']} {r['target']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n".join(failed)
     assert all(r["regs"] for r in rows), "ptxas -v log not captured"

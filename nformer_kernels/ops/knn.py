@@ -99,7 +99,8 @@ def stage_candidates(rows, k, margin, stage_dtype=torch.float16):
     """Stage 1: the backend's knn kernel on the canonical rows rounded to stage_dtype, K' = k + margin
     candidates per row (B,N,K')."""
     kc = min(rows.shape[1], k + margin)
-    return backends.kernel(backends.resolve("knn", rows.device, k=kc), "knn")(rows.to(stage_dtype), kc)
+    backend = backends.resolve("knn", rows.device, k=kc, dtype=stage_dtype)
+    return backends.kernel(backend, "knn")(rows.to(stage_dtype), kc)
 
 
 def rescore(rows, candidates, k, stage_dtype=torch.float16):

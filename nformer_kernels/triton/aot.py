@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel variant the launchers can pick; no GPU needed.
 
     from nformer_kernels.triton.aot import compile_all, format_table
-    print(format_table(compile_all()))      # or: python -m nformer_kernels.triton.aot [--json] (all cores)
+    print(format_table(compile_all()))      # or: python -m nformer_kernels.triton.aot [--json|--markdown] (all cores)
 
 Each variant is compiled with triton.compile(ASTSource(fn, signature, constexprs), target=...)
 in a fresh cache directory, so ptxas really runs, and its `ptxas -v` log gives registers and spills.
@@ -49,6 +49,11 @@ def ctas_per_sm(target: str, regs: int, shared: int, warps: int) -> int:
                lim["smem"] // (shared + 1024))
 
 
+def compile_targets(variant, targets=DEFAULT_TARGETS) -> list:
+    """The targets a variant is compiled for: those its launcher can pick it on (Variant.min_arch)."""
+    return [target for target in targets if target.arch >= variant.min_arch]
+
+
 def all_variants() -> list:
     return knn_variants() + rescore_variants() + rows_variants() + reciprocal_variants() + attention_variants()
 
@@ -80,11 +85,11 @@ def compile_all(targets=DEFAULT_TARGETS, variants=None, workers: int = 1) -> lis
     if workers > 1 and variants is None:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             shares = pool.map(_compile_share, [(i, workers, targets) for i in range(workers)])
-        per_variant = len(targets)
-        rows = []
-        for v in range(len(all_variants())):  # variant v is the (v // workers)-th of share v % workers
-            start = (v // workers) * per_variant
-            rows += shares[v % workers][start:start + per_variant]
+        rows, taken = [], [0] * workers
+        for v, variant in enumerate(all_variants()):  # variant v is the (v // workers)-th of share v % workers
+            count = len(compile_targets(variant, targets))
+            rows += shares[v % workers][taken[v % workers]:taken[v % workers] + count]
+            taken[v % workers] += count
         return rows
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir, \
@@ -92,7 +97,7 @@ def compile_all(targets=DEFAULT_TARGETS, variants=None, workers: int = 1) -> lis
         triton.knobs.cache.dir = cache_dir  # fresh cache: ptxas runs and logs every time
         triton.knobs.nvidia.dump_ptxas_log = True
         for variant in variants if variants is not None else all_variants():
-            for target in targets:
+            for target in compile_targets(variant, targets):
                 row = {"kernel": variant.label, "target": f"sm_{target.arch}", "regs": None,
                        "spill_stores": None, "spill_loads": None, "shared": None, "warps": variant.num_warps,
                        "ctas_per_sm": None, "error": None}
@@ -130,9 +135,37 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m nformer_kernels.triton.aot [--json]
+def format_markdown(rows) -> str:
+    """One markdown row per variant (its label, then per target: registers, spill stores/loads in
+    bytes, shared memory, CTAs per SM; "-" where the variant is not compiled for that target):
+    the table of docs/design.md."""
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    by_variant = {}
+    for r in rows:
+        by_variant.setdefault(r["kernel"], {})[r["target"]] = r
+
+    def cells(r):
+        if r is None:
+            return "-"
+        if r["error"]:
+            return "failed"
+        kib = r["shared"] / 1024
+        return f"{r['regs']} / {r['spill_stores']}+{r['spill_loads']} B / {kib:g} KiB / {r['ctas_per_sm']}"
+
+    lines = ["| variant | " + " | ".join(f"{t}: regs / spills / smem / CTAs per SM" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for label, per_target in by_variant.items():
+        escaped = label.replace("|", "\\|")  # GitHub tables split cells on | even in code spans
+        lines.append(f"| `{escaped}` | " + " | ".join(cells(per_target.get(t)) for t in targets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m nformer_kernels.triton.aot [--json | --markdown]
     import json
     import sys
 
     rows = compile_all(workers=len(os.sched_getaffinity(0)))
-    print(json.dumps(rows) if "--json" in sys.argv[1:] else format_table(rows))
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(rows))
+    else:
+        print(format_markdown(rows) if "--markdown" in sys.argv[1:] else format_table(rows))

@@ -111,6 +111,30 @@ def _knn_kernel(x_ptr, idx_ptr, N, D, K,
 
 
 _K_PADS = (16, 32, 64)
+# Q-resident variants load the query rows once per program (BLOCK_D = 256 >= d) instead of once per
+# key tile: at N = 1M, d = 256 the non-resident 64 x 64 tiles stream ~16 TB through L2, the resident
+# 128 x 128 tiles ~4 TB. Chosen on Hopper (sm_90+, 228 KB of shared memory per SM), where the L2 traffic
+# rather than the tensor cores bounds the scan; from the AOT report (bench/results/aot): 128 x 128,
+# 8 warps: 183-254 registers, 128 KB smem, 1 CTA/SM, no spills at K_PAD <= 32 (and 6 barriers in
+# the PTX against 12-13 for the 64 x 64 8-warp tiles: a warpgroup holds whole rows, so the threshold
+# test and the merge reduce within warps); K_PAD = 64 takes 64 x 64, 4 warps (214-217 registers,
+# 64 KB, 2 CTAs/SM; 128 x 128 spills there). sm_80-sm_89 keep the 64 x 64 non-resident tiles (2 CTAs
+# of 8 warps per SM in 100 KB; a resident tile leaves one): an RTX 4090's tensor cores (~165 TFLOP/s
+# bf16 with fp32 accumulation) are as near a bound there as its L2, so only a measurement can move it
+# (nformer-bench tune times the resident tiles first).
+RESIDENT_D = 256
+RESIDENT_MIN_CAPABILITY = (9, 0)
+
+
+def _resident_variant(dtype: torch.dtype, k_pad: int) -> Variant:
+    block, warps = (128, 8) if k_pad <= 32 else (64, 4)
+    return Variant(
+        _knn_kernel,
+        {"x_ptr": POINTER_TYPE[dtype], "idx_ptr": "*i64", "N": "i32", "D": "i32", "K": "i32"},
+        {"K_PAD": k_pad, "BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": RESIDENT_D,
+         "ALLOW_TF32": False, "DOT_IN_FP32": False, "Q_RESIDENT": True},
+        num_warps=warps, num_stages=2, aligned_ints=("D",),
+        min_arch=10 * RESIDENT_MIN_CAPABILITY[0] + RESIDENT_MIN_CAPABILITY[1])
 
 
 def _variant(dtype: torch.dtype, k_pad: int, allow_tf32: bool) -> Variant:
@@ -130,22 +154,37 @@ def _variant(dtype: torch.dtype, k_pad: int, allow_tf32: bool) -> Variant:
 
 def variants() -> list:
     """Every variant knn() can launch on a GPU."""
-    return [_variant(dtype, k_pad, tf32)
-            for dtype, tf32 in ((torch.float32, False), (torch.float32, True),
-                                (torch.float16, False), (torch.bfloat16, False))
-            for k_pad in _K_PADS]
+    return ([_variant(dtype, k_pad, tf32)
+             for dtype, tf32 in ((torch.float32, False), (torch.float32, True),
+                                 (torch.float16, False), (torch.bfloat16, False))
+             for k_pad in _K_PADS]
+            + [_resident_variant(dtype, k_pad) for dtype in (torch.float16, torch.bfloat16) for k_pad in _K_PADS])
 
 
-def choose_variant(dtype: torch.dtype, k: int, allow_tf32: bool = False) -> Variant:
+def choose_variant(dtype: torch.dtype, k: int, allow_tf32: bool = False, d: int = 0,
+                   capability=None) -> Variant:
+    """The variant knn() launches for k neighbours of d-dimensional rows on a GPU of compute
+    `capability` ((major, minor); None: the interpreter, which takes the sm_80-89 choice)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k={k} is outside the triton knn range [1, {MAX_K}]")
-    return _variant(dtype, max(16, next_pow2(k)), bool(allow_tf32) and dtype == torch.float32)
+    k_pad = max(16, next_pow2(k))
+    if (dtype != torch.float32 and 0 < d <= RESIDENT_D and capability is not None
+            and tuple(capability) >= RESIDENT_MIN_CAPABILITY):
+        return _resident_variant(dtype, k_pad)
+    return _variant(dtype, k_pad, bool(allow_tf32) and dtype == torch.float32)
 
 
-def knn(x: torch.Tensor, k: int, allow_tf32: bool = False) -> torch.Tensor:
+def device_capability(device: torch.device):
+    """(major, minor) of a CUDA device; None for CPU tensors (the interpreter)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def knn(x: torch.Tensor, k: int, allow_tf32: bool = False, capability=None) -> torch.Tensor:
     """idx (B,N,k) int64 of the inner-product top-k of rows of x (B,N,d), self first.
 
     allow_tf32 lets fp32 inputs use TF32 tensor cores (faster, may reorder near-ties).
+    capability: the GPU's (major, minor) the variant is chosen for (default: x's device; tests run
+    another GPU's choice under the interpreter).
     """
     check_float("x", x)
     check_device("x", x)
@@ -155,7 +194,9 @@ def knn(x: torch.Tensor, k: int, allow_tf32: bool = False) -> torch.Tensor:
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N={n}], got {k}")
     check_int32_extent("x", n * max(d, k))
-    variant = choose_variant(x.dtype, k, allow_tf32)
+    if capability is None:
+        capability = device_capability(x.device)
+    variant = choose_variant(x.dtype, k, allow_tf32, d, capability)
     if triton.knobs.runtime.interpret and x.dtype == torch.bfloat16:
         # The interpreter's bf16 tl.dot returns garbage (triton 3.8); the upcast is exact
         # (bf16 products are exact in fp32), so only the GPU path differs in operand type.

@@ -31,6 +31,9 @@ class Variant:
     # Integer arguments that are multiples of 16 in the NFormer configuration (d=256, dv=128).
     # The runtime specialises such values (enabling vector loads); aot.py compiles that case.
     aligned_ints: tuple = ()
+    # The oldest GPU arch (major * 10 + minor) a launcher picks this variant for: aot.py compiles it
+    # for the targets from there on (a Hopper tile needs more shared memory than sm_86 has).
+    min_arch: int = 0
 
     @property
     def label(self) -> str:

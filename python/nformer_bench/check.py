@@ -9,7 +9,7 @@ and a stage that would start after the budget is spent is recorded as skipped:
 
   build      environment (nvidia-smi, versions, commit, ninja), then the extension compiled in place
              for the visible GPU's arch only (in a source checkout; an installed package is used
-             as is); without ninja the sources compile one after another (slower, same result)
+             as is); without ninja, setup.py compiles MAX_JOBS sources at a time itself
   smoke      every backend on the GPU against the `reference` backend, a few seconds each: knn
              index tensors identical (fp32, bf16, near-duplicates exact, certified margin 0 = every
              row rescanned by knn_rows, a bf16 batch of one item per SM = the CUDA knn's 128-row
@@ -72,17 +72,23 @@ INTERRUPT_GRACE_S = 20.0  # after SIGINT at a stage's limit (pytest writes its J
 
 SIZES = {  # per mode: (dry run?) -> stage -> parameters
     False: {"smoke": {"n": 4096, "d": 256, "k": 20, "heads": 2, "landmarks": 5, "nformer_n": 512, "nformer_d": 64},
-            "knn": {"n": 1_000_000, "d": 256, "k": 20, "dtypes": ["bfloat16", "float32"], "repeats": 3,
+            # (dtype, nk.knn precision): the default (certified: fp16 tensor-core stage 1) on bf16 and fp32
+            # rows, and exact fp32 (an FMA stage 1; backends._AUTOMATIC_KERNEL's rule, timed per backend)
+            "knn": {"n": 1_000_000, "d": 256, "k": 20, "repeats": 3,
+                    "cases": [["bfloat16", "auto"], ["float32", "auto"], ["float32", "exact"]],
                     "repeat_budget_s": 5.0},
             "attention": {"n": 1_000_000, "d": 256, "k": 20, "heads": 2, "landmarks": 5,
                           "dtypes": ["bfloat16", "float32"], "repeats": 5, "repeat_budget_s": 3.0},
             "nformer": {"n_list": [19281, 93820, 1_000_000], "d": 256, "ffn": 1024, "check_n": 1000, "repeats": 3,
                         "repeat_budget_s": 10.0},
             "tune": {"n": 100_000, "d": 256, "k": 20, "repeats": 3,
-                     # ~65 knn bf16 configurations (compiles dominate, ~4 s each), 37 attention ones, 12 fp32 knn.
-                     "specs": [["knn", "bfloat16", 0], ["attention", "bfloat16", 0], ["knn", "float32", 12]]}},
+                     # The 8 configurations of each grid expected to gain most (tune.knn_gain_order,
+                     # attention_gain_order; compiles dominate, ~4 s each): a first run measures the likely
+                     # winners; `nformer-bench tune` runs a whole grid.
+                     "specs": [["knn", "bfloat16", 8], ["attention", "bfloat16", 8], ["knn", "float32", 8]]}},
     True: {"smoke": {"n": 256, "d": 32, "k": 8, "heads": 2, "landmarks": 5, "nformer_n": 120, "nformer_d": 32},
-           "knn": {"n": 2000, "d": 64, "k": 20, "dtypes": ["bfloat16", "float32"], "repeats": 2,
+           "knn": {"n": 2000, "d": 64, "k": 20, "repeats": 2,
+                   "cases": [["bfloat16", "auto"], ["float32", "auto"], ["float32", "exact"]],
                    "repeat_budget_s": 1.0},
            "attention": {"n": 1000, "d": 64, "k": 20, "heads": 2, "landmarks": 5, "dtypes": ["bfloat16", "float32"],
                          "repeats": 2, "repeat_budget_s": 1.0},
@@ -321,8 +327,8 @@ class Check:
                 extra["CUDA_HOME"] = "/usr/local/cuda"
             self.log(f"compiling the extension for sm_{arch.replace('.', '')} only: setup.py build_ext --inplace")
             if not build.get("ninja"):
-                self.log("ninja is not installed: the sources compile one after another (minutes; "
-                         "`pip install ninja` makes it parallel)")
+                self.log(f"ninja is not installed: setup.py compiles {extra['MAX_JOBS']} sources at a time in "
+                         "forked processes instead (nformer_kernels/_build.py)")
             # pip's CUDA headers (cusparse.h, ...) sit beside torch, in whichever site folder holds it.
             sites = dict.fromkeys(Path(p) for p in (build.get("torch_site"), sysconfig.get_paths()["purelib"]) if p)
             headers = [str(p) for site in sites for p in sorted(site.glob("nvidia/cu*/include"))]

@@ -227,11 +227,13 @@ def _smoke(cfg, emit):
 def _knn(cfg, emit):
     from nformer_bench.knn import compare
 
-    for dtype in cfg["dtypes"]:
-        methods = ["knn", "knn-torch"] if cfg["backends"] else ["knn-torch"]
+    for dtype, precision in cfg["cases"]:
+        # the chunked torch.mm baseline once per dtype, beside nk.knn's default precision
+        methods = (["knn"] if cfg["backends"] else []) + (["knn-torch"] if precision == "auto" else [])
         for row in compare(cfg["n"], cfg["d"], cfg["k"], cfg["device"], dtype, methods, cfg["backends"],
-                           repeats=cfg["repeats"], repeat_budget_s=cfg["repeat_budget_s"], isolated=False):
-            print(f"knn {dtype} {row['method']} ({row['backend']}): {row['status']} "
+                           repeats=cfg["repeats"], repeat_budget_s=cfg["repeat_budget_s"], isolated=False,
+                           precision=precision):
+            print(f"knn {dtype} {precision} {row['method']} ({row['backend']}): {row['status']} "
                   f"{row.get('latency_ms')} ms, recall {row.get('recall')}", flush=True)
             emit(row)
 

@@ -1,7 +1,8 @@
 """nformer-bench knn: exact cosine k-NN, nk.knn (each backend) vs chunked torch.mm + topk vs faiss.
 
   nformer-bench knn [--n 50000] [--d 256] [--k 20] [--device cpu|cuda] [--dtype float32]
-                    [--methods knn,knn-torch,knn-faiss] [--backends cpu] [--threads T]
+                    [--precision auto|exact|certified] [--methods knn,knn-torch,knn-faiss]
+                    [--backends cpu] [--threads T]
 
 Every method gets the same seeded features (nformer_bench.runner.synthetic_features) and one
 warm-up call on the first 2,048 rows. On the CPU each method runs in a fresh process, so "peak" is
@@ -27,6 +28,9 @@ def add_arguments(p):
     p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--precision", default="auto",  # checked in run(): the parser does not load nformer_kernels
+                   help="nk.knn's precision: auto (certified on CUDA, exact on CPUs), exact or certified; "
+                        "the answer is the same, the cost is not")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--backends", default=None,
                    help="nformer_kernels backends of the knn method (default: every one with kernels of "
@@ -80,10 +84,11 @@ def recall(found, truth, chunk=65536):
 
 
 def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None, repeats=3,
-            repeat_budget_s=30.0, timeout_s=1800.0, isolated=None):
+            repeat_budget_s=30.0, timeout_s=1800.0, isolated=None, precision="auto"):
     """Yields one result row per (method, backend), with recall against the fp64 truth of
     SAMPLE_ROWS rows. isolated: a child process per method (default: on the CPU, where it makes
-    peak RSS per method)."""
+    peak RSS per method). precision: nk.knn's, for the knn method (the baselines are fp32 or the
+    input's dtype as they are)."""
     import torch
 
     from nformer_bench.runner import kernel_backends, launch, synthetic_features
@@ -101,8 +106,10 @@ def compare(n, d, k, device, dtype, methods=METHODS, backends=None, threads=None
             cfg = {"method": method, "backend": backend, "n": n, "device": str(device), "dtype": dtype,
                    "warmup": 1, "warmup_n": min(n, WARMUP_ROWS), "repeats": repeats,
                    "repeat_budget_s": repeat_budget_s, "threads": threads, "save_output": str(out_path),
-                   "params": {"d": d, "k": k, "heads": 1, "landmarks": 1, "ffn": 1, "depth": 1}}
+                   "params": {"d": d, "k": k, "heads": 1, "landmarks": 1, "ffn": 1, "depth": 1,
+                              "precision": precision}}
             row = {"method": method, "backend": backend, "n": n, "d": d, "k": min(k, n), "dtype": dtype,
+                   "precision": precision if method == "knn" else None,
                    **launch("measure", cfg, timeout_s, isolated)}
             if row["status"] == "ok" and out_path.exists():
                 row["recall"], row["recall_vs"] = recall(torch.load(out_path)[rows], truth), truth_label
@@ -119,18 +126,22 @@ def run(args):
     device = arguments.device(args.device).type
     if args.k > args.n:
         raise BenchArgumentError(f"--k {args.k} exceeds --n {args.n}")
+    from nformer_kernels.ops.knn import PRECISIONS
+
+    if args.precision not in PRECISIONS:
+        raise BenchArgumentError(f"--precision must be one of {','.join(PRECISIONS)}, got {args.precision!r}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise BenchArgumentError(f"--methods: unknown {unknown}; choose from {','.join(METHODS)}")
     threads = args.threads or torch.get_num_threads()
-    print(f"exact cosine k-NN, N={args.n} d={args.d} k={args.k} {args.dtype} on {device}, "
+    print(f"exact cosine k-NN, N={args.n} d={args.d} k={args.k} {args.dtype} (precision {args.precision}) on {device}, "
           f"{threads} threads, torch {torch.__version__}")
     print(f"{'method':<22}{'wall':>12}{'CPU':>12}{'peak':>10}{'recall':>10}")
     rows = []
     for row in compare(args.n, args.d, args.k, device, args.dtype, methods,
                        args.backends.split(",") if args.backends else None, args.threads, args.repeats,
-                       args.repeat_budget_s, args.timeout_s):
+                       args.repeat_budget_s, args.timeout_s, precision=args.precision):
         rows.append(row)
         label = f"{row['method']} ({row['backend']})"
         if row["status"] != "ok":

@@ -31,6 +31,12 @@ def _label(row):
     return f"{row['method']} ({row['backend']})"
 
 
+def knn_case(row):
+    """A knn row's column: its dtype, and nk.knn's precision where it is not the default."""
+    precision = row.get("precision")
+    return row["dtype"] if precision in (None, "auto") else f"{row['dtype']} {precision}"
+
+
 def row_line(row):
     """One progress line of the sweep."""
     head = f"{_label(row):32s} N={row['n']:>8d}: "
@@ -277,7 +283,7 @@ def _knn_rows(result):
     for r in result["knn"]:
         ok = r["status"] == "ok"
         recall = f"{r['recall']:.6f}" if r.get("recall") is not None else "—"
-        lines.append(f"| {r['dtype']} | {_label(r)} | {r['n']} | {fmt_ms(r.get('latency_ms')) if ok else ''} | "
+        lines.append(f"| {knn_case(r)} | {_label(r)} | {r['n']} | {fmt_ms(r.get('latency_ms')) if ok else ''} | "
                      f"{recall if ok else ''} | {fmt_mb(r.get('peak_mem_bytes')) if ok else ''} | {r['status']} |")
     return lines
 
@@ -377,10 +383,10 @@ def check_readme(result, rel_folder):
     """The README's GPU table from one `check` folder (rel_folder: that folder, relative to the README)."""
     meta = result["meta"]
     by_backend = _smoke_by_backend(result)
-    knn = {(r["method"], r["backend"], r["dtype"]): r for r in result["knn"]}
+    knn = {(r["method"], r["backend"], knn_case(r)): r for r in result["knn"]}
     attention = {(r["backend"], r["dtype"]): r for r in result["attention"]}
     nformer = {(r["method"], r["backend"], r["n"]): r for r in result["nformer"]["rows"]}
-    knn_dtypes = list(dict.fromkeys(r["dtype"] for r in result["knn"]))
+    knn_dtypes = list(dict.fromkeys(knn_case(r) for r in result["knn"]))
     attention_dtypes = list(dict.fromkeys(r["dtype"] for r in result["attention"]))
     ns = sorted({r["n"] for r in result["nformer"]["rows"]})
     knn_n = result["knn"][0]["n"] if result["knn"] else None

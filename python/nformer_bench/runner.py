@@ -69,7 +69,8 @@ def method_call(cfg, x, neighbours=None):
         lms = explicit_landmarks(n, 1, l)[0].to(device)
         return lambda: layer(x, idx, keep, landmarks=lms)
     if method == "knn":
-        return lambda: nk.knn(x, k)
+        precision = p.get("precision", "auto")
+        return lambda: nk.knn(x, k, precision=precision)
     if method == "attention":
         return attention_step(x, heads, l, k, neighbours)
     if method == "dense-official":

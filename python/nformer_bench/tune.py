@@ -23,7 +23,9 @@ import torch
 
 from nformer_bench.analytic import attention_forward_bytes, knn_flops
 
-# Grids around the launchers' current choices (knn: 64/64, attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps).
+# Grids around the launchers' current choices (knn: 64 x 64, or Q-resident 128 x 128 on sm_90+;
+# attention: BLOCK_M 32|16, DV_BLOCK 64, 8 warps), timed in order of expected gain (knn_gain_order,
+# attention_gain_order) so that a short run (--max-configs 8) measures the likely winners.
 # knn streams the query rows in BLOCK_D chunks with every key tile; Q_RESIDENT variants (fp16/bf16,
 # d <= 256, BLOCK_D = next_pow2(d)) load them once per program instead: half the L2 traffic at equal
 # blocks, but more shared memory and an unpipelined key load. Only a GPU run can say which wins.
@@ -35,9 +37,27 @@ KNN_GRID_FP32 = {**KNN_GRID, "BLOCK_D": (8, 16, 32)}  # "ieee" fp32 dots keep op
 ATTENTION_GRID = {"BLOCK_M": (16, 32, 64), "DV_BLOCK": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2)}
 
 
-def _grid_variants(base, grids, limit):
-    """base, then base with every combination of each grid's constexprs / launch options."""
-    out = [base]
+def knn_gain_order(variant):
+    """Sort key of the knn grid, the configurations expected to gain most first: query rows resident
+    (each key tile loaded once per program, not once per d-chunk), then larger tiles (each loaded key
+    serves more query rows: the L2 traffic of N = 1M falls with BLOCK_M), then deeper pipelines;
+    within that, the 8-warp configurations before the 4-warp ones."""
+    c = variant.constexprs
+    return (not c.get("Q_RESIDENT"), -c["BLOCK_M"], -c["BLOCK_N"], -variant.num_stages, -variant.num_warps,
+            -c["BLOCK_D"])
+
+
+def attention_gain_order(variant):
+    """Sort key of the attention grid: the gathers bound it, so wider value slices first (fewer passes
+    over the neighbour lists per row), then more rows a program, then deeper pipelines."""
+    c = variant.constexprs
+    return (-c["DV_BLOCK"], -c["BLOCK_M"], -variant.num_stages, -variant.num_warps)
+
+
+def _grid_variants(base, grids, limit, order):
+    """base, then base with every combination of each grid's constexprs / launch options, sorted by
+    `order` (expected gain first); the first `limit` of them when limit > 0."""
+    out = []
     for grid in grids:
         keys = list(grid)
         for values in itertools.product(*(grid[key] for key in keys)):
@@ -46,8 +66,9 @@ def _grid_variants(base, grids, limit):
                 base, constexprs={**base.constexprs, **{k: v for k, v in opts.items() if k in base.constexprs}},
                 num_warps=opts.get("num_warps", base.num_warps),
                 num_stages=opts.get("num_stages", base.num_stages))
-            if variant not in out:
+            if variant != base and variant not in out:
                 out.append(variant)
+    out = [base] + sorted(out, key=order)
     return out[:limit] if limit else out
 
 
@@ -65,14 +86,16 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
 
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(1, n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
-    base = knn.choose_variant(dtype, k)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    base = knn.choose_variant(dtype, k, d=d, capability=capability)
     if dtype == torch.float32:
         grids = [KNN_GRID_FP32]
     else:
         d_pad = max(16, 1 << (d - 1).bit_length())
-        grids = [KNN_GRID] + ([{**KNN_GRID_RESIDENT, "BLOCK_D": (d_pad,)}] if d_pad <= 256 else [])
+        grids = [{**KNN_GRID, "Q_RESIDENT": (False,)}] + (
+            [{**KNN_GRID_RESIDENT, "BLOCK_D": (d_pad,)}] if d_pad <= 256 else [])
     on_gpu, reference = device.type == "cuda", None
-    for variant in _grid_variants(base, grids, limit):
+    for variant in _grid_variants(base, grids, limit, knn_gain_order):
         idx = torch.empty((1, n, k), dtype=torch.int64, device=device)
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
 
@@ -105,7 +128,7 @@ def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
     bytes_fwd = attention_forward_bytes(n, d, heads, landmarks, k, v.element_size())
     on_gpu, reference = device.type == "cuda", None
     base = attn.choose_variants(dtype, k)[0]
-    for variant in _grid_variants(base, [ATTENTION_GRID], limit):
+    for variant in _grid_variants(base, [ATTENTION_GRID], limit, attention_gain_order):
         blocks = triton.cdiv(n, variant.constexprs["BLOCK_M"])
 
         def call(variant=variant, blocks=blocks):

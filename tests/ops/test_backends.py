@@ -34,6 +34,26 @@ def test_available_backends_on_cpu():
     assert ("triton" in names) == (nf_triton.available and nf_triton.interpreted)
 
 
+def test_exact_fp32_stage_one_on_cuda_runs_the_cuda_fma_kernel(monkeypatch):
+    """The documented kernel rule (backends._AUTOMATIC_KERNEL): with automatic selection on a CUDA
+    device, the fp32 knn (stage 1 of precision="exact") runs on `cuda` while every other call stays on
+    the selected `triton`; a forced backend is honoured; without the CUDA kernels it stays on triton."""
+    gpu = torch.device("cuda")
+    for name in ("cuda", "triton"):  # pretend both can run CUDA tensors (nothing is launched)
+        monkeypatch.setattr(backends._REGISTRY[name], "available", lambda device: "" if device.type == "cuda" else "no")
+    monkeypatch.delenv("NFORMER_BACKEND", raising=False)
+    assert backends.get_backend(gpu) == "triton"
+    assert backends.resolve("knn", gpu, k=32, dtype=torch.float32) == "cuda"
+    assert backends.resolve("knn", gpu, k=32, dtype=torch.float16) == "triton"
+    assert backends.resolve("knn", gpu, k=32) == "triton"
+    assert backends.resolve("knn_rows", gpu, k=20, dtype=torch.float32) == "triton"
+    with nk.use_backend("triton"):
+        assert backends.resolve("knn", gpu, k=32, dtype=torch.float32) == "triton"
+    monkeypatch.setattr(backends._REGISTRY["cuda"], "available", lambda device: "not built")
+    assert backends.resolve("knn", gpu, k=32, dtype=torch.float32) == "triton"
+    assert backends.resolve("knn", torch.device("cpu"), k=32, dtype=torch.float32) == nk.get_backend("cpu")
+
+
 def test_use_backend_restores_the_previous_choice():
     before = nk.get_backend("cpu")
     with nk.use_backend("torch"):

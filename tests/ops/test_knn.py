@@ -282,7 +282,7 @@ def test_knn_triton_allow_tf32_runs(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("d", [24, 64])
 def test_knn_triton_resident_query_variant(backend, dtype, d):
-    """Q_RESIDENT (query rows loaded once; offered to nformer-bench tune) gives the launcher's result."""
+    """Q_RESIDENT at the non-resident tile shape (query rows loaded once) gives the launcher's result."""
     import triton
 
     from nformer_kernels.triton import knn as triton_knn
@@ -294,6 +294,32 @@ def test_knn_triton_resident_query_variant(backend, dtype, d):
     resident.launch((triton.cdiv(70, resident.constexprs["BLOCK_M"]), 2), x, idx, 70, d, 5)
     assert torch.equal(idx, backend.kernel("knn")(x, 5))
     assert_knn(x, idx, 5)
+
+
+@pytest.mark.backends("triton-interpreted", "triton")
+@pytest.mark.parametrize("dtype, k, d", [(torch.float16, 5, 24), (torch.bfloat16, 20, 256), (torch.float16, 40, 200)],
+                         ids=["fp16-k5-d24", "bf16-k20-d256", "fp16-k40-d200"])
+def test_knn_triton_hopper_tiles(backend, dtype, k, d, monkeypatch):
+    """The sm_90 choice (Q-resident 128 x 128 tiles; 64 x 64, 4 warps at K_PAD = 64) on a partial last
+    tile, a batch and duplicated rows: as stage 1, the true top-k within its operands' rounding (its
+    fp32 sums run in another order than the 64 x 64 tiles', so near-ties may swap); through nk.knn,
+    the canonical answer itself."""
+    from nformer_kernels.triton import knn as triton_knn
+
+    x = unit_rows((2, 150, d), dtype, seed=9, device=backend.device)
+    x[:, 130:145] = x[:, 10:25]  # exact duplicates
+    hopper = triton_knn.choose_variant(dtype, k, d=d, capability=(9, 0))
+    assert hopper.constexprs["Q_RESIDENT"] and hopper.constexprs["BLOCK_D"] >= d
+    idx = triton_knn.knn(x, k, capability=(9, 0))
+    assert_knn(x, idx, k, atol=2e-3 if dtype == torch.bfloat16 else 3e-4)
+    torch.testing.assert_close(neighbour_sims(x, idx), neighbour_sims(x, triton_knn.knn(x, k, capability=(8, 6))),
+                               rtol=0, atol=2e-3 if dtype == torch.bfloat16 else 3e-4)
+    monkeypatch.setattr(triton_knn, "device_capability", lambda device: (9, 0))
+    xf = x.float()
+    with nk.use_backend(backend.name):
+        got = nk.knn(xf, k, precision="certified")
+    with nk.use_backend("reference"):
+        assert torch.equal(got, nk.knn(xf, k))
 
 
 @pytest.mark.backends("triton-interpreted", "triton")
