@@ -6,7 +6,7 @@
 # Markdown summary, plots) that `nformer-bench report OUT_DIR` turns into the README's GPU table.
 #   [NFORMER_GIT_COMMIT=$(git rev-parse HEAD)] scripts/gpu_check.sh OUT_DIR [--budget-s S] [--stages ...] [--dry-run]
 # No budget: every stage runs to its end. --dry-run: every stage on the CPU at tiny sizes (a test of
-# this script; about a minute). PYTHON picks the interpreter (default: python3, else python); a copy
+# this script; about two minutes). PYTHON picks the interpreter (default: python3, else python); a copy
 # of the sources without .git names its commit in NFORMER_GIT_COMMIT. `nformer-bench check --help`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

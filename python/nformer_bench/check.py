@@ -32,9 +32,10 @@ is check_stages.py. The result is a compact, flat folder: gpu_check.log, gpu_tes
 gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png; `nformer-bench report
 OUT_DIR` turns it into the README's GPU table.
 
---dry-run runs every stage on the CPU at tiny sizes and leaves the same files, in about a minute:
-the build stage only checks that the extension is built, the smoke stage also checks the triton
-backend under TRITON_INTERPRET=1 (not measured), the tests stage collects the GPU selection and
+--dry-run runs every stage on the CPU at tiny sizes and leaves the same files, in about two
+minutes: the build stage only checks that the extension is built, the smoke stage also checks the
+triton backend under TRITON_INTERPRET=1 and, in a source checkout with ninja, csrc/cuda's kernel
+bodies under the CPU emulation of tests/cuda_emulation (backend `cuda-emulated`; neither measured), the tests stage collects the GPU selection and
 runs a few CPU tests, and tuning runs under TRITON_INTERPRET=1. It tests this command on a machine without a GPU.
 Exit status 1 when a stage or a test failed, else 0.
 """
@@ -55,7 +56,7 @@ from pathlib import Path
 
 from nformer_bench import RESULT_MARK
 from nformer_bench.arguments import positive_float
-from nformer_bench.check_stages import SMOKE_CASES
+from nformer_bench.check_stages import EMULATED, SMOKE_CASES
 from nformer_bench.environment import package_dir, source_root
 from nformer_reid.utils.io import atomic_write
 
@@ -87,6 +88,9 @@ SIZES = {  # per mode: (dry run?) -> stage -> parameters
                      # winners; `nformer-bench tune` runs a whole grid.
                      "specs": [["knn", "bfloat16", 8], ["attention", "bfloat16", 8], ["knn", "float32", 8]]}},
     True: {"smoke": {"n": 256, "d": 32, "k": 8, "heads": 2, "landmarks": 5, "nformer_n": 120, "nformer_d": 32},
+           # the CUDA kernel bodies under the CPU emulation (a thread per CUDA thread): smaller still
+           "smoke_emulated": {"n": 128, "d": 16, "k": 6, "heads": 2, "landmarks": 5, "nformer_n": 48,
+                              "nformer_d": 16},
            "knn": {"n": 2000, "d": 64, "k": 20, "repeats": 2,
                    "cases": [["bfloat16", "auto"], ["float32", "auto"], ["float32", "exact"]],
                    "repeat_budget_s": 1.0},
@@ -363,19 +367,31 @@ class Check:
         at tiny sizes) but does not measure: triton, when it is installed."""
         return ["triton"] if self.dry_run and self.result["build"].get("versions", {}).get("triton") else []
 
+    def _emulated(self):
+        """Backends the dry run smoke-checks with csrc/cuda's kernel bodies on the CPU (the GPU run's
+        CUDA code, at tiny sizes; not measured): the emulation of tests/cuda_emulation, in a source
+        checkout where ninja can JIT-build it."""
+        if not self.dry_run or self.root is None or not self.result["build"].get("ninja"):
+            return []
+        return [EMULATED] if (self.root / "tests" / "cuda_emulation" / "backend.py").is_file() else []
+
     def _smoke(self, limit):
         # A process per backend: a kernel fault that poisons the CUDA context fails that backend only.
         deadline = time.monotonic() + limit
         statuses = []
         backends = [b for b in self.result["build"].get("backends", []) if b != "reference"]
-        for backend in backends + [b for b in self._interpreted() if b not in backends]:
+        for backend in backends + [b for b in self._interpreted() + self._emulated() if b not in backends]:
             left = deadline - time.monotonic()
             if left < MIN_STAGE_S:
                 statuses.append(f"timeout (no time left for {backend})")
                 break
-            extra = {"TRITON_INTERPRET": "1"} if backend in self._interpreted() else None
+            extra, sizes = None, self.sizes["smoke"]
+            if backend in self._interpreted():
+                extra = {"TRITON_INTERPRET": "1"}
+            elif backend in self._emulated():
+                extra, sizes = {"NFORMER_EMULATED_SM_COUNT": "2"}, self.sizes["smoke_emulated"]
             statuses.append(self._worker("smoke", left, self.result["smoke"].append, extra_env=extra,
-                                         backend=backend, **self.sizes["smoke"]))
+                                         backend=backend, **sizes))
         status = next((st for st in statuses if st != "ok"), "ok")
         by_backend = {}
         for case in self.result["smoke"]:
@@ -392,7 +408,7 @@ class Check:
     def _kernel_backends(self):
         from nformer_bench.analytic import PLAIN_BACKENDS
 
-        return [b for b in self.passed if b not in PLAIN_BACKENDS and b not in self._interpreted()]
+        return [b for b in self.passed if b not in PLAIN_BACKENDS and b not in self._interpreted() + self._emulated()]
 
     def _knn(self, limit):
         return self._worker("knn", limit, self.result["knn"].append, backends=self._kernel_backends(),

@@ -104,11 +104,15 @@ def _knn_case(dtype, kind="gaussian", precision="auto", margin=None):
 def _knn_batch_case(backend, p, device):
     """A bf16 batch of one 256-row item per SM: B * ceil(N / 128) >= SMs makes the CUDA knn take its
     128-row tiles, the variant the 1M-row measurement runs (the other cases take the 64-row ones).
+    On the CPU (the dry run) two items of 128 rows: the CUDA emulation then counts 2 SMs.
     _knn_mismatches."""
     import torch
 
-    items = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return _knn_mismatches(backend, _randn(items, 256, 64, seed=10, device=device).to(torch.bfloat16), p["k"])
+    if device.type == "cuda":
+        items, rows = torch.cuda.get_device_properties(device).multi_processor_count, 256
+    else:
+        items, rows = 2, 128
+    return _knn_mismatches(backend, _randn(items, rows, 64, seed=10, device=device).to(torch.bfloat16), p["k"])
 
 
 def _reciprocal_case(backend, p, device):
@@ -198,6 +202,10 @@ SMOKE_CASES = {"knn fp32": _knn_case("float32"), "knn bf16": _knn_case("bfloat16
                "NFormer eval fp32 vs dense official": _nformer_case}
 
 
+# The backend of tests/cuda_emulation (csrc/cuda's kernel bodies on CPU tensors), smoke-checked by the dry run.
+EMULATED = "cuda-emulated"
+
+
 def _smoke(cfg, emit):
     """cfg["backend"]'s smoke cases against the reference backend, stopping at the first failure."""
     import traceback
@@ -205,6 +213,10 @@ def _smoke(cfg, emit):
     import torch
 
     device, backend = torch.device(cfg["device"]), cfg["backend"]
+    if backend == EMULATED:  # the dry run: csrc/cuda's kernel bodies on the CPU (a source checkout)
+        from tests.cuda_emulation.backend import NAME, register
+
+        assert register() == NAME == EMULATED
     print(f"{backend} on {device.type} tensors, checked against the reference backend")
     for name, case in SMOKE_CASES.items():
         start = time.monotonic()
