@@ -96,3 +96,31 @@ def test_every_variant_compiles_for_sm86_and_sm90():
     spilling = [f"{r['kernel']} {r['target']}: {r['spill_stores']} B" for r in rows
                 if r["spill_stores"] > MAX_SPILL_BYTES]
     assert not spilling, "\n".join(spilling)
+
+
+_MMA_PROBE = r"""
+import json, re, torch
+from triton.backends.compiler import GPUTarget
+from nformer_kernels.triton import aot, knn
+found = {}
+for arch in (86, 90):
+    variant = knn.choose_variant(torch.float16, 32, d=256, capability=divmod(arch, 10))
+    ptx = aot._compile(variant, GPUTarget("cuda", arch, 32)).asm["ptx"]
+    found[arch] = sorted(set(re.findall(r"\b(wgmma\.mma_async[\w.]+|mma\.sync[\w.]+)", ptx)))
+print(json.dumps(found))
+"""
+
+
+def test_certified_stage_one_accumulates_fp16_products_in_fp32():
+    """The certified bound (canonical.score_error_bound, docs/design.md) models stage 1 as fp16
+    operands with an fp32 accumulator: the instructions the fp16 knn tiles compile to must say so
+    (mma.sync ...f32.f16.f16.f32 on sm_86, wgmma ...f32.f16.f16 on sm_90), never an fp16 accumulator."""
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), REPO]))}
+    child = subprocess.run([sys.executable, "-c", _MMA_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    found = json.loads(child.stdout.strip().splitlines()[-1])
+    assert found["86"] == ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]
+    assert [m for m in found["90"] if m.startswith("wgmma.mma_async")] == [
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16"]
