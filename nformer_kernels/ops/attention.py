@@ -5,11 +5,12 @@ product of two dot products and overflows fp16, so autocast is switched off arou
 """
 import contextlib
 import math
+import threading
 
 import torch
 
 from nformer_kernels import _checks, backends
-from nformer_kernels.ops.reciprocal import reverse_index, within_reciprocal
+from nformer_kernels.ops.reciprocal import reverse_if_within, reverse_index
 
 
 def _no_autocast(device_type):
@@ -88,17 +89,34 @@ def _check_scores_bounded(P, R, scale, what):
                          f"{P.dtype}'s range ({limit:.3g}); scale them down")
 
 
+class _ForwardReverse(threading.local):
+    """The reverse index _sparse_attention computed for its reciprocity check, handed to the autograd
+    context of the kernel call it precedes (setup_context runs inside that call, on this thread), so
+    the backward gathers through it instead of computing it again. `entry`: (idx, keep, rev) or None."""
+
+    entry = None
+
+
+_FORWARD_REVERSE = _ForwardReverse()
+
+
 def _sparse_attention(P, R, v, idx, keep, scale, what="P and R (the landmark factors of q and k)"):
     """Dispatch of validated batched inputs: P, R (B,N,H,l) acc dtype, v (B,N,H*dv), idx/keep (B,N,k)."""
     _check_scores_bounded(P, R, scale, what)
     v = v.contiguous()
     backend = backends.resolve("attention", v.device, k=idx.shape[-1])
-    if (backends.gathers_backward(backend) and _checks.eager() and torch.is_grad_enabled()
-            and not within_reciprocal(idx, keep, backend)):
-        backend = backends.resolve("attention", v.device, reason="keep is not within the reciprocal mask, "
-                                   "which the kernels' gather-only backward needs")
+    rev = None
+    if backends.gathers_backward(backend) and _checks.eager() and torch.is_grad_enabled():
+        rev = reverse_if_within(idx, keep, backend)
+        if rev is None:
+            backend = backends.resolve("attention", v.device, reason="keep is not within the reciprocal mask, "
+                                       "which the kernels' gather-only backward needs")
     with _no_autocast(v.device.type):
-        return backends.kernel(backend, "sparse_attention")(P, R, v, idx, keep, scale)[0]
+        _FORWARD_REVERSE.entry = None if rev is None else (idx, keep, rev)
+        try:
+            return backends.kernel(backend, "sparse_attention")(P, R, v, idx, keep, scale)[0]
+        finally:
+            _FORWARD_REVERSE.entry = None
 
 
 def sparse_attention(P, R, v, idx, keep, scale: float, *, check_inputs: bool = True):
@@ -167,12 +185,16 @@ def register_autograd(backend: str) -> None:
 
     def setup_context(ctx, inputs, output):
         P, R, v, idx, keep, scale = inputs
-        ctx.save_for_backward(P, R, v, idx, keep, output[1])
+        cached = _FORWARD_REVERSE.entry
+        # the forward's own reverse index, when it was computed for these very idx and keep
+        rev = cached[2] if cached is not None and cached[0] is idx and cached[1] is keep else None
+        ctx.has_rev = rev is not None
+        ctx.save_for_backward(P, R, v, idx, keep, output[1], *([rev] if ctx.has_rev else []))
         ctx.scale = scale
 
     def backward(ctx, grad_out, _grad_probs):  # probs is returned for saving, not differentiable
-        P, R, v, idx, keep, probs = ctx.saved_tensors
-        rev = reverse_index(idx, keep, backend)
+        P, R, v, idx, keep, probs, *cached = ctx.saved_tensors
+        rev = cached[0] if ctx.has_rev else reverse_index(idx, keep, backend)
         dP, dR, dv = backward_kernel(grad_out.contiguous(), P, R, v, idx, rev, probs, ctx.scale)
         return dP, dR, dv, None, None, None
 

@@ -17,9 +17,11 @@ def reverse_index(idx: torch.Tensor, keep: torch.Tensor, backend: str) -> torch.
     return backends.kernel(backend, "reverse_index")(idx, keep)
 
 
-def within_reciprocal(idx, keep, backend) -> bool:
-    """True when every kept (i,t) is also listed from the other side, so the backward can gather."""
-    return int((reverse_index(idx, keep, backend) >= 0).sum()) == int(keep.sum())
+def reverse_if_within(idx, keep, backend):
+    """reverse_index(idx, keep) when every kept (i,t) is also listed from the other side (the
+    backward can gather through it), else None."""
+    rev = reverse_index(idx, keep, backend)
+    return rev if int((rev >= 0).sum()) == int(keep.sum()) else None
 
 
 def _reciprocal_mask_fake(idx):

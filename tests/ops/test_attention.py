@@ -229,6 +229,36 @@ def test_neighbor_attention_values_and_grads(backend, n, d, k, heads, batch, n_l
         assert_close_fp32(a, b)
 
 
+def test_the_backward_reuses_the_forwards_reverse_index(backend, monkeypatch):
+    """A gather backward's reverse index is the one the forward computed for its reciprocity check
+    (kept in the autograd context), not a second reverse_index call; under no_grad none is computed;
+    the gradients are the reference's either way."""
+    from nformer_kernels.ops import attention as attention_ops
+    from nformer_kernels.ops import reciprocal as reciprocal_ops
+
+    calls = []
+    for module in (attention_ops, reciprocal_ops):
+        original = module.reverse_index
+        monkeypatch.setattr(module, "reverse_index",
+                            lambda *a, original=original, module=module: calls.append(module.__name__) or original(*a))
+    inputs = neighbor_attention_case(37, 16, 5, 2, None, n_land=5, device=backend.device)
+    leaves = [t.clone().requires_grad_() for t in inputs[:3]]
+    out = nk.neighbor_attention(*leaves, *inputs[3:])
+    forward_calls = list(calls)
+    grads = torch.autograd.grad(out, leaves, grad_like(out))
+    gathers = nk.backends.gathers_backward(backend.name)
+    assert forward_calls == (["nformer_kernels.ops.reciprocal"] if gathers else [])
+    assert calls == forward_calls  # the backward computed none
+    refs = [t.clone().requires_grad_() for t in inputs[:3]]
+    ref = reference_attention(*refs, *inputs[3:])
+    for a, b in zip(grads, torch.autograd.grad(ref, refs, grad_like(out))):
+        assert_close_fp32(a, b)
+    calls.clear()
+    with torch.no_grad():
+        nk.neighbor_attention(*[t.detach() for t in leaves], *inputs[3:])
+    assert calls == []
+
+
 @fast_and(EMU)
 @pytest.mark.parametrize("batch", [None, pytest.param(3, marks=fast_only)])
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES], ids=dtype_id)
