@@ -172,6 +172,13 @@ def available_backends(device) -> List[str]:
     return [name for name, b in _REGISTRY.items() if not b.available(device)]
 
 
+def unavailable_reason(name: str, device) -> str:
+    """Why backend `name` cannot run tensors on `device` ("" when it can)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {_names()}, got {name!r}")
+    return _REGISTRY[name].available(torch.device(device))
+
+
 def backend_max_k(name: str, family: str) -> Optional[int]:
     """The largest k backend `name` takes for op family "knn" or "attention" (None: no fixed limit)."""
     return _REGISTRY[name].limits().get(family)

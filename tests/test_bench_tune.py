@@ -57,3 +57,17 @@ def test_tune_grids_put_the_expected_winners_first(kernel):
     else:
         assert all(v.constexprs["DV_BLOCK"] == max(tune.ATTENTION_GRID["DV_BLOCK"]) for v in first)
     assert tune._grid_variants(base, grids, 8, order) == grid[:8]
+
+
+def test_cuda_knn_tiles_without_a_gpu_are_one_row_saying_why():
+    """`--kernel cuda-knn` times the cuda backend's WMMA row tiles (launcher's choice, 128, 64); where
+    that backend cannot run, one row with the reason, so the GPU check's other grids still run."""
+    import torch
+
+    from nformer_bench import tune
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the tiles are timed, not refused")
+    rows = list(tune.tune_cuda_knn(256, 16, 5, torch.float16, torch.device("cuda"), 1, 0))
+    assert len(rows) == 1 and rows[0]["ms"] is None and rows[0]["error"].startswith("not run: ")
+    assert tune.CUDA_KNN_ROWS[0] == "auto" and set(tune.CUDA_KNN_ROWS[1:]) == {"64", "128"}

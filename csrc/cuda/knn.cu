@@ -1,4 +1,7 @@
 // nformer::knn on CUDA: checks, tile-size choice and launch of the kernels in knn_kernels.cuh.
+#include <cstdlib>
+#include <string>
+
 #include "cuda/common.cuh"
 #include "cuda/knn_kernels.cuh"
 
@@ -23,13 +26,26 @@ void launch_mma(const at::Tensor& x, at::Tensor& out, int n, int d, int k, cudaS
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// NFORMER_CUDA_KNN_ROWS=64|128 forces the WMMA row tile (read on every call: nformer-bench tune times
+// both tiles on the GPU at hand); unset, the launcher chooses (mma_use_128_rows).
+int forced_mma_rows() {
+  const char* value = std::getenv("NFORMER_CUDA_KNN_ROWS");
+  if (value == nullptr || *value == '\0') return 0;
+  const std::string rows(value);
+  TORCH_CHECK(rows == "64" || rows == "128", "NFORMER_CUDA_KNN_ROWS must be 64 or 128 (or unset), got '", rows, "'");
+  return rows == "64" ? 64 : 128;
+}
+
 template <typename mma_t>
 void knn_mma(const at::Tensor& x, at::Tensor& out, int n, int d, int k, cudaStream_t stream) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major >= 8, "nformer::knn (CUDA): fp16/bf16 inputs need an sm_80 or newer GPU, this one is sm_",
               prop->major, prop->minor, "; pass float32");
   const size_t have = prop->sharedMemPerBlockOptin;
-  if (mma_use_128_rows(k, have, x.size(0) * ((n + 127) / 128), prop->multiProcessorCount)) {
+  const int forced = forced_mma_rows();
+  const bool fits128 = mma_smem_bytes(128, k) <= have;
+  if (forced == 128 ? fits128 : forced == 0 && mma_use_128_rows(k, have, x.size(0) * ((n + 127) / 128),
+                                                                 prop->multiProcessorCount)) {
     launch_mma<mma_t, 128>(x, out, n, d, k, stream);
   } else if (mma_smem_bytes(64, k) <= have) {
     launch_mma<mma_t, 64>(x, out, n, d, k, stream);

@@ -9,7 +9,9 @@
 // warp-parallel insertion (WarpSelect-style: the common case costs one compare per
 // candidate). The lists live in shared memory for the whole sweep; only (B,N,k) int64 is
 // written. Self is scored +inf so it always lands at position 0; ordering and ties follow
-// nformer::ranks_before (higher score first, then smaller index).
+// nformer::ranks_before (higher score first, then smaller index). The WMMA kernel skips the
+// shared-memory round trip and the selection of a tile none of whose scores can enter a list
+// (tile_cannot_enter); NFORMER_CUDA_KNN_ROWS forces its row tile (knn.cu).
 #pragma once
 #include <mma.h>
 #include <cuda_bf16.h>
@@ -106,8 +108,43 @@ constexpr int kMmaBK = 32;            // feature chunk staged per step
 constexpr int kMmaLDK = kMmaBK + 8;   // staged row pitch (elements); keeps WMMA pointers 32-byte aligned
 constexpr int kMmaLDS = kTileN + 4;   // score tile pitch (floats)
 
+constexpr int kMmaRed = 2 * kWarps;  // per-warp tile maxima and threshold minima of the tile skip
+
 constexpr size_t mma_smem_bytes(int bm, int k) {
-  return size_t(bm) * kMmaLDS * sizeof(float) + size_t(bm) * k * (sizeof(float) + sizeof(int));
+  return size_t(bm) * kMmaLDS * sizeof(float) + size_t(bm) * k * (sizeof(float) + sizeof(int)) +
+         kMmaRed * sizeof(float);
+}
+
+// The tile skip of knn_mma_kernel: true (the same on every thread) when no score of the block's
+// accumulators can enter any of its rows' lists. Every thread offers its fragments' maximum; the
+// lists' k-th values of the block's real rows give the weakest threshold. A full list only holds
+// ids of earlier tiles, so a score equal to its k-th value (a larger id) would not enter either:
+// strict < is safe, and rows whose lists still hold -inf keep every tile. The caller excludes the
+// tile holding the block's own rows (self is scored +inf there).
+template <int BM, typename Acc>
+__device__ __forceinline__ bool tile_cannot_enter(const Acc& acc, int frags, const float* list_v, int k, int row0,
+                                                  int n, float* red, int warp, int lane) {
+  float top = -INFINITY;
+  for (int f = 0; f < frags; ++f)
+    for (int e = 0; e < acc[f].num_elements; ++e) top = fmaxf(top, acc[f].x[e]);
+  const int r = threadIdx.x;
+  float thr = r < BM && row0 + r < n ? list_v[r * k + k - 1] : INFINITY;
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+    top = fmaxf(top, __shfl_xor_sync(kFullMask, top, off));
+    thr = fminf(thr, __shfl_xor_sync(kFullMask, thr, off));
+  }
+  if (lane == 0) {
+    red[warp] = top;
+    red[kWarps + warp] = thr;
+  }
+  __syncthreads();
+  for (int w = 1; w < kWarps; ++w) {
+    top = fmaxf(top, red[w]);
+    thr = fminf(thr, red[kWarps + w]);
+  }
+  top = fmaxf(top, red[0]);
+  thr = fminf(thr, red[kWarps]);
+  return top < thr;
 }
 
 // Launch choice (host): 128-row blocks halve the candidate traffic; use them when they fit in
@@ -156,6 +193,7 @@ __global__ void __launch_bounds__(kThreads, BM == 128 ? 1 : 2) knn_mma_kernel(co
   float* S = reinterpret_cast<float*>(smem);
   float* list_v = reinterpret_cast<float*>(smem + size_t(BM) * kMmaLDS * sizeof(float));
   int* list_i = reinterpret_cast<int*>(list_v + BM * k);
+  float* red = reinterpret_cast<float*>(list_i + BM * k);  // kMmaRed floats of the tile skip
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN;
@@ -215,7 +253,11 @@ __global__ void __launch_bounds__(kThreads, BM == 128 ? 1 : 2) knn_mma_kernel(co
         }
       }
     }
-    __syncthreads();  // all MMAs have read the staging buffers before S overwrites them
+    // Past the first tiles most hold no candidate for any of the block's rows: then the score
+    // tile's round trip through shared memory and the selection are skipped. (Its barrier also
+    // orders every MMA's reads of the staging buffers before S overwrites them.)
+    const bool own_rows = col0 < row0 + BM && row0 < col0 + BN;
+    if (tile_cannot_enter<BM>(&acc[0][0], 2 * kFragsN, list_v, k, row0, n, red, warp, lane) && !own_rows) continue;
 #pragma unroll
     for (int fm = 0; fm < 2; ++fm)
 #pragma unroll

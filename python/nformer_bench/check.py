@@ -86,7 +86,8 @@ SIZES = {  # per mode: (dry run?) -> stage -> parameters
                      # The 8 configurations of each grid expected to gain most (tune.knn_gain_order,
                      # attention_gain_order; compiles dominate, ~4 s each): a first run measures the likely
                      # winners; `nformer-bench tune` runs a whole grid.
-                     "specs": [["knn", "bfloat16", 8], ["attention", "bfloat16", 8], ["knn", "float32", 8]]}},
+                     "specs": [["knn", "bfloat16", 8], ["attention", "bfloat16", 8], ["knn", "float32", 8],
+                               ["cuda-knn", "float16", 0]]}},
     True: {"smoke": {"n": 256, "d": 32, "k": 8, "heads": 2, "landmarks": 5, "nformer_n": 120, "nformer_d": 32},
            # the CUDA kernel bodies under the CPU emulation (a thread per CUDA thread): smaller still
            "smoke_emulated": {"n": 128, "d": 16, "k": 6, "heads": 2, "landmarks": 5, "nformer_n": 48,

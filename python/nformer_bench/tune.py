@@ -1,6 +1,7 @@
-"""nformer-bench tune: time the Triton kernels over a grid of launch configurations.
+"""nformer-bench tune: time the Triton kernels over a grid of launch configurations, and the cuda
+backend's knn over its row tiles.
 
-  nformer-bench tune [--kernel knn|attention] [--n 100000] [--dtype bfloat16] [--out DIR]
+  nformer-bench tune [--kernel knn|attention|cuda-knn] [--n 100000] [--dtype bfloat16] [--out DIR]
 
 The launchers pick from fixed variant lists (nformer_kernels/triton/*.py, compiled ahead of time in
 CI); this measures alternatives on the GPU at hand so those lists can be retuned from numbers:
@@ -109,6 +110,53 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
         yield row
 
 
+CUDA_KNN_ROWS = ("auto", "128", "64")  # NFORMER_CUDA_KNN_ROWS of each cuda-knn row: the launcher's choice first
+
+
+def tune_cuda_knn(n, d, k, dtype, device, repeats, limit):
+    """Yields one row per WMMA row tile of the `cuda` backend's fp16/bf16 knn (the stage-1 kernel of
+    the certified knn), forced through NFORMER_CUDA_KNN_ROWS; the launcher's choice first. The
+    128-row tile halves the key traffic but runs 1 CTA per SM (200-208 registers), the 64-row one 2."""
+    import os
+    import types
+
+    import nformer_kernels as nk
+
+    why_not = nk.backends.unavailable_reason("cuda", device) or ("" if torch.cuda.is_available()
+                                                                 else "no CUDA device is visible to torch")
+    if why_not:  # one row saying why: the grid's other kernels still run
+        yield {"variant": "cuda knn_mma_kernel", "constexprs": {}, "num_warps": 8, "num_stages": 1, "ms": None,
+               "rate": None, "unit": "TFLOP/s", "error": f"not run: {why_not}", "match": None}
+        return
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1, n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
+    kernel, reference = nk.backends.kernel("cuda", "knn"), None
+    previous = os.environ.get("NFORMER_CUDA_KNN_ROWS")
+    try:
+        for rows in CUDA_KNN_ROWS[:limit or None]:
+            variant = types.SimpleNamespace(label=f"cuda knn_mma_kernel rows={rows}", constexprs={"rows": rows},
+                                            num_warps=8, num_stages=1)
+            if rows == "auto":
+                os.environ.pop("NFORMER_CUDA_KNN_ROWS", None)
+            else:
+                os.environ["NFORMER_CUDA_KNN_ROWS"] = rows
+            out = {}
+
+            def call(out=out):
+                out["idx"] = kernel(x, k)
+
+            row = _measure(variant, call, device.type == "cuda", repeats, knn_flops(n, d), "TFLOP/s")
+            if rows == "auto" and not row["error"]:
+                reference = out["idx"].clone()
+            row["match"] = _match(out.get("idx"), reference, row)
+            yield row
+    finally:
+        if previous is None:
+            os.environ.pop("NFORMER_CUDA_KNN_ROWS", None)
+        else:
+            os.environ["NFORMER_CUDA_KNN_ROWS"] = previous
+
+
 def tune_attention(n, d, k, heads, landmarks, dtype, device, repeats, limit):
     """Yields one row per sparse-attention forward launch configuration, the current choice first."""
     attn = importlib.import_module("nformer_kernels.triton.sparse_attention")
@@ -188,7 +236,9 @@ def markdown(result):
 
 
 def add_arguments(parser):
-    parser.add_argument("--kernel", choices=("knn", "attention"), default="knn")
+    parser.add_argument("--kernel", choices=("knn", "attention", "cuda-knn"), default="knn",
+                        help="knn, attention: the Triton kernels' launch grids; cuda-knn: the cuda backend's "
+                             "WMMA knn row tiles (64, 128)")
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--k", type=int, default=20)
@@ -202,10 +252,12 @@ def add_arguments(parser):
 
 def rows(args):
     """The grid of args.kernel, one row at a time, on the GPU (CPU tensors under TRITON_INTERPRET=1)."""
+    dtype = getattr(torch, args.dtype)
+    if args.kernel == "cuda-knn":
+        return tune_cuda_knn(args.n, args.d, args.k, dtype, torch.device("cuda"), args.repeats, args.max_configs)
     import triton
 
     device = torch.device("cpu" if triton.knobs.runtime.interpret else "cuda")
-    dtype = getattr(torch, args.dtype)
     if args.kernel == "knn":
         return tune_knn(args.n, args.d, args.k, dtype, device, args.repeats, args.max_configs)
     return tune_attention(args.n, args.d, args.k, args.heads, args.landmarks, dtype, device, args.repeats,

@@ -54,6 +54,12 @@ def test_exact_fp32_stage_one_on_cuda_runs_the_cuda_fma_kernel(monkeypatch):
     assert backends.resolve("knn", torch.device("cpu"), k=32, dtype=torch.float32) == nk.get_backend("cpu")
 
 
+def test_unavailable_reason_says_why():
+    assert "cuda" in backends.unavailable_reason("cuda", "cpu") and backends.unavailable_reason("torch", "cpu") == ""
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.unavailable_reason("tpu", "cpu")
+
+
 def test_use_backend_restores_the_previous_choice():
     before = nk.get_backend("cpu")
     with nk.use_backend("torch"):

@@ -6,6 +6,7 @@ The emulated and interpreted cases take small shapes (`fast_and`); the emulation
 (a thread per CUDA thread), so the public-API tests run interpreted, not emulated.
 """
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,35 @@ def test_knn_kernel_wmma_tiles(backend, dtype, B, N, d, k, rows_per_block):
 
     x = unit_rows((B, N, d), dtype, seed=N)
     assert_knn(x, knn_with_tile(x, k, rows_per_block), k)
+
+
+@pytest.mark.backends(EMULATED)
+@pytest.mark.parametrize("rows_per_block", [64, 128])
+def test_knn_kernel_wmma_tile_skip_keeps_close_candidates(backend, rows_per_block):
+    """The WMMA kernel skips a column tile when no score in it beats the weakest k-th score among the
+    block's rows. Rows 0-127 lie on a circle [1, 0.1 cos, 0.1 sin, 0...] (their lists fill in the
+    first tile, all with the same k-th score); rows 128-383 are orthogonal to them (tile 1 is
+    skipped) but for row 300, placed so that it beats rows 4-6's k-th score by ~4e-5 and nobody
+    else's: a skip any less strict than the kernel's loses it. The k scores found must equal the
+    true top-k (fp32 scores of the fp16 rows)."""
+    from tests.cuda_emulation.backend import knn_with_tile
+
+    n, k, c = 384, 8, 128
+    phi = torch.arange(c, dtype=torch.float64) * (2 * math.pi / c)
+    x = torch.zeros(n, 16, dtype=torch.float64)
+    x[:c, 0], x[:c, 1], x[:c, 2] = 1, 0.1 * phi.cos(), 0.1 * phi.sin()
+    x[c:, 3:8] = 0.3 * torch.randn(n - c, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b = math.cos(4 * 2 * math.pi / c) + 0.004  # row 5's k-th neighbour is 4 steps away
+    x[300] = 0
+    x[300, 0], x[300, 1], x[300, 2] = 1, 0.1 * b * phi[5].cos(), 0.1 * b * phi[5].sin()
+    x = x.half()[None]
+    idx = knn_with_tile(x, k, rows_per_block)
+    xf = x.float()
+    s = torch.bmm(xf, xf.transpose(1, 2))
+    s.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    assert torch.equal(idx[..., 0], torch.arange(n)[None])
+    assert 300 in idx[0, 5].tolist()
+    torch.testing.assert_close(torch.gather(s, 2, idx)[..., 1:], s.topk(k, dim=-1).values[..., 1:], rtol=0, atol=2e-6)
 
 
 @pytest.mark.backends("cuda", "triton")

@@ -14,7 +14,12 @@ namespace nvcuda { namespace wmma {
 struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment { float x[16 * 16]; };
+struct fragment {
+  // A GPU lane holds num_elements (8) of the tile's values in an unspecified order; here every lane
+  // holds all 256, which any reduction over a warp's elements (the knn's tile skip) also sees.
+  static constexpr int num_elements = 16 * 16;
+  float x[16 * 16];
+};
 
 inline float to_float(__nv_bfloat16 h) { uint32_t b = uint32_t(h.bits) << 16; float f; std::memcpy(&f, &b, 4); return f; }
 inline float to_float(__half h) {
