@@ -110,7 +110,7 @@ def test_help_lists_every_command_and_version_is_the_library_version(capsys):
     assert capsys.readouterr().out.strip() == f"nformer-bench {nk.__version__}"
     with pytest.raises(SystemExit):
         cli.main(["tune", "--help"])
-    assert "--kernel {knn,attention}" in capsys.readouterr().out
+    assert "--kernel {knn,attention,cuda-knn}" in capsys.readouterr().out
 
 
 def test_results_go_to_the_working_directory_not_the_package(tmp_path, monkeypatch):

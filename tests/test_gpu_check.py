@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nformer_bench import check, check_stages, report
+from nformer_bench import check, check_process, check_stages, report
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gpu_check.log", "gpu_tests.xml", "gpu_check.json", "gpu_check.md", "nformer-latency.png",
@@ -147,7 +147,7 @@ def test_a_stage_past_its_limit_is_interrupted(tmp_path):
     status = runner._stream([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"], 1.0)
     # SIGINT at 1 s, SIGKILL after the grace if that did not end it (a loaded machine has been seen
     # to need it): either way well before the child's 60 s.
-    assert status == "timeout (> 1 s)" and time.monotonic() - start < check.INTERRUPT_GRACE_S + 15
+    assert status == "timeout (> 1 s)" and time.monotonic() - start < check_process.INTERRUPT_GRACE_S + 15
     assert runner._stream([sys.executable, "-c", "import sys; sys.exit(3)"], 10.0) == "failed (exit 3)"
     runner._log.close()
     assert "started" in (tmp_path / "gpu_check.log").read_text()

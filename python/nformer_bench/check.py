@@ -28,7 +28,7 @@ Measurements use the backends whose smoke check passed. Each stage runs in a pro
 share of it, so the test suite keeps time. Nothing needs more than torch (and triton for its
 backend): numpy, matplotlib (the plots are skipped with a note), hypothesis, scipy, torchvision
 and faiss are optional (test modules that need them are skipped). The stages' child-process side
-is check_stages.py. The result is a compact, flat folder: gpu_check.log, gpu_tests.xml,
+is check_stages.py, the processes themselves check_process.py. The result is a compact, flat folder: gpu_check.log, gpu_tests.xml,
 gpu_check.json, gpu_check.md, nformer-latency.png and nformer-memory.png; `nformer-bench report
 OUT_DIR` turns it into the README's GPU table.
 
@@ -46,18 +46,16 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from nformer_bench import RESULT_MARK
 from nformer_bench.arguments import positive_float
+from nformer_bench.check_process import child_env, stream
 from nformer_bench.check_stages import EMULATED, SMOKE_CASES
-from nformer_bench.environment import package_dir, source_root
+from nformer_bench.environment import source_root
 from nformer_reid.utils.io import atomic_write
 
 LOG, JUNIT, JSON, MD, LATENCY_PNG, MEMORY_PNG = FILES = (
@@ -69,7 +67,6 @@ SHARE = {"smoke": 0.12, "knn": 0.2, "attention": 0.06, "nformer": 0.2}
 STAGE_CAP_S = {"build": 1800, "smoke": 900, "knn": 1200, "attention": 900, "nformer": 2400, "tests": 3600,
                "tune": 3600}
 MIN_STAGE_S = 5.0  # a stage with less time left than this is skipped
-INTERRUPT_GRACE_S = 20.0  # after SIGINT at a stage's limit (pytest writes its JUnit XML), then SIGKILL
 
 SIZES = {  # per mode: (dry run?) -> stage -> parameters
     False: {"smoke": {"n": 4096, "d": 256, "k": 20, "heads": 2, "landmarks": 5, "nformer_n": 512, "nformer_d": 64},
@@ -130,19 +127,6 @@ def stage_list(text):
 
 def run(args):
     return Check(args.out, args.budget_s, args.dry_run, args.stages).run()
-
-
-def _child_env(extra=None):
-    """This process's environment, with nformer_bench and nformer_kernels importable as they are here.
-    TRITON_INTERPRET is dropped unless extra sets it: only the dry run interprets Triton."""
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    roots = [str(Path(__file__).resolve().parent.parent)]
-    package = package_dir()
-    if package is not None:
-        roots.append(str(package.parent))
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, [*roots, env.get("PYTHONPATH")])))
-    env.update(extra or {})
-    return env
 
 
 class Check:
@@ -258,53 +242,17 @@ class Check:
 
     # ------------------------------------------------------------------ processes
     def _stream(self, cmd, limit_s, on_item=None, env=None, lines=None):
-        """Run cmd with its output in the log (and in `lines` when given); result lines go to on_item.
-        At limit_s the process group gets SIGINT, then SIGKILL. Returns "ok", "timeout (> N s)" or
-        "failed (exit N)"."""
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=env or _child_env(), cwd=self.root or Path.cwd(), start_new_session=True)
-        timed_out = threading.Event()
-
-        def signal_group(sig):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-        def stop():
-            timed_out.set()
-            signal_group(signal.SIGINT)
-            try:
-                proc.wait(INTERRUPT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                signal_group(signal.SIGKILL)
-
-        timer = threading.Timer(limit_s, stop)
-        timer.daemon = True
-        timer.start()
-        try:
-            for line in proc.stdout:
-                if line.startswith(RESULT_MARK):
-                    if on_item is not None:
-                        on_item(json.loads(line[len(RESULT_MARK):]))
-                        self.save()
-                else:
-                    self.log(line.rstrip("\n"))
-                    if lines is not None:
-                        lines.append(line.rstrip("\n"))
-            returncode = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:  # this process is being interrupted: take the stage down with it
-                signal_group(signal.SIGKILL)
-        if timed_out.is_set():
-            return f"timeout (> {limit_s:.0f} s)"
-        return "ok" if returncode == 0 else f"failed (exit {returncode})"
+        """check_process.stream in the source root, into this check's log; gpu_check.json is saved
+        after every result item."""
+        def take(item):
+            on_item(item)
+            self.save()
+        return stream(cmd, limit_s, self.log, self.root or Path.cwd(), take if on_item else None, env, lines)
 
     def _worker(self, stage, limit_s, on_item, extra_env=None, **cfg):
         cmd = [sys.executable, "-m", "nformer_bench", "_worker", "check",
                json.dumps({"stage": stage, "device": self.device, "limit_s": limit_s, **cfg})]
-        return self._stream(cmd, limit_s, on_item, env=_child_env(extra_env))
+        return self._stream(cmd, limit_s, on_item, env=child_env(extra_env))
 
     # ------------------------------------------------------------------ stages
     def _build(self, limit):
@@ -341,7 +289,7 @@ class Check:
                 extra["CPATH"] = os.pathsep.join(filter(None, [*headers, os.environ.get("CPATH")]))
             t = time.monotonic()
             status = self._stream([sys.executable, "setup.py", "build_ext", "--inplace"],
-                                  max(deadline - time.monotonic(), MIN_STAGE_S), env=_child_env(extra))
+                                  max(deadline - time.monotonic(), MIN_STAGE_S), env=child_env(extra))
             build["compile"] = f"{status} ({time.monotonic() - t:.0f} s, TORCH_CUDA_ARCH_LIST={arch})"
             # On a failed compile the later stages still check what runs (the triton backend needs no build).
             compile_failed = status != "ok" and f"failed: compile {status}"
