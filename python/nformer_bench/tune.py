@@ -87,8 +87,7 @@ def tune_knn(n, d, k, dtype, device, repeats, limit):
 
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(1, n, d, generator=gen), dim=-1).to(device=device, dtype=dtype)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    base = knn.choose_variant(dtype, k, d=d, capability=capability)
+    base = knn.choose_variant(dtype, k, d=d, capability=knn.device_capability(device))
     if dtype == torch.float32:
         grids = [KNN_GRID_FP32]
     else:
